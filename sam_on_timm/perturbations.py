@@ -1,0 +1,115 @@
+"""The perturbation models of (A)SAM, paper Eq. 4 and Table 10.
+
+    p = 2:   eps = rho * T^2 g / ||T g||_2        (norm over the perturbed set P only)
+    p = inf: eps = rho * T sign(g)
+
+T is diagonal; outside P it is 0, which is why the functions here only ever see the tensors of P.
+Everything is written over lists of tensors with ``torch._foreach_*`` ops and never reads a value
+back to the host, so the step stays asynchronous on a GPU.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ['Variant', 'VARIANTS', 'scaling', 'compute_eps']
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    p: float              # 2 or inf
+    default_eta: float
+    description: str
+
+
+VARIANTS = {v.name: v for v in (
+    Variant('sam', 2, 0.0, 'SAM: T = 1'),
+    Variant('eleml2', 2, 0.0, 'ASAM elementwise l2: T = |w| + eta'),
+    Variant('eleml2orig', 2, 0.01, 'original ASAM: T = |w| + eta for weights, 1 + eta for biases'),
+    Variant('elemlinf', float('inf'), 0.0, 'ASAM elementwise l-inf: T = |w| + eta, eps = rho T sign(g)'),
+    Variant('layerl2', 2, 0.0, 'layerwise l2: T = ||W_layer||_2 + eta (one value per tensor)'),
+    Variant('fisher', 2, 1.0, 'Fisher-SAM: T = (1 + eta g^2)^-1/2'),
+)}
+
+
+def scaling(
+        variant: str,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        eta: float,
+        is_bias: Optional[Sequence[bool]] = None,
+) -> Optional[List[Tensor]]:
+    """The diagonal of T for each tensor of P (None stands for T = 1).
+
+    An entry may be a 0-dim tensor (one value for the whole tensor: layerl2, ASAM biases).
+    """
+    if variant == 'sam':
+        return None
+    if variant in ('eleml2', 'elemlinf'):
+        t = torch._foreach_abs(params)
+        torch._foreach_add_(t, eta)
+        return t
+    if variant == 'eleml2orig':
+        if is_bias is None:
+            raise ValueError("variant 'eleml2orig' needs to know which parameters are biases (bias_params)")
+        # weights: |w| + eta; biases: 1 + eta (a 0-dim tensor broadcasts over the bias)
+        weights = [p for p, b in zip(params, is_bias) if not b]
+        t_w = iter(torch._foreach_add(torch._foreach_abs(weights), eta) if weights else [])
+        return [p.new_full((), 1.0 + eta) if b else next(t_w) for p, b in zip(params, is_bias)]
+    if variant == 'layerl2':
+        t = list(torch._foreach_norm(params))
+        torch._foreach_add_(t, eta)
+        return t
+    if variant == 'fisher':
+        # squared minibatch gradient: must be the true (unscaled) gradient
+        t = torch._foreach_mul(grads, grads)
+        torch._foreach_mul_(t, eta)
+        torch._foreach_add_(t, 1.0)
+        torch._foreach_rsqrt_(t)
+        return t
+    raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+
+
+def compute_eps(
+        variant: str,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        rho: float,
+        eta: float,
+        is_bias: Optional[Sequence[bool]] = None,
+        found_inf: Optional[Tensor] = None,
+) -> tuple:
+    """Perturbation of P from the ascent gradient.
+
+    Returns ``(eps, eps_norm, skipped)``: the list of eps tensors, ||eps||_2 (0-dim tensor) and a
+    0-dim float tensor that is 1.0 where the perturbation was skipped. The step is skipped (eps = 0)
+    when ||T g|| is 0 or not finite, or when ``found_inf`` (e.g. an fp16 overflow) is non-zero: no
+    division by zero, no NaN ever reaches eps.
+    """
+    p = VARIANTS[variant].p if variant in VARIANTS else None
+    if p is None:
+        raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    grads = list(grads)
+    t = scaling(variant, params, grads, eta, is_bias)
+    if p == 2:
+        tg = torch._foreach_mul(grads, t) if t is not None else grads
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
+        ok = torch.isfinite(norm) & (norm > 0)
+        eps = torch._foreach_mul(tg, t) if t is not None else tg   # T^2 g (tg is not written to)
+        scale = rho / norm
+    else:
+        eps = torch._foreach_sign(grads)
+        torch._foreach_mul_(eps, t)                                 # T sign(g)
+        # the l-inf step is not normalised; a non-finite gradient still skips it
+        ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
+        scale = torch.full_like(ok, rho, dtype=grads[0].dtype)
+    if found_inf is not None:
+        ok = ok & (found_inf.reshape(()) == 0)
+    scale = torch.where(ok, scale, 0.0)
+    eps = torch._foreach_mul(eps, scale)
+    # a non-finite gradient entry would still give inf * 0 = NaN: select it away (no host sync)
+    eps = [torch.where(ok, e, 0.0) for e in eps]
+    eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
+    return eps, eps_norm, (~ok).to(eps_norm.dtype)

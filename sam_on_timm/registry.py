@@ -1,0 +1,69 @@
+"""The 18 SAM names in timm's optimizer registry: ``sam[-MODE][-VARIANT]``.
+
+MODE in {on, nonorm} (omitted: all), VARIANT in {eleml2, eleml2orig, elemlinf, layerl2, fisher}
+(omitted: plain SAM). No underscores: timm splits optimizer names on '_' (``lookahead_`` prefix).
+
+timm's factory hands an optimizer class only the parameter groups it built from the model, so
+SAM-ON could not find the norm layers from them. On import we therefore wrap the registry's
+``create_optimizer`` once: for a SAM name given a model it adds ``model=model``; every other call
+passes through unchanged.
+"""
+import functools
+from typing import Dict, List, Tuple
+
+from torch import nn
+
+from .perturbations import VARIANTS
+from .sam import MODES, SAM
+
+__all__ = ['SAM_OPTIMIZERS', 'sam_name', 'parse_sam_name', 'register_sam_optimizers']
+
+
+def sam_name(mode: str, variant: str) -> str:
+    return 'sam' + ('' if mode == 'all' else f'-{mode}') + ('' if variant == 'sam' else f'-{variant}')
+
+
+# name -> (mode, variant)
+SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MODES for v in VARIANTS}
+
+
+def parse_sam_name(opt: str) -> Tuple[str, str]:
+    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed)."""
+    name = opt.lower().split('_')[-1]
+    if name not in SAM_OPTIMIZERS:
+        raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(SAM_OPTIMIZERS)}")
+    return SAM_OPTIMIZERS[name]
+
+
+def is_sam_name(opt: str) -> bool:
+    return opt.lower().split('_')[-1] in SAM_OPTIMIZERS
+
+
+def register_sam_optimizers() -> List[str]:
+    """Register the SAM names in timm's default registry (idempotent)."""
+    from timm.optim._optim_factory import OptimInfo, default_registry
+    for name, (mode, variant) in SAM_OPTIMIZERS.items():
+        what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters (SAM-ON)',
+                'nonorm': 'all but normalization-layer parameters'}[mode]
+        default_registry._optimizers[name] = OptimInfo(
+            name=name,
+            opt_class=SAM,
+            description=f'{VARIANTS[variant].description}; perturbs {what}; default eta '
+                        f'{VARIANTS[variant].default_eta}',
+            has_eps=True,       # forwarded to the base optimizer, which drops what it does not take
+            has_momentum=True,
+            has_betas=True,
+            defaults={'variant': variant, 'mode': mode},
+        )
+    if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
+        original = default_registry.create_optimizer
+
+        @functools.wraps(original)
+        def create_optimizer(model_or_params, opt, *args, **kwargs):
+            if isinstance(model_or_params, nn.Module) and is_sam_name(opt):
+                kwargs.setdefault('model', model_or_params)
+            return original(model_or_params, opt, *args, **kwargs)
+
+        create_optimizer._sam_on_timm = True
+        default_registry.create_optimizer = create_optimizer
+    return list(SAM_OPTIMIZERS)

@@ -1,0 +1,190 @@
+"""SAM, its ASAM / layerwise / Fisher variants and SAM-ON, as one optimizer wrapper.
+
+Paper: Mueller et al., "Normalization Layers Are All That Sharpness-Aware Minimization Needs",
+NeurIPS 2023. SAM: Foret et al., ICLR 2021. ASAM: Kwon et al., ICML 2021. Fisher-SAM: Kim et al.,
+ICML 2022.
+
+One SAM update:
+    g      = grad L(w)                 (loss only, local batch)
+    eps    = perturbation of P from g  (perturbations.compute_eps; 0 outside P)
+    w_P   += eps                       first_step: the originals of P are saved first
+    g'     = grad L(w + eps)
+    w_P    = saved originals           copy, bit-exact (never w - eps)
+    w      = base_step(w, g')          weight decay / momentum live only here
+"""
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .norm_params import bias_parameters, norm_parameters
+from .perturbations import VARIANTS, compute_eps
+
+__all__ = ['SAM', 'MODES']
+
+MODES = ('all', 'on', 'nonorm')
+
+
+class SAM(torch.optim.Optimizer):
+    """Sharpness-aware wrapper around any timm optimizer (``base_opt``, default timm's ``sgd``).
+
+    Args:
+        params: parameters or parameter groups (as for any optimizer; they go to the base optimizer).
+        base_opt: timm optimizer name for the descent step.
+        rho: neighbourhood size (> 0).
+        eta: the variant's eta (>= 0); None takes the variant default (Table 10).
+        variant: one of ``perturbations.VARIANTS``.
+        mode: 'all' (every parameter), 'on' (norm-layer affine parameters only), 'nonorm' (the rest).
+        model: the model, to find norm and bias parameters by module type. The timm factory passes it.
+        norm_params / bias_params: the same sets given explicitly (instead of ``model``).
+        **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer.
+    """
+
+    def __init__(
+            self,
+            params: Iterable,
+            base_opt: str = 'sgd',
+            rho: float = 0.05,
+            eta: Optional[float] = None,
+            variant: str = 'sam',
+            mode: str = 'all',
+            model: Optional[nn.Module] = None,
+            norm_params: Optional[Iterable[Tensor]] = None,
+            bias_params: Optional[Iterable[Tensor]] = None,
+            momentum: float = 0.9,
+            **base_kwargs,
+    ) -> None:
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+        if mode not in MODES:
+            raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
+        if not (rho > 0):
+            raise ValueError(f'rho must be > 0, got {rho}')
+        eta = VARIANTS[variant].default_eta if eta is None else eta
+        if not (eta >= 0):
+            raise ValueError(f'eta must be >= 0, got {eta}')
+        if not isinstance(base_opt, str) or base_opt.lower().split('_')[-1].startswith('sam'):
+            raise ValueError(f"base_opt must be a timm optimizer name that is not a SAM name, got '{base_opt}'")
+        if model is not None:
+            norm_params = norm_parameters(model) if norm_params is None else norm_params
+            bias_params = bias_parameters(model) if bias_params is None else bias_params
+        name = f"sam{'' if mode == 'all' else '-' + mode}{'' if variant == 'sam' else '-' + variant}"
+        if mode != 'all':
+            if norm_params is None:
+                raise ValueError(
+                    f"'{name}' must know the normalization parameters: pass the model to create_optimizer_v2, "
+                    f"or norm_params=sam_on_timm.norm_parameters(model)")
+            norm_params = set(norm_params)
+            if not norm_params:
+                raise ValueError(
+                    f"'{name}': the model has no normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm, "
+                    f"EvoNorm, ...); use mode 'all' (e.g. '{name.replace('-' + mode, '')}') or a model with norm layers")
+        bias_set = None if bias_params is None else set(bias_params)
+        if variant == 'eleml2orig' and bias_set is None:
+            raise ValueError(f"'{name}' must know which parameters are biases: pass the model, or bias_params=...")
+
+        super().__init__(params, {})
+        from timm.optim import create_optimizer_v2  # late import: timm's factory imports optimizers lazily
+        self.base_optimizer = create_optimizer_v2(self.param_groups, opt=base_opt, momentum=momentum, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults = self.base_optimizer.defaults
+        self.state = self.base_optimizer.state
+
+        self.name, self.variant, self.mode, self.rho, self.eta, self.base_opt = name, variant, mode, rho, eta, base_opt
+        perturbed = []
+        for group in self.param_groups:
+            for p in group['params']:
+                in_norm = mode == 'all' or p in norm_params
+                if p.requires_grad and (in_norm if mode != 'nonorm' else not in_norm):
+                    perturbed.append(p)
+        if not perturbed:
+            raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
+        self.perturbed: List[Tensor] = perturbed
+        self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in perturbed]
+        self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
+        self.is_perturbed = False
+        self.last_eps_norm: Optional[Tensor] = None
+        self.last_skipped: Optional[Tensor] = None
+        self.skipped_count: Optional[Tensor] = None   # cumulative, on device (no host sync)
+
+    # -- the algorithm ------------------------------------------------------------------------
+    @torch.no_grad()
+    def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None) -> Tensor:
+        """w_P <- w_P + eps(g). ``grads`` (one per tensor of ``self.perturbed``) default to ``.grad``.
+
+        Returns ||eps|| (0-dim tensor). ``found_inf`` non-zero skips the perturbation (fp16 overflow).
+        """
+        if self.is_perturbed:
+            raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
+        params = self.perturbed
+        if grads is None:
+            grads = [p.grad for p in params]
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        eps, eps_norm, skipped = compute_eps(
+            self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf)
+        if self._backup is None:
+            self._backup = torch._foreach_clone(params) if hasattr(torch, '_foreach_clone') else [p.clone() for p in params]
+        else:
+            torch._foreach_copy_(self._backup, params)
+        torch._foreach_add_(params, eps)
+        self.is_perturbed = True
+        self.last_eps_norm, self.last_skipped = eps_norm, skipped
+        self.skipped_count = skipped.clone() if self.skipped_count is None else self.skipped_count + skipped
+        return eps_norm
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the saved originals of P back (a copy: bit-exact). No-op when not perturbed."""
+        if self.is_perturbed:
+            torch._foreach_copy_(self.perturbed, self._backup)
+            self.is_perturbed = False
+
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Ascent: w <- w + eps from the current ``.grad``."""
+        self.perturb()
+        if zero_grad:
+            self.zero_grad()
+
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore the unperturbed weights, then take the base step with the gradient at w + eps."""
+        self.restore()
+        self.base_optimizer.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        """With a closure (forward + backward, returning the loss): a full SAM step.
+        Without: restore if perturbed, then the base step (what ``GradScaler.step(opt)`` calls)."""
+        if closure is None:
+            self.restore()
+            self.base_optimizer.step()
+            return None
+        closure = torch.enable_grad()(closure)
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    # -- state --------------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        """The base optimizer's state (momentum buffers, step counts, param groups)."""
+        return self.base_optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: Dict) -> None:
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+
+    def __getstate__(self) -> Dict:
+        # torch.optim.Optimizer pickles only defaults/state/param_groups, which would drop the base
+        # optimizer and the perturbed set: keep the whole object (deepcopy, pickle).
+        return self.__dict__.copy()
+
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.perturbed)
+        return (f'{self.__class__.__name__}({self.name}, rho={self.rho}, eta={self.eta}, perturbed={len(self.perturbed)} '
+                f'tensors / {n:,} elements, base={self.base_optimizer!r})')

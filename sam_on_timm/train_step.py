@@ -1,0 +1,164 @@
+"""The two-pass SAM training step (SPEC section 4), shared by ``train.py`` and users' own loops.
+
+For each chunk of m samples of the local batch:
+  1. ascent:  forward + grad of the loss w.r.t. P only (lean ascent: no weight-gradient kernels
+              outside P, ``.grad`` untouched); under DDP forward and backward run in ``no_sync()``
+  2. perturb: w_P += eps(chunk's own gradient)        (m-sharpness: every rank, every chunk its own)
+  3. descent: forward + backward at w + eps, loss / k accumulated into ``.grad``;
+              DDP all-reduces on the last chunk only (one all-reduce per update, as for SGD)
+  4. restore: w_P = saved originals (copy)
+then clip (descent gradient), base step. Plain optimizers take the same path without 1, 2 and 4,
+so SGD baselines and ``--grad-accum-steps`` share the mechanism.
+"""
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+
+from .sam import SAM
+
+__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'train_step', 'BN_UPDATE_CHOICES']
+
+BN_UPDATE_CHOICES = ('both', 'ascent')
+
+
+@dataclass
+class StepStats:
+    """Per-update figures, as device tensors (read them with ``.item()`` only when logging)."""
+    loss: Tensor                          # mean descent loss, L(w + eps) for SAM
+    ascent_loss: Optional[Tensor] = None  # mean L(w) of the ascent passes
+    eps_norm: Optional[Tensor] = None     # mean ||eps|| over chunks
+    skipped: Optional[Tensor] = None      # perturbations skipped in this update (zero / non-finite ||T g||)
+
+
+def find_sam(optimizer: torch.optim.Optimizer) -> Optional[SAM]:
+    """The SAM instance inside ``optimizer`` (itself, or under timm's Lookahead), else None."""
+    while optimizer is not None:
+        if isinstance(optimizer, SAM):
+            return optimizer
+        optimizer = getattr(optimizer, '_base_optimizer', None)
+    return None
+
+
+def split_chunks(x: Tensor, y: Tensor, m: Optional[int]) -> List[Tuple[Tensor, Tensor]]:
+    """Cut a local batch into chunks of ``m`` samples (m-sharpness); ``m`` must divide the batch."""
+    n = x.shape[0]
+    if m is None or m == n:
+        return [(x, y)]
+    if m <= 0 or n % m:
+        raise ValueError(f'--sam-m {m} must be a positive divisor of the per-GPU batch size {n}')
+    return list(zip(x.split(m), y.split(m)))
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module, enabled: bool = True):
+    """BatchNorm running statistics left untouched (momentum 0) inside the block."""
+    saved = []
+    if enabled:
+        for mod in model.modules():
+            if isinstance(mod, _NormBase) and mod.track_running_stats:
+                saved.append((mod, mod.momentum))
+                mod.momentum = 0.0
+    try:
+        yield
+    finally:
+        for mod, momentum in saved:
+            mod.momentum = momentum
+
+
+def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
+    return model.no_sync() if skip_sync and hasattr(model, 'no_sync') else contextlib.nullcontext()
+
+
+def _grad_scaler(loss_scaler):
+    """torch GradScaler from timm's NativeScaler, a GradScaler, or None (disabled counts as None)."""
+    scaler = getattr(loss_scaler, '_scaler', loss_scaler)
+    if scaler is not None and not scaler.is_enabled():
+        return None
+    return scaler
+
+
+def train_step(
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        chunks: Sequence[Tuple[Tensor, Tensor]],
+        loss_fn: Callable[[Tensor, Tensor], Tensor],
+        amp_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        loss_scaler=None,
+        clip_grad: Optional[float] = None,
+        clip_mode: str = 'norm',
+        clip_parameters: Optional[Iterable[Tensor]] = None,
+        bn_update: str = 'both',
+        ascent_frac: float = 1.0,
+) -> StepStats:
+    """One optimizer update over ``chunks`` (see module docstring); the weights end unperturbed.
+
+    ``loss_scaler``: timm ``NativeScaler`` or ``torch.amp.GradScaler`` for float16 (None for fp32 / bf16).
+    ``bn_update``: 'both' (ascent and descent passes update BN running stats) or 'ascent'.
+    ``ascent_frac``: the ascent uses the first fraction of each chunk (1.0 = the paper's algorithm).
+    """
+    if bn_update not in BN_UPDATE_CHOICES:
+        raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
+    if not 0.0 < ascent_frac <= 1.0:
+        raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
+    sam = find_sam(optimizer)
+    scaler = _grad_scaler(loss_scaler)
+    k = len(chunks)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = ascent_sum = eps_sum = skipped = None
+
+    for i, (x, y) in enumerate(chunks):
+        last = i == k - 1
+        if sam is not None:
+            n = x.shape[0] if ascent_frac == 1.0 else max(1, int(round(ascent_frac * x.shape[0])))
+            with _no_sync(model, True):
+                with amp_autocast():
+                    ascent_loss = loss_fn(model(x[:n]), y[:n])
+                scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
+                grads = torch.autograd.grad(scaled, sam.perturbed, allow_unused=True, materialize_grads=True)
+            found_inf = None
+            if scaler is not None:
+                # eps needs the true gradient (Fisher is not scale invariant); an overflow skips eps
+                grads = list(grads)
+                found_inf = torch.zeros(1, device=grads[0].device)
+                torch._amp_foreach_non_finite_check_and_unscale_(
+                    grads, found_inf, scaler._scale.double().reciprocal().float().to(grads[0].device))
+            eps_norm = sam.perturb(grads, found_inf)
+            ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()
+            eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
+            skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped
+
+        with _no_sync(model, not last), frozen_bn_stats(model, sam is not None and bn_update == 'ascent'):
+            with amp_autocast():
+                loss = loss_fn(model(x), y)
+            descent = loss / k
+            (scaler.scale(descent) if scaler is not None else descent).backward()
+        if sam is not None:
+            sam.restore()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+
+    if clip_parameters is None and clip_grad is not None:
+        clip_parameters = [p for g in optimizer.param_groups for p in g['params']]
+    if scaler is not None:
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)   # once per update, descent gradient only
+            _clip(clip_parameters, clip_grad, clip_mode)
+        scaler.step(optimizer)           # a skipped step still leaves w restored (done above)
+        scaler.update()
+    else:
+        if clip_grad is not None:
+            _clip(clip_parameters, clip_grad, clip_mode)
+        optimizer.step()
+
+    stats = StepStats(loss=loss_sum / k)
+    if sam is not None:
+        stats.ascent_loss, stats.eps_norm, stats.skipped = ascent_sum / k, eps_sum / k, skipped
+    return stats
+
+
+def _clip(parameters, value: float, mode: str) -> None:
+    from timm.utils import dispatch_clip_grad
+    dispatch_clip_grad(parameters, value, mode=mode)
