@@ -1,0 +1,70 @@
+"""timm-format checkpoints that also carry the RNG states, so a resumed run is the same run.
+
+The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer``, ``epoch``,
+``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``) plus ``rng_state``; ``args``
+is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
+"""
+import random
+from typing import Any, Dict
+
+import numpy as np
+import torch
+from timm.utils import CheckpointSaver, get_state_dict
+
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state']
+
+
+def get_rng_state() -> Dict[str, Any]:
+    """torch (CPU and CUDA), numpy and python RNG states, as weights_only-loadable values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': {'kind': kind, 'keys': torch.from_numpy(keys.astype(np.int64)), 'pos': int(pos),
+                  'has_gauss': int(has_gauss), 'cached_gaussian': float(cached)},
+        'python': _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    n = state['numpy']
+    np.random.set_state((n['kind'], n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'], n['cached_gaussian']))
+    random.setstate(_to_tuples(state['python']))
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, (tuple, list)) else x
+
+
+def _to_tuples(x):
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+class RngCheckpointSaver(CheckpointSaver):
+    """timm's CheckpointSaver (history, best, last) writing ``rng_state`` too."""
+
+    def _save(self, save_path, epoch, metric=None):
+        state = {
+            'epoch': epoch,
+            'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
+            'state_dict': get_state_dict(self.model, self.unwrap_fn),
+            'optimizer': self.optimizer.state_dict(),
+            'version': 2,  # epoch is the last completed epoch
+            'rng_state': get_rng_state(),
+            'saver': self.state_dict(epoch, metric),
+        }
+        if self.args is not None:
+            state['args'] = {k: v for k, v in vars(self.args).items()
+                             if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+        if self.amp_scaler is not None:
+            state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
+        if self.model_ema is not None:
+            state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
+        if metric is not None:
+            state['metric'] = metric
+        torch.save(state, save_path)

@@ -1,0 +1,566 @@
+#!/usr/bin/env python3
+"""ImageNet-style training with timm, plus SAM and SAM-ON.
+
+Same command line and YAML ``-c`` keys as timm's train.py (the subset listed in the README), plus
+the SAM flags. ``--opt`` takes any timm optimizer name, so SGD baselines run from here too:
+
+    python train.py -c hparams/demo/sam-on.yaml
+    torchrun --nproc_per_node=8 train.py -c hparams/resnet50/sam-on-layerl2.yaml --data-dir /data/imagenet
+
+The SAM algorithm itself lives in ``sam_on_timm`` (``sam_on_timm.train_step``); this script wires
+data, model, schedule, EMA, AMP, checkpoints and logging around it.
+"""
+import argparse
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+from datetime import datetime
+from functools import partial
+
+import torch
+import yaml
+
+_logger = logging.getLogger('train')
+
+
+class UsageError(Exception):
+    """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
+config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                           help='YAML config file; its keys are this script\'s argument names')
+
+
+def _float_list(s):
+    return [float(v) for v in s.split(',')] if isinstance(s, str) else s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='timm training with SAM / SAM-ON', parents=[config_parser])
+    g = p.add_argument_group('Dataset')
+    g.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
+    g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), default: ImageFolder/ImageTar')
+    g.add_argument('--train-split', metavar='NAME', default='train')
+    g.add_argument('--val-split', metavar='NAME', default='validation')
+    g.add_argument('--dataset-download', action='store_true', default=False)
+    g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    g.add_argument('--demo-data', default='', type=str, metavar='NAME',
+                   help="write a bundled demo data set ('mnist5k') into --data-dir (or the cache) if missing")
+
+    g = p.add_argument_group('Model')
+    g.add_argument('--model', default='resnet50', type=str, metavar='MODEL')
+    g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--pretrained-path', default=None, type=str, help='load this file as the pretrained weights (head adapted as for hub weights)')
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into the model (strict)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
+    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--num-classes', type=int, default=None, metavar='N')
+    g.add_argument('--gp', default=None, type=str, metavar='POOL')
+    g.add_argument('--img-size', type=int, default=None, metavar='N')
+    g.add_argument('--in-chans', type=int, default=None, metavar='N')
+    g.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N')
+    g.add_argument('--crop-pct', default=None, type=float, metavar='N')
+    g.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN')
+    g.add_argument('--std', type=float, nargs='+', default=None, metavar='STD')
+    g.add_argument('--interpolation', default='', type=str, metavar='NAME')
+    g.add_argument('-b', '--batch-size', type=int, default=128, metavar='N', help='per-GPU batch size')
+    g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
+    g.add_argument('--channels-last', action='store_true', default=False)
+    g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+    g.add_argument('--device', default='cuda', type=str)
+    g.add_argument('--amp', action='store_true', default=False)
+    g.add_argument('--amp-dtype', default='float16', type=str, help='float16 (GradScaler) or bfloat16 (no scaler)')
+    g.add_argument('--sync-bn', action='store_true', default=False)
+    g.add_argument('--dist-bn', type=str, default='reduce', help='BN stats across ranks at epoch end ("broadcast", "reduce", "")')
+
+    g = p.add_argument_group('Optimizer')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='timm optimizer name, or a SAM name (sam-on-layerl2, ...)')
+    g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
+    g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
+    g.add_argument('--momentum', type=float, default=0.9, metavar='M')
+    g.add_argument('--weight-decay', type=float, default=2e-5)
+    g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
+    g.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
+    g.add_argument('--layer-decay', type=float, default=None)
+
+    g = p.add_argument_group('SAM')
+    g.add_argument('--rho', type=float, default=0.05, help='SAM neighbourhood size (> 0)')
+    g.add_argument('--sam-eta', type=float, default=None, help='variant eta (default: the variant\'s, paper Table 10)')
+    g.add_argument('--sam-base', type=str, default='sgd', help='base optimizer of the descent step (timm name)')
+    g.add_argument('--sam-m', type=int, default=None, help='m-sharpness chunk size (default: the whole per-GPU batch)')
+    g.add_argument('--sam-bn-update', type=str, default='both', choices=('both', 'ascent'),
+                   help='which passes update BatchNorm running statistics')
+    g.add_argument('--sam-ascent-frac', type=float, default=1.0,
+                   help='ascent on this fraction of each chunk (cost lever, deviates from the paper if < 1)')
+
+    g = p.add_argument_group('Learning rate schedule')
+    g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
+    g.add_argument('--sched-on-updates', action='store_true', default=False)
+    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (default: lr-base scaled by global batch)')
+    g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
+    g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='"linear" or "sqrt" (default by optimizer)')
+    g.add_argument('--lr-noise', type=_float_list, default=None, metavar='pct, pct')
+    g.add_argument('--lr-noise-pct', type=float, default=0.67)
+    g.add_argument('--lr-noise-std', type=float, default=1.0)
+    g.add_argument('--lr-cycle-mul', type=float, default=1.0)
+    g.add_argument('--lr-cycle-decay', type=float, default=0.5)
+    g.add_argument('--lr-cycle-limit', type=int, default=1)
+    g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--warmup-lr', type=float, default=1e-5)
+    g.add_argument('--min-lr', type=float, default=0)
+    g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--start-epoch', default=None, type=int)
+    g.add_argument('--stop-epoch', default=None, type=int, help='stop after this many epochs (the schedule still spans --epochs)')
+    g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
+    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--warmup-epochs', type=int, default=5)
+    g.add_argument('--warmup-prefix', action='store_true', default=False)
+    g.add_argument('--cooldown-epochs', type=int, default=0)
+    g.add_argument('--patience-epochs', type=int, default=10)
+    g.add_argument('--decay-rate', '--dr', type=float, default=0.1)
+
+    g = p.add_argument_group('Augmentation and regularization')
+    g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
+    g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
+    g.add_argument('--hflip', type=float, default=0.5)
+    g.add_argument('--vflip', type=float, default=0.)
+    g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--reprob', type=float, default=0.)
+    g.add_argument('--remode', type=str, default='pixel')
+    g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--mixup', type=float, default=0.0)
+    g.add_argument('--cutmix', type=float, default=0.0)
+    g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
+    g.add_argument('--mixup-prob', type=float, default=1.0)
+    g.add_argument('--mixup-switch-prob', type=float, default=0.5)
+    g.add_argument('--mixup-mode', type=str, default='batch')
+    g.add_argument('--mixup-off-epoch', default=0, type=int)
+    g.add_argument('--smoothing', type=float, default=0.1)
+    g.add_argument('--train-interpolation', type=str, default='random')
+    g.add_argument('--drop', type=float, default=0.0)
+    g.add_argument('--drop-path', type=float, default=None)
+
+    g = p.add_argument_group('Model EMA')
+    g.add_argument('--model-ema', action='store_true', default=False)
+    g.add_argument('--model-ema-decay', type=float, default=0.9998)
+    g.add_argument('--model-ema-warmup', action='store_true')
+
+    g = p.add_argument_group('Misc')
+    g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--checkpoint-hist', type=int, default=10)
+    g.add_argument('-j', '--workers', type=int, default=4)
+    g.add_argument('--pin-mem', action='store_true', default=False)
+    g.add_argument('--no-prefetcher', action='store_true', default=False)
+    g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME', help='run folder name (default: date-model-size)')
+    g.add_argument('--eval-metric', default='top1', type=str)
+    g.add_argument('--local_rank', '--local-rank', default=0, type=int)
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args_config, remaining = config_parser.parse_known_args(argv)
+    if args_config.config:
+        if not os.path.isfile(args_config.config):
+            raise UsageError(f"config file '{args_config.config}' does not exist")
+        with open(args_config.config) as f:
+            cfg = yaml.safe_load(f) or {}
+        if not isinstance(cfg, dict):
+            raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
+        valid = {a.dest for a in parser._actions}
+        for key in cfg:
+            if key not in valid:
+                raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
+                                 f"keys are argument names with '_', e.g. batch_size, sam_m)")
+        parser.set_defaults(**cfg)
+    try:
+        args = parser.parse_args(remaining)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        raise SystemExit(2 if e.code else 0)
+    args.config = args_config.config
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# checks that run before anything is created or written
+# ---------------------------------------------------------------------------------------------
+def validate_args(args) -> None:
+    import sam_on_timm
+    from timm.optim import list_optimizers
+    opt_name = args.opt.lower().split('_')[-1]
+    if opt_name not in list_optimizers():
+        raise UsageError(f"unknown --opt '{args.opt}'; SAM names: {', '.join(sam_on_timm.SAM_OPTIMIZERS)}; "
+                         f"or any timm optimizer (timm.optim.list_optimizers(), e.g. sgd, adamw)")
+    args.is_sam = sam_on_timm.is_sam_name(args.opt)
+    if args.is_sam:
+        if not args.rho > 0:
+            raise UsageError(f'--rho must be > 0, got {args.rho}')
+        if args.sam_eta is not None and not args.sam_eta >= 0:
+            raise UsageError(f'--sam-eta must be >= 0, got {args.sam_eta}')
+        if not 0 < args.sam_ascent_frac <= 1:
+            raise UsageError(f'--sam-ascent-frac must be in (0, 1], got {args.sam_ascent_frac}')
+        base = args.sam_base.lower()
+        if base not in list_optimizers() or sam_on_timm.is_sam_name(base):
+            raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
+                             f"(e.g. sgd, momentum, adamw)")
+    if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):
+        raise UsageError(f'--sam-m {args.sam_m} must be a positive divisor of the per-GPU batch size -b {args.batch_size}')
+    if args.batch_size <= 0 or args.grad_accum_steps <= 0:
+        raise UsageError('-b/--batch-size and --grad-accum-steps must be positive')
+    if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
+        raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
+    if args.clip_mode not in ('norm', 'value', 'agc'):
+        raise UsageError(f"--clip-mode must be norm, value or agc, got '{args.clip_mode}'")
+    if args.data and not args.data_dir:
+        args.data_dir = args.data
+    if args.demo_data:
+        from sam_on_timm.demo_data import DEMO_DATASETS, default_demo_dir
+        if args.demo_data not in DEMO_DATASETS:
+            raise UsageError(f"unknown --demo-data '{args.demo_data}'; valid: {', '.join(DEMO_DATASETS)}")
+        args.data_dir = args.data_dir or default_demo_dir(args.demo_data)
+    elif '/' not in args.dataset or args.dataset.split('/')[0] in ('', 'folder', 'imagefolder'):
+        if not args.data_dir:
+            raise UsageError('no data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders)')
+        if not os.path.isdir(args.data_dir):
+            raise UsageError(f"data directory '{args.data_dir}' does not exist")
+    if args.resume and not os.path.isfile(args.resume):
+        raise UsageError(f"--resume checkpoint '{args.resume}' does not exist")
+    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
+        raise UsageError(f"--initial-checkpoint '{args.initial_checkpoint}' does not exist")
+    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
+        raise UsageError(f"--pretrained-path '{args.pretrained_path}' does not exist")
+    if args.stop_epoch is not None and args.stop_epoch <= 0:
+        raise UsageError(f'--stop-epoch must be positive, got {args.stop_epoch}')
+
+
+def output_dir_for(args) -> str:
+    exp_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(args.input_size[-1])])
+    return os.path.join(args.output or './output/train', exp_name)
+
+
+def check_output_dir(args, output_dir: str) -> None:
+    """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it."""
+    if not os.path.isdir(output_dir):
+        return
+    has_ckpt = any(f.endswith('.pth.tar') for f in os.listdir(output_dir))
+    resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
+    if has_ckpt and not resuming_here:
+        raise UsageError(f"output folder '{output_dir}' already holds checkpoints of another run: choose another "
+                         f"--experiment, or --resume {os.path.join(output_dir, 'last.pth.tar')}")
+
+
+# ---------------------------------------------------------------------------------------------
+# training and validation
+# ---------------------------------------------------------------------------------------------
+def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
+                    loss_scaler, model_ema, mixup_fn, num_updates):
+    from sam_on_timm.train_step import split_chunks, train_step
+    accum = args.grad_accum_steps
+    last_idx = len(loader) - 1
+    model.train()
+    sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
+    chunks, t0, n_img = [], time.time(), 0
+    for batch_idx, (x, y) in enumerate(loader):
+        if not args.prefetcher:
+            x, y = x.to(device), y.to(device)
+            if mixup_fn is not None:
+                x, y = mixup_fn(x, y)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        chunks.extend(split_chunks(x, y, args.sam_m))
+        n_img += x.shape[0]
+        if (batch_idx + 1) % accum and batch_idx != last_idx:
+            continue
+        stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+                           clip_grad=args.clip_grad, clip_mode=args.clip_mode, bn_update=args.sam_bn_update,
+                           ascent_frac=args.sam_ascent_frac)
+        chunks = []
+        num_updates += 1
+        if model_ema is not None:
+            model_ema.update(model, step=num_updates)
+        zero = torch.zeros((), device=stats.loss.device)
+        row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
+                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
+        sums = row if sums is None else sums + row
+        if batch_idx == last_idx or (num_updates % args.log_interval == 0):
+            if args.rank == 0:
+                s = (sums / sums[4]).tolist()
+                lr = optimizer.param_groups[0]['lr']
+                msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({100. * (batch_idx + 1) / len(loader):>3.0f}%)]  '
+                       f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
+                if args.is_sam:
+                    msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(sums[3].item())}'
+                _logger.info(msg)
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+    if args.distributed:
+        torch.distributed.all_reduce(sums)
+    sums = sums.tolist()
+    n = sums[4]
+    metrics = OrderedDict(loss=sums[0] / n)
+    if args.is_sam:
+        metrics.update(ascent_loss=sums[1] / n, descent_loss=sums[0] / n, sharpness=(sums[0] - sums[1]) / n,
+                       eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
+    return metrics, num_updates
+
+
+@torch.no_grad()
+def validate(model, loader, loss_fn, args, device, amp_autocast):
+    from timm.utils import accuracy
+    model.eval()
+    totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1 hits, top5 hits, count
+    for x, y in loader:
+        if not args.prefetcher:
+            x, y = x.to(device), y.to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            out = model(x)
+        loss = loss_fn(out.float(), y)
+        top1, top5 = accuracy(out, y, topk=(1, min(5, out.shape[-1])))
+        n = x.shape[0]
+        totals += torch.stack([loss.double() * n, top1.double() * n / 100, top5.double() * n / 100,
+                               torch.tensor(n, dtype=torch.float64, device=device)])
+    if args.distributed:
+        torch.distributed.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return OrderedDict(loss=loss / n, top1=100. * top1 / n, top5=100. * top5 / n)
+
+
+def main(argv=None) -> int:
+    from timm.utils import setup_default_logging
+    setup_default_logging()
+    try:
+        return run(parse_args(argv))
+    except UsageError as e:
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    import timm
+    import sam_on_timm
+    from sam_on_timm.checkpoint import RngCheckpointSaver, set_rng_state
+    from sam_on_timm.train_step import find_sam
+    from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import (ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, random_seed,
+                            update_summary)
+
+    validate_args(args)
+    if args.demo_data:
+        from sam_on_timm.demo_data import prepare_demo_data
+        prepare_demo_data(args.demo_data, args.data_dir)
+
+    device = init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Distributed training: rank {args.rank} of {args.world_size}, device {device}')
+    args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
+    random_seed(args.seed, args.rank)
+
+    if args.is_sam and args.sync_bn:
+        _logger.warning('--sync-bn shares BatchNorm statistics across ranks: the per-GPU m-sharpness of the paper '
+                        'keeps them per rank (and per --sam-m chunk); drop --sync-bn to reproduce it')
+
+    in_chans = 3 if args.in_chans is None else args.in_chans
+    if args.input_size is not None:
+        in_chans = args.input_size[0]
+    overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
+    model = timm.create_model(
+        args.model, pretrained=args.pretrained or bool(args.pretrained_path), in_chans=in_chans,
+        num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+        pretrained_cfg_overlay=overlay, checkpoint_path=args.initial_checkpoint or None)
+    if args.num_classes is None:
+        args.num_classes = model.num_classes
+    data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
+    args.input_size = data_config['input_size']
+
+    output_dir = None
+    if args.rank == 0:
+        output_dir = output_dir_for(args)
+        check_output_dir(args, output_dir)
+
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = timm.layers.convert_sync_batchnorm(model)
+
+    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    if args.lr is None:
+        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
+        _logger.info(f'lr {args.lr:.4g} from lr-base {args.lr_base} and global batch {global_batch} ({scale})')
+
+    opt_kwargs = optimizer_kwargs(cfg=args)
+    if args.is_sam:
+        opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base)
+    try:
+        optimizer = create_optimizer_v2(model, **opt_kwargs)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0])
+    sam = find_sam(optimizer)
+    if sam is not None and args.rank == 0:
+        _logger.info(repr(sam).split(', base=')[0] + ')')
+
+    amp_autocast, loss_scaler = nullcontext, None
+    if args.amp:
+        amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+        amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
+        if amp_dtype == torch.float16:
+            loss_scaler = NativeScaler(device=device.type)
+
+    resume_epoch, resume_state = None, None
+    if args.resume:
+        resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
+        model.load_state_dict(resume_state['state_dict'])
+        if not args.no_resume_opt:
+            optimizer.load_state_dict(resume_state['optimizer'])
+            if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
+                loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
+        resume_epoch = resume_state['epoch'] + 1
+
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+        if resume_state is not None and 'state_dict_ema' in resume_state:
+            model_ema.load_state_dict(resume_state['state_dict_ema'])
+
+    if args.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[device] if device.type == 'cuda' else None)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+
+    # data
+    dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                                   class_map=args.class_map, download=args.dataset_download,
+                                   batch_size=args.batch_size, seed=args.seed)
+    dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                                  class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size)
+    if len(dataset_train) < args.batch_size * args.world_size:
+        raise UsageError(f'the training split has {len(dataset_train)} images, fewer than one global batch '
+                         f'({args.batch_size} x {args.world_size})')
+    collate_fn, mixup_fn = None, None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active:
+        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                          label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.prefetcher:
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=args.train_interpolation, mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+        persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
+    loader_eval = create_loader(
+        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+        persistent_workers=False)
+
+    if mixup_active:
+        train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = torch.nn.CrossEntropyLoss()
+    train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
+
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    start_epoch = 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
+
+    saver = None
+    decreasing = args.eval_metric == 'loss'
+    if args.rank == 0:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
+                            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}, f)
+        saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
+                                   amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                                   decreasing=decreasing, max_history=args.checkpoint_hist)
+        if resume_state is not None and 'saver' in resume_state and \
+                os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
+            saver.load_state_dict(resume_state['saver'])
+        _logger.info(f'Scheduled epochs: {num_epochs}; running epochs {start_epoch}..{end_epoch - 1}; '
+                     f'output {output_dir}')
+    if resume_state is not None and 'rng_state' in resume_state:
+        set_rng_state(resume_state['rng_state'])  # continue the stream exactly where the checkpoint left it
+    resume_state = None
+
+    num_updates = start_epoch * updates_per_epoch
+    best_metric = None
+    for epoch in range(start_epoch, end_epoch):
+        if hasattr(dataset_train, 'set_epoch'):
+            dataset_train.set_epoch(epoch)
+        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+            loader_train.sampler.set_epoch(epoch)
+        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if mixup_fn is not None:
+                mixup_fn.mixup_enabled = False
+            elif hasattr(loader_train, 'mixup_enabled'):
+                loader_train.mixup_enabled = False
+        train_metrics, num_updates = train_one_epoch(
+            epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
+            loss_scaler, model_ema, mixup_fn, num_updates)
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+        eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
+        if model_ema is not None:
+            ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
+            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+        if args.rank == 0:
+            _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
+                         f'top5 {eval_metrics["top5"]:.2f}')
+            lrs = [g['lr'] for g in optimizer.param_groups]
+            update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
+                           lr=sum(lrs) / len(lrs))
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        if saver is not None:
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+    if best_metric is not None:
+        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    if args.distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
