@@ -145,10 +145,18 @@ class SAM(torch.optim.Optimizer):
         if zero_grad:
             self.zero_grad()
 
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore the unperturbed weights, then take the base step with the gradient at w + eps."""
+    def second_step(self, zero_grad: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+        """Restore the unperturbed weights, then take the base step with the gradient at w + eps.
+
+        With float16, pass the ``GradScaler``: the step goes through ``scaler.step`` (unscale, skip on
+        overflow), and the weights are restored first, so a skipped step leaves them unperturbed too.
+        (A bare ``scaler.step(opt)`` also restores, but not when the scaler skips the step.)
+        """
         self.restore()
-        self.base_optimizer.step()
+        if scaler is not None:
+            scaler.step(self)
+        else:
+            self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()
 

@@ -1,0 +1,296 @@
+"""The SAM optimizer: Table 10 formulas against float64, exact restores, names, state, errors."""
+import copy
+import io
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sam_on_timm
+from sam_on_timm import SAM, SAM_OPTIMIZERS, norm_parameters
+from timm.optim import create_optimizer_v2, list_optimizers
+
+DEFAULT_ETA = {'sam': 0.0, 'eleml2': 0.0, 'eleml2orig': 0.01, 'elemlinf': 0.0, 'layerl2': 0.0, 'fisher': 1.0}
+MODELS = {  # name -> (kwargs, input size): BN2d + unnamed downsample BN, BatchNormAct2d, LayerNorm, LN2d + gammas
+    'resnet18': 32, 'test_efficientnet': 32, 'test_vit': 32, 'test_convnext': 32}
+
+
+def independent_norm_set(model):
+    """Test-side definition of the SAM-ON set (not the package's code)."""
+    types = (nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)
+    out = []
+    for m in model.modules():
+        if isinstance(m, types):
+            out += [p for p in (m.weight, m.bias) if p is not None]
+    return out
+
+
+def reference_eps(mode, variant, model, rho, eta):
+    """Table 10 in float64, element by element on the whole model (T = 0 outside P)."""
+    norm = {id(p) for p in independent_norm_set(model)}
+    ts, gs, ws = [], [], []
+    for name, p in model.named_parameters():
+        in_norm = id(p) in norm
+        in_p = mode == 'all' or (mode == 'on' and in_norm) or (mode == 'nonorm' and not in_norm)
+        w, g = p.detach().double(), p.grad.double()
+        if not in_p:
+            t = torch.zeros_like(w)
+        elif variant == 'sam':
+            t = torch.ones_like(w)
+        elif variant in ('eleml2', 'elemlinf'):
+            t = w.abs() + eta
+        elif variant == 'eleml2orig':
+            t = torch.full_like(w, 1 + eta) if name.split('.')[-1] == 'bias' else w.abs() + eta
+        elif variant == 'layerl2':
+            t = torch.full_like(w, math.sqrt((w ** 2).sum().item()) + eta)
+        elif variant == 'fisher':
+            t = (1 + eta * g ** 2) ** -0.5
+        ts.append(t), gs.append(g), ws.append(p)
+    if variant == 'elemlinf':
+        return {p: rho * t * torch.sign(g) for p, t, g in zip(ws, ts, gs)}
+    denom = math.sqrt(sum(((t * g) ** 2).sum().item() for t, g in zip(ts, gs)))
+    return {p: rho * t * t * g / denom for p, t, g in zip(ws, ts, gs)}
+
+
+@pytest.fixture(scope='module', params=list(MODELS))
+def model_with_grad(request):
+    torch.manual_seed(0)
+    model = timm.create_model(request.param, pretrained=False, num_classes=5)
+    with torch.no_grad():  # make zero-initialised gammas/betas non-trivial so every T is exercised
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.add_(0.1 * torch.randn_like(m.weight))
+                m.bias.add_(0.1 * torch.randn_like(m.bias))
+    x = torch.randn(4, 3, MODELS[request.param], MODELS[request.param])
+    F.cross_entropy(model(x), torch.arange(4) % 5).backward()
+    return model
+
+
+@pytest.mark.parametrize('name', list(SAM_OPTIMIZERS))
+def test_first_step_matches_table10_float64(model_with_grad, name):
+    model = model_with_grad
+    mode, variant = SAM_OPTIMIZERS[name]
+    rho = 0.05 if variant != 'elemlinf' else 0.001
+    before = {p: p.detach().clone() for p in model.parameters()}
+    opt = create_optimizer_v2(model, opt=name, lr=0.1, weight_decay=1e-4, rho=rho)
+    assert opt.eta == DEFAULT_ETA[variant]
+    ref = reference_eps(mode, variant, model, rho, DEFAULT_ETA[variant])
+    opt.first_step()
+    n_changed = 0
+    for p in model.parameters():
+        eps = ref[p]
+        if not eps.any():
+            assert torch.equal(p, before[p]), 'a parameter outside the perturbed set changed'
+        else:
+            n_changed += 1
+            torch.testing.assert_close(p.detach().double() - before[p].double(), eps, rtol=2e-4,
+                                       atol=1e-7 + 1e-6 * float(before[p].abs().max()))
+    assert n_changed > 0
+    opt.restore()
+    for p in model.parameters():
+        assert torch.equal(p, before[p]), 'restore() is not bit-exact'
+
+
+def test_sam_on_set_is_the_module_type_set():
+    m = timm.create_model('resnet50')
+    named = sam_on_timm.named_norm_parameters(m)
+    assert (len(named), sum(p.numel() for _, p in named)) == (106, 53120)
+    # includes the unnamed downsample BatchNorms that name matching misses
+    assert any(n.endswith('downsample.1.weight') for n, _ in named)
+    v = timm.create_model('vit_small_patch16_224', init_values=1e-5)  # with LayerScale gammas
+    named = sam_on_timm.named_norm_parameters(v)
+    assert (len(named), sum(p.numel() for _, p in named)) == (50, 19200)
+    gammas = [p for n, p in v.named_parameters() if n.endswith('.gamma')]
+    assert gammas and not set(gammas) & set(p for _, p in named)
+    opt = create_optimizer_v2(v, 'sam-on', lr=0.1, rho=0.05)
+    assert set(opt.perturbed) == set(p for _, p in named)
+
+
+def test_sam_on_eps_norm_is_rho_and_over_p_only():
+    torch.manual_seed(0)
+    m = timm.create_model('test_resnet', num_classes=3)
+    F.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    before = {p: p.detach().clone() for p in m.parameters()}
+    opt = create_optimizer_v2(m, 'sam-on', lr=0.1, rho=0.07)
+    opt.first_step()
+    sq = sum(((p.detach().double() - before[p].double()) ** 2).sum() for p in m.parameters())
+    assert abs(math.sqrt(sq) - 0.07) < 1e-5
+    assert abs(float(opt.last_eps_norm) - 0.07) < 1e-5
+    # the descent gradient computed at w+eps leaves .grad alone: first_step does not touch gradients
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_zero_init_tensors_and_zero_gradient_are_finite():
+    torch.manual_seed(0)
+    m = timm.create_model('test_resnet', num_classes=3)  # zero_init_last: some BN gammas are exactly 0
+    zero = [p for p in norm_parameters(m) if not p.any()]
+    assert zero, 'expected zero-initialised norm tensors'
+    F.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
+    for name in ('sam-on-eleml2', 'sam-on-layerl2', 'sam-on-elemlinf', 'sam-eleml2', 'sam-on-fisher'):
+        opt = create_optimizer_v2(m, name, lr=0.1, rho=0.05)
+        opt.first_step()
+        assert all(torch.isfinite(p).all() for p in m.parameters()), name
+        assert float(opt.last_skipped) == 0.0
+        opt.restore()
+    # all-zero gradient: ||T g|| = 0 -> no perturbation, counted as skipped
+    before = {p: p.detach().clone() for p in m.parameters()}
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p)
+    opt = create_optimizer_v2(m, 'sam-on-layerl2', lr=0.1, rho=0.05)
+    opt.first_step()
+    assert all(torch.equal(p, before[p]) for p in m.parameters())
+    assert float(opt.last_skipped) == 1.0 and float(opt.skipped_count) == 1.0
+    opt.restore()
+    # a non-finite gradient: skipped, no NaN written into the weights
+    for p in m.parameters():
+        p.grad = torch.randn_like(p)
+    next(iter(opt.perturbed)).grad[0] = float('nan')
+    opt.first_step()
+    assert all(torch.equal(p, before[p]) for p in m.parameters())
+    assert float(opt.skipped_count) == 2.0
+    opt.restore()
+
+
+def _toy_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    x = torch.randn(64, 8)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return model, x, y
+
+
+@pytest.mark.parametrize('name', ['sam', 'sam-on', 'sam-on-layerl2', 'sam-nonorm-fisher', 'sam-elemlinf'])
+def test_closure_step_lowers_the_loss(name):
+    model, x, y = _toy_problem()
+    opt = create_optimizer_v2(model, name, lr=0.05, rho=0.01 if 'linf' not in name else 1e-3)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    first = float(closure().detach())
+    for _ in range(30):
+        opt.step(closure)
+    assert not opt.is_perturbed
+    assert float(F.cross_entropy(model(x), y)) < 0.8 * first
+
+
+def test_state_dict_round_trip_keeps_lockstep():
+    model_a, x, y = _toy_problem()
+    opt_a = create_optimizer_v2(model_a, 'sam-on-layerl2', lr=0.05, weight_decay=1e-4, rho=0.05)
+
+    def step(model, opt):
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+
+    for _ in range(3):
+        step(model_a, opt_a)
+    buf = io.BytesIO()
+    torch.save({'model': model_a.state_dict(), 'opt': opt_a.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    model_b, _, _ = _toy_problem(seed=1)
+    opt_b = create_optimizer_v2(model_b, 'sam-on-layerl2', lr=0.05, weight_decay=1e-4, rho=0.05)
+    model_b.load_state_dict(ckpt['model'])
+    opt_b.load_state_dict(ckpt['opt'])
+    assert opt_b.state[next(model_b.parameters())]['momentum_buffer'] is not None
+    for _ in range(3):
+        step(model_a, opt_a)
+        step(model_b, opt_b)
+    for pa, pb in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(pa, pb)
+
+
+def test_optimizer_api_shares_groups_and_deepcopies_whole():
+    model, x, y = _toy_problem()
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.05, weight_decay=1e-4, rho=0.05, momentum=0.8)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert isinstance(opt.base_optimizer, torch.optim.SGD) and opt.param_groups[0]['nesterov']
+    assert opt.param_groups[0]['momentum'] == 0.8
+    opt.param_groups[0]['lr'] = 0.01  # what an LR scheduler does
+    assert opt.base_optimizer.param_groups[0]['lr'] == 0.01
+    # only the perturbed set is saved: 2 BatchNorm1d tensors of 16
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    assert sum(b.numel() for b in opt._backup) == 32
+    c = copy.deepcopy(opt)
+    assert c.base_optimizer is not opt.base_optimizer and c.param_groups is c.base_optimizer.param_groups
+    copied = {p for g in c.param_groups for p in g['params']}
+    assert all(p in copied for p in c.perturbed) and c.is_perturbed
+    c.restore()
+    opt.restore()
+    for p, q in zip((p for g in opt.param_groups for p in g['params']), (p for g in c.param_groups for p in g['params'])):
+        assert torch.equal(p, q)
+    # any timm base optimizer
+    a = create_optimizer_v2(model, 'sam-on', lr=1e-3, rho=0.05, base_opt='adamw', betas=(0.8, 0.9))
+    assert isinstance(a.base_optimizer, torch.optim.AdamW) and a.param_groups[0]['betas'] == (0.8, 0.9)
+    # lookahead_ prefix keeps working and the step still restores
+    la = create_optimizer_v2(model, 'lookahead_sam-on-layerl2', lr=0.05, rho=0.05)
+    assert isinstance(la._base_optimizer, SAM)
+
+
+def test_GradScaler_step_restores_then_steps():
+    model, x, y = _toy_problem()
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 4)
+    params = [p for g in opt.param_groups for p in g['params']]
+    for overflow in (True, False):
+        before = {p: p.detach().clone() for p in params}
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        opt.first_step(zero_grad=True)
+        assert any(not torch.equal(p, before[p]) for p in opt.perturbed)
+        scaler.scale(F.cross_entropy(model(x), y)).backward()
+        if overflow:
+            opt.perturbed[0].grad.fill_(float('inf'))  # the scaler skips the base step
+            opt.second_step(zero_grad=True, scaler=scaler)
+            assert not opt.is_perturbed
+            assert all(torch.equal(p, before[p]) for p in params)  # restored, nothing stepped
+        else:
+            scaler.step(opt)  # GradScaler calls opt.step(): restore, then the base step
+            assert not opt.is_perturbed
+            assert all(not torch.equal(p, before[p]) for p in opt.perturbed)
+            assert all(torch.isfinite(p).all() for p in params)
+        scaler.update()
+
+
+def test_18_names_are_registered():
+    names = [n for n in list_optimizers() if n.startswith('sam')]
+    assert sorted(names) == sorted(SAM_OPTIMIZERS) and len(names) == 18
+    assert all('_' not in n for n in names)
+
+
+def _one_line_error(fn, *needles):
+    with pytest.raises(ValueError) as e:
+        fn()
+    msg = str(e.value)
+    assert '\n' not in msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_clear_errors():
+    model, _, _ = _toy_problem()
+    params = list(model.parameters())
+    _one_line_error(lambda: SAM(params, variant='l3', norm_params=[]), 'eleml2', 'layerl2', 'fisher')
+    _one_line_error(lambda: SAM(params, mode='only'), 'all', 'on', 'nonorm')
+    _one_line_error(lambda: create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.0), 'rho')
+    _one_line_error(lambda: create_optimizer_v2(model, 'sam', lr=0.1, rho=-1), 'rho')
+    _one_line_error(lambda: create_optimizer_v2(model, 'sam-eleml2', lr=0.1, eta=-0.1), 'eta')
+    _one_line_error(lambda: create_optimizer_v2(params, 'sam-on', lr=0.1), 'norm_params', 'model')
+    _one_line_error(lambda: create_optimizer_v2(params, 'sam-nonorm', lr=0.1), 'norm_params')
+    no_norm = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    _one_line_error(lambda: create_optimizer_v2(no_norm, 'sam-on-layerl2', lr=0.1), 'no normalization layers')
+    _one_line_error(lambda: create_optimizer_v2(timm.create_model('test_nfnet'), 'sam-nonorm', lr=0.1),
+                    'no normalization layers')
+    _one_line_error(lambda: SAM(params, base_opt='sam-on'), 'base_opt')
+    # bare parameters work for mode all, and for on with the norm set given explicitly
+    opt = create_optimizer_v2(params, 'sam-on', lr=0.1, norm_params=norm_parameters(model))
+    assert len(opt.perturbed) == 2
+    assert isinstance(create_optimizer_v2(params, 'sam', lr=0.1), SAM)
