@@ -1,0 +1,197 @@
+"""The two-pass step against a hand-written float64 reference; lean ascent; the float16 scaler path."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sam_on_timm  # noqa: F401  (registers the names)
+from sam_on_timm.train_step import find_sam, split_chunks, train_step
+from timm.optim import create_optimizer_v2
+
+LR, MOM, WD, RHO = 0.1, 0.9, 1e-2, 0.05
+
+
+def small_net():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def data(n=8, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+
+
+def reference_update(model, x, y, m, mode, variant, eta):
+    """Float64 two-pass SAM written out by hand, then timm's Nesterov SGD step by hand."""
+    params = list(model.parameters())
+    norm = [p for mod in model.modules() if isinstance(mod, nn.BatchNorm2d) for p in (mod.weight, mod.bias)]
+    P = [p for p in params if (mode == 'all') or (mode == 'on' and any(p is q for q in norm))]
+    k = x.shape[0] // m
+    acc = [torch.zeros_like(p) for p in params]
+    for i in range(k):
+        xc, yc = x[i * m:(i + 1) * m], y[i * m:(i + 1) * m]
+        g = torch.autograd.grad(F.cross_entropy(model(xc), yc), P)       # ascent, loss only
+        if variant == 'sam':
+            t = [torch.ones_like(p) for p in P]
+        elif variant == 'layerl2':
+            t = [torch.full_like(p, p.detach().norm().item() + eta) for p in P]
+        elif variant == 'fisher':
+            t = [(1 + eta * gi ** 2) ** -0.5 for gi in g]
+        denom = math.sqrt(sum(((ti * gi) ** 2).sum().item() for ti, gi in zip(t, g)))
+        saved = [p.detach().clone() for p in P]
+        with torch.no_grad():
+            for p, ti, gi in zip(P, t, g):
+                p.add_(RHO * ti * ti * gi / denom)
+        gd = torch.autograd.grad(F.cross_entropy(model(xc), yc), params)  # descent at w + eps
+        acc = [a + gi / k for a, gi in zip(acc, gd)]
+        with torch.no_grad():
+            for p, s in zip(P, saved):
+                p.copy_(s)
+    with torch.no_grad():  # SGD, Nesterov, first step (buffer = grad); decay on >1-d tensors only
+        for p, g in zip(params, acc):
+            g = g + WD * p if p.ndim > 1 else g
+            p.sub_(LR * (g + MOM * g))
+
+
+@pytest.mark.parametrize('name,mode,variant,eta', [
+    ('sam', 'all', 'sam', 0.0), ('sam-on-layerl2', 'on', 'layerl2', 0.0), ('sam-on-fisher', 'on', 'fisher', 1.0)])
+@pytest.mark.parametrize('m', [8, 4, 2])
+def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m):
+    model = small_net().double()
+    ref = copy.deepcopy(model)
+    x, y = data()
+    opt = create_optimizer_v2(model, name, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
+    stats = train_step(model, opt, split_chunks(x, y, m), F.cross_entropy)
+    reference_update(ref, x, y, m, mode, variant, eta)
+    for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12, msg=n)
+    for (n, b), c in zip(model.named_buffers(), ref.buffers()):  # BN stats: both passes update them
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=n)
+    assert stats.ascent_loss is not None and float(stats.skipped) == 0
+    assert not find_sam(opt).is_perturbed
+
+
+def test_bn_update_ascent_keeps_descent_out_of_running_stats():
+    x, y = data()
+    a, b = small_net(), small_net()
+    for model, policy in ((a, 'both'), (b, 'ascent')):
+        opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+        train_step(model, opt, split_chunks(x.float(), y, 8), F.cross_entropy, bn_update=policy)
+    ref = small_net()
+    ref.train()
+    with torch.no_grad():
+        ref(x.float())  # exactly one pass (the unperturbed one) feeds the running statistics
+    torch.testing.assert_close(b[1].running_mean, ref[1].running_mean)
+    torch.testing.assert_close(b[1].running_var, ref[1].running_var)
+    assert not torch.allclose(a[1].running_mean, ref[1].running_mean)
+    assert b[1].momentum == 0.1  # restored after the descent pass
+
+
+def _capture_perturbation(opt, store):
+    sam = find_sam(opt)
+    original = sam.perturb
+
+    def perturb(grads=None, found_inf=None):
+        store['grad_none_at_ascent'] = [p.grad is None for g in sam.param_groups for p in g['params']]
+        before = [p.detach().clone() for p in sam.perturbed]
+        out = original(grads, found_inf)
+        store['eps'] = [p.detach() - b for p, b in zip(sam.perturbed, before)]
+        return out
+    sam.perturb = perturb
+
+
+@pytest.mark.parametrize('name', ['sam-on-layerl2', 'sam-on'])
+def test_lean_ascent_touches_no_other_gradient_and_gives_the_full_backward_eps(name):
+    x, y = data()
+    x = x.float()
+    model = small_net()
+    full = copy.deepcopy(model)
+    opt = create_optimizer_v2(model, name, lr=LR, rho=RHO)
+    sam = find_sam(opt)
+    calls = {}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+    store = {}
+    _capture_perturbation(opt, store)
+    train_step(model, opt, [(x, y)], F.cross_entropy)
+    perturbed = {n for n, p in model.named_parameters() if any(p is q for q in sam.perturbed)}
+    assert perturbed and len(perturbed) < len(calls)
+    for n, c in calls.items():  # gradient computed in both passes for P, in the descent only elsewhere
+        assert c == (2 if n in perturbed else 1), (n, c)
+    assert all(store['grad_none_at_ascent']), 'the ascent wrote into .grad'
+    # the same eps as SAM's first_step after a full backward
+    fopt = create_optimizer_v2(full, name, lr=LR, rho=RHO)
+    before = [p.detach().clone() for p in fopt.perturbed]
+    F.cross_entropy(full(x), y).backward()
+    fopt.first_step()
+    for e, p, b in zip(store['eps'], fopt.perturbed, before):
+        torch.testing.assert_close(e, p.detach() - b, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize('name', ['sam-on-fisher', 'sam-on-layerl2', 'sam'])
+def test_scaled_and_unscaled_ascent_give_the_same_eps(name):
+    x, y = data()
+    x = x.float()
+    eps = []
+    for scaler in (None, torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)):
+        model = small_net()
+        opt = create_optimizer_v2(model, name, lr=LR, rho=RHO)
+        store = {}
+        _capture_perturbation(opt, store)
+        train_step(model, opt, [(x, y)], F.cross_entropy, loss_scaler=scaler)
+        eps.append(store['eps'])
+    for a, b in zip(*eps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_overflowing_ascent_skips_perturbation_and_leaves_weights_restored():
+    x, y = data()
+    x = x.float()
+    model = small_net()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = create_optimizer_v2(model, 'sam-on-layerl2', lr=LR, rho=RHO)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 120)
+    store = {}
+    _capture_perturbation(opt, store)
+
+    def loss_fn(out, target):  # 1e3 * loss * 2^120 overflows float32, as fp16 would at a large scale
+        return 1e3 * F.cross_entropy(out, target)
+    stats = train_step(model, opt, [(x, y)], loss_fn, loss_scaler=scaler, clip_grad=1.0)
+    assert float(stats.skipped) == 1.0
+    assert all(not e.any() for e in store['eps'])  # no perturbation
+    for n, p in model.named_parameters():  # descent overflowed too: step skipped, weights restored, no NaN
+        assert torch.equal(p, before[n]), n
+    assert scaler.get_scale() < 2.0 ** 120
+    # the next update at a sane scale trains normally
+    scaler.update(2.0 ** 8)
+    stats = train_step(model, opt, [(x, y)], loss_fn, loss_scaler=scaler, clip_grad=1.0)
+    assert float(stats.skipped) == 0.0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_clip_acts_on_descent_gradient_and_plain_optimizers_share_the_path():
+    x, y = data()
+    x = x.float()
+    model = small_net()
+    opt = create_optimizer_v2(model, 'momentum', lr=LR, momentum=0.0)  # plain SGD
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_step(model, opt, split_chunks(x, y, 4), F.cross_entropy, clip_grad=1e-3)
+    assert stats.ascent_loss is None
+    grads = [p.grad for p in model.parameters()]
+    total = torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))
+    assert float(total) <= 1e-3 * (1 + 1e-4)
+    for p, b, g in zip(model.parameters(), before, grads):
+        torch.testing.assert_close(p.detach(), b - LR * g)
+
+
+def test_split_chunks_errors():
+    x, y = data(8)
+    assert len(split_chunks(x, y, 2)) == 4 and len(split_chunks(x, y, None)) == 1
+    with pytest.raises(ValueError, match='divisor of the per-GPU batch size 8'):
+        split_chunks(x, y, 3)
