@@ -344,7 +344,8 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
 
 def main(argv=None) -> int:
     from timm.utils import setup_default_logging
-    setup_default_logging()
+    if not logging.getLogger().handlers:  # once per process (main() may run several times in tests)
+        setup_default_logging()
     try:
         return run(parse_args(argv))
     except UsageError as e:
@@ -441,7 +442,7 @@ def run(args) -> int:
     if args.model_ema:
         model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
         if resume_state is not None and 'state_dict_ema' in resume_state:
-            model_ema.load_state_dict(resume_state['state_dict_ema'])
+            model_ema.module.load_state_dict(resume_state['state_dict_ema'])
 
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -541,6 +542,8 @@ def run(args) -> int:
             loss_scaler, model_ema, mixup_fn, num_updates)
         if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
             distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+            if model_ema is not None:  # the EMA averages each rank's own BN statistics: share them too
+                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
         eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
         if model_ema is not None:
             ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)

@@ -1,0 +1,119 @@
+"""train.py end to end on generated data: summaries, checkpoints, exact resume, bad input."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0',
+        '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--log-interval', '2', '--seed', '3']
+SAM_COLUMNS = ['train_ascent_loss', 'train_descent_loss', 'train_sharpness', 'train_eps_norm',
+               'train_skipped_perturbations']
+
+
+def run(image_folder, out, *extra):
+    return train.main(['--data-dir', image_folder, '--output', str(out), *BASE, *extra])
+
+
+def read_summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize('opt', ['sgd', 'sam', 'sam-on-layerl2'])
+def test_train_end_to_end(image_folder, tmp_path, opt):
+    assert run(image_folder, tmp_path, '--opt', opt, '--experiment', 'e', '--rho', '0.05', '--model-ema') == 0
+    d = tmp_path / 'e'
+    rows = read_summary(d / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    for r in rows:
+        assert 0.0 <= float(r['eval_top1']) <= 100.0 and float(r['train_loss']) > 0
+        assert 'eval_ema_top1' in r
+        if opt == 'sgd':
+            assert not any(c in r for c in SAM_COLUMNS)
+        else:
+            assert all(c in r for c in SAM_COLUMNS)
+            assert float(r['train_eps_norm']) > 0 and int(r['train_skipped_perturbations']) == 0
+    assert os.path.isfile(d / 'last.pth.tar') and os.path.isfile(d / 'checkpoint-1.pth.tar')
+    ckpt = torch.load(d / 'last.pth.tar', weights_only=True)
+    assert {'state_dict', 'optimizer', 'epoch', 'state_dict_ema', 'rng_state', 'arch'} <= set(ckpt)
+    # timm reads the weights as its own checkpoint (EMA preferred, as timm's loader does)
+    model = timm.create_model('test_resnet', num_classes=2, checkpoint_path=str(d / 'last.pth.tar'))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ckpt['state_dict_ema'][k]), k
+
+
+def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
+    common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--sam-m', '2', '--model-ema', '--epochs', '3',
+              '--reprob', '0.25', '--smoothing', '0.1']
+    assert run(image_folder, tmp_path, *common, '--experiment', 'full') == 0
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--stop-epoch', '1') == 0
+    part = tmp_path / 'part'
+    assert not os.path.isfile(part / 'checkpoint-1.pth.tar')
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--resume', str(part / 'last.pth.tar')) == 0
+    a = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
+    b = torch.load(part / 'last.pth.tar', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 2
+    for key in ('state_dict', 'state_dict_ema'):
+        dw = max((a[key][k].double() - b[key][k].double()).abs().max().item() for k in a[key])
+        assert dw < 1e-5, (key, dw)
+    assert len(read_summary(part / 'summary.csv')) == 3
+
+
+def test_config_file_and_flags(image_folder, tmp_path):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('opt: sam-on\nrho: 0.1\nweight_decay: 1e-4\nsam_m: 2\nsam_bn_update: ascent\n')
+    args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder, '--rho', '0.2'])
+    assert (args.opt, args.rho, args.weight_decay, args.sam_m, args.sam_bn_update) == ('sam-on', 0.2, 1e-4, 2, 'ascent')
+    train.validate_args(args)
+    assert args.is_sam
+
+
+BAD_INPUTS = [
+    (['--opt', 'sam-on-layer2'], "unknown --opt 'sam-on-layer2'"),
+    (['--opt', 'sam', '--rho', '0'], '--rho must be > 0'),
+    (['--opt', 'sam', '--rho', '-0.1'], '--rho must be > 0'),
+    (['--opt', 'sam', '--sam-m', '3'], '--sam-m 3 must be a positive divisor of the per-GPU batch size -b 4'),
+    (['--opt', 'sam-on', '--model', 'test_nfnet'], 'no normalization layers'),
+    (['--opt', 'sam', '--sam-base', 'sam-on'], "unknown --sam-base 'sam-on'"),
+    (['--opt', 'sam', '--amp', '--amp-dtype', 'float8'], '--amp-dtype must be float16 or bfloat16'),
+]
+
+
+@pytest.mark.parametrize('extra,message', BAD_INPUTS)
+def test_bad_input_is_one_line_and_writes_nothing(image_folder, tmp_path, capsys, extra, message):
+    assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('train.py: error:') and message in err[-1], err
+    assert 'Traceback' not in '\n'.join(err)
+    assert not os.path.exists(tmp_path / 'bad')
+
+
+def test_bad_yaml_key_missing_data_and_existing_run(image_folder, tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('opt: sam\nbatchsize: 64\n')
+    assert train.main(['-c', str(cfg), '--data-dir', image_folder]) == 2
+    assert "unknown key 'batchsize'" in capsys.readouterr().err
+    assert train.main(['--data-dir', str(tmp_path / 'nope'), '--opt', 'sam']) == 2
+    assert f"data directory '{tmp_path / 'nope'}' does not exist" in capsys.readouterr().err
+    # an existing run's checkpoints are never overwritten by a new run
+    assert run(image_folder, tmp_path, '--experiment', 'done', '--epochs', '1') == 0
+    last = tmp_path / 'done' / 'last.pth.tar'
+    stamp = (last.stat().st_mtime_ns, last.read_bytes())
+    assert run(image_folder, tmp_path, '--experiment', 'done', '--epochs', '1') == 2
+    assert 'already holds checkpoints' in capsys.readouterr().err
+    assert (last.stat().st_mtime_ns, last.read_bytes()) == stamp
+
+
+def test_subprocess_error_has_no_traceback(image_folder, tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--data-dir', image_folder,
+                        '--opt', 'sam', '--rho', '0', '--output', str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2
+    assert p.stderr.strip() == 'train.py: error: --rho must be > 0, got 0.0'
