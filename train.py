@@ -408,7 +408,8 @@ def run(args) -> int:
     if args.lr is None:
         scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
-        _logger.info(f'lr {args.lr:.4g} from lr-base {args.lr_base} and global batch {global_batch} ({scale})')
+        if args.rank == 0:
+            _logger.info(f'lr {args.lr:.4g} from lr-base {args.lr_base} and global batch {global_batch} ({scale})')
 
     opt_kwargs = optimizer_kwargs(cfg=args)
     if args.is_sam:
