@@ -117,3 +117,20 @@ def test_subprocess_error_has_no_traceback(image_folder, tmp_path):
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
     assert p.stderr.strip() == 'train.py: error: --rho must be > 0, got 0.0'
+
+
+def test_pretrained_path_loads_offline_weights_with_a_new_head(image_folder, tmp_path):
+    """The ViT fine-tune recipes' offline path: --pretrained-path FILE, head replaced for --num-classes."""
+    src = timm.create_model('test_vit', num_classes=7)
+    torch.save(src.state_dict(), tmp_path / 'in21k.pth')
+    # lr 0 and no weight decay: SAM-ON perturbs and restores, so the backbone must end exactly as loaded
+    rc = train.main(['--data-dir', image_folder, '--output', str(tmp_path), '--experiment', 'ft',
+                     '--model', 'test_vit', '--pretrained-path', str(tmp_path / 'in21k.pth'), '--num-classes', '2',
+                     '-b', '4', '--device', 'cpu', '--workers', '0', '--epochs', '1',
+                     '--warmup-epochs', '0', '--lr', '0', '--weight-decay', '0', '--opt', 'sam-on', '--rho', '0.1'])
+    assert rc == 0
+    ckpt = torch.load(tmp_path / 'ft' / 'last.pth.tar', weights_only=True)
+    assert ckpt['state_dict']['head.weight'].shape == (2, 64)
+    for k, v in src.state_dict().items():
+        if not k.startswith('head.'):
+            assert torch.equal(ckpt['state_dict'][k], v), k
