@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Model')
     g.add_argument('--model', default='resnet50', type=str, metavar='MODEL')
-    g.add_argument('--pretrained', action='store_true', default=False)
+    g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
+                   help='start from timm\'s pretrained weights (--no-pretrained overrides a recipe)')
     g.add_argument('--pretrained-path', default=None, type=str, help='load this file as the pretrained weights (head adapted as for hub weights)')
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into the model (strict)')
     g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
@@ -171,6 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _config_value(path, action, value):
+    """A YAML value checked and converted as argparse would convert it on the command line."""
+    if value is None or action.type is None or isinstance(value, bool):
+        return value
+    try:
+        if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError('expected a list')
+            return [action.type(v) for v in value]
+        return action.type(value)
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' ({e})") from None
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
@@ -181,11 +196,12 @@ def parse_args(argv=None):
             cfg = yaml.safe_load(f) or {}
         if not isinstance(cfg, dict):
             raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
-        valid = {a.dest for a in parser._actions}
-        for key in cfg:
-            if key not in valid:
+        actions = {a.dest: a for a in parser._actions}
+        for key, value in cfg.items():
+            if key not in actions:
                 raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
                                  f"keys are argument names with '_', e.g. batch_size, sam_m)")
+            cfg[key] = _config_value(args_config.config, actions[key], value)
         parser.set_defaults(**cfg)
     try:
         args = parser.parse_args(remaining)

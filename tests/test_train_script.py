@@ -134,3 +134,14 @@ def test_pretrained_path_loads_offline_weights_with_a_new_head(image_folder, tmp
     for k, v in src.state_dict().items():
         if not k.startswith('head.'):
             assert torch.equal(ckpt['state_dict'][k], v), k
+
+
+def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('scale: 0.5\n')
+    assert train.main(['-c', str(cfg)]) == 2
+    assert "bad value 0.5 for 'scale' (expected a list)" in capsys.readouterr().err
+    cfg.write_text('rho: 1\ninput_size: [3, 32, 32]\npretrained: true\n')
+    args = train.parse_args(['-c', str(cfg)])
+    assert type(args.rho) is float and args.input_size == [3, 32, 32] and args.pretrained
+    assert train.parse_args(['-c', str(cfg), '--no-pretrained']).pretrained is False  # a recipe's hub weights off
