@@ -72,6 +72,11 @@ def scaling(
     raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
 
 
+def _distinct_storages(tensors: Sequence[Tensor]) -> bool:
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    return 0 not in ptrs and len(set(ptrs)) == len(ptrs)
+
+
 def compute_eps(
         variant: str,
         params: Sequence[Tensor],
@@ -80,6 +85,7 @@ def compute_eps(
         eta: float,
         is_bias: Optional[Sequence[bool]] = None,
         found_inf: Optional[Tensor] = None,
+        grads_writable: bool = False,
 ) -> tuple:
     """Perturbation of P from the ascent gradient.
 
@@ -97,10 +103,16 @@ def compute_eps(
         tg = torch._foreach_mul(grads, t) if t is not None else grads
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
         ok = torch.isfinite(norm) & (norm > 0)
-        eps = torch._foreach_mul(tg, t) if t is not None else tg   # T^2 g (tg is not written to)
+        if t is not None:
+            torch._foreach_mul_(tg, t)          # T^2 g, in the buffers _foreach_mul just made
+            eps, owned = tg, True
+        else:
+            # write into the caller's buffers only if no two of them share storage (autograd may hand
+            # the same tensor to two parameters, e.g. both inputs of an add)
+            eps, owned = grads, grads_writable and _distinct_storages(grads)
         scale = rho / norm
     else:
-        eps = torch._foreach_sign(grads)
+        eps, owned = torch._foreach_sign(grads), True
         torch._foreach_mul_(eps, t)                                 # T sign(g)
         # the l-inf step is not normalised; a non-finite gradient still skips it
         ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
@@ -108,8 +120,13 @@ def compute_eps(
     if found_inf is not None:
         ok = ok & (found_inf.reshape(()) == 0)
     scale = torch.where(ok, scale, 0.0)
-    eps = torch._foreach_mul(eps, scale)
-    # a non-finite gradient entry would still give inf * 0 = NaN: select it away (no host sync)
-    eps = [torch.where(ok, e, 0.0) for e in eps]
+    if owned:
+        torch._foreach_mul_(eps, scale)     # no new buffers: fresh allocations cost page faults on CPU
+    else:
+        eps = torch._foreach_mul(eps, scale)
+    # a non-finite gradient entry would still give inf * 0 = NaN: zero it (in place, no host sync)
+    skip = ~ok
+    for e in eps:
+        e.masked_fill_(skip, 0.0)
     eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
     return eps, eps_norm, (~ok).to(eps_norm.dtype)

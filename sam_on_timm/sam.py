@@ -109,7 +109,8 @@ class SAM(torch.optim.Optimizer):
 
     # -- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
-    def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None) -> Tensor:
+    def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None,
+                grads_writable: bool = False) -> Tensor:
         """w_P <- w_P + eps(g). ``grads`` (one per tensor of ``self.perturbed``) default to ``.grad``.
 
         Returns ||eps|| (0-dim tensor). ``found_inf`` non-zero skips the perturbation (fp16 overflow).
@@ -121,7 +122,8 @@ class SAM(torch.optim.Optimizer):
             grads = [p.grad for p in params]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         eps, eps_norm, skipped = compute_eps(
-            self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf)
+            self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
+            grads_writable=grads_writable)
         if self._backup is None:
             self._backup = torch._foreach_clone(params) if hasattr(torch, '_foreach_clone') else [p.clone() for p in params]
         else:

@@ -126,7 +126,7 @@ def train_step(
                 found_inf = torch.zeros(1, device=grads[0].device)
                 torch._amp_foreach_non_finite_check_and_unscale_(
                     grads, found_inf, scaler._scale.double().reciprocal().float().to(grads[0].device))
-            eps_norm = sam.perturb(grads, found_inf)
+            eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
             ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()
             eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
             skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped

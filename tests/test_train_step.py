@@ -97,10 +97,10 @@ def _capture_perturbation(opt, store):
     sam = find_sam(opt)
     original = sam.perturb
 
-    def perturb(grads=None, found_inf=None):
+    def perturb(grads=None, found_inf=None, **kwargs):
         store['grad_none_at_ascent'] = [p.grad is None for g in sam.param_groups for p in g['params']]
         before = [p.detach().clone() for p in sam.perturbed]
-        out = original(grads, found_inf)
+        out = original(grads, found_inf, **kwargs)
         store['eps'] = [p.detach() - b for p, b in zip(sam.perturbed, before)]
         return out
     sam.perturb = perturb
