@@ -94,9 +94,9 @@ def _ddp_run(name, rank):
     if sam is not None:
         perturb = sam.perturb
 
-        def logging_perturb(grads=None, found_inf=None):   # the perturbation each rank / chunk applies
+        def logging_perturb(grads=None, found_inf=None, **kwargs):   # the perturbation each rank / chunk applies
             before = _clone(sam.perturbed)
-            eps_norm = perturb(grads, found_inf)
+            eps_norm = perturb(grads, found_inf, **kwargs)
             eps_log.append(dict(norm=eps_norm.detach().clone(),
                                 eps=torch.cat([(p.detach() - b).flatten() for p, b in zip(sam.perturbed, before)])))
             return eps_norm
