@@ -280,7 +280,8 @@ def test_distributed_train_sh_end_to_end(tmp_path):
     _write_image_folder(data / 'validation', 4)
     cmd = [str(REPO / 'distributed_train.sh'), '2', '--data-dir', str(data), '--device', 'cpu',
            '--model', 'test_resnet', '--img-size', '32', '-b', '4', '--epochs', '1', '--workers', '0',
-           '--opt', 'sam-on-layerl2', '--sam-m', '2', '--model-ema', '--output', str(tmp_path / 'out'),
+           '--opt', 'sam-on-layerl2', '--sam-m', '2', '--model-ema', '--grad-accum-steps', '2', '--channels-last',
+           '--amp', '--amp-dtype', 'bfloat16', '--output', str(tmp_path / 'out'),
            '--experiment', 'x', '--warmup-epochs', '0']
     r = subprocess.run(cmd, cwd=tmp_path, env=_launcher_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]

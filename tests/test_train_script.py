@@ -145,3 +145,15 @@ def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys):
     args = train.parse_args(['-c', str(cfg)])
     assert type(args.rho) is float and args.input_size == [3, 32, 32] and args.pretrained
     assert train.parse_args(['-c', str(cfg), '--no-pretrained']).pretrained is False  # a recipe's hub weights off
+
+
+@pytest.mark.parametrize('dtype', ['bfloat16', 'float16'])
+def test_amp_paths_run_end_to_end_on_cpu(image_folder, tmp_path, dtype):
+    """--amp on CPU autocast: bf16 without a scaler, fp16 with timm's NativeScaler (saved in the checkpoint)."""
+    assert run(image_folder, tmp_path, '--opt', 'sam-on-fisher', '--experiment', dtype, '--epochs', '1',
+               '--amp', '--amp-dtype', dtype, '--clip-grad', '1.0', '--channels-last', '--grad-accum-steps', '2') == 0
+    ckpt = torch.load(tmp_path / dtype / 'last.pth.tar', weights_only=True)
+    assert ('amp_scaler' in ckpt) == (dtype == 'float16')
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
+    row = read_summary(tmp_path / dtype / 'summary.csv')[-1]
+    assert float(row['train_eps_norm']) > 0 or int(row['train_skipped_perturbations']) > 0
