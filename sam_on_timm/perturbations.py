@@ -94,9 +94,9 @@ def compute_eps(
     when ||T g|| is 0 or not finite, or when ``found_inf`` (e.g. an fp16 overflow) is non-zero: no
     division by zero, no NaN ever reaches eps.
     """
-    p = VARIANTS[variant].p if variant in VARIANTS else None
-    if p is None:
+    if variant not in VARIANTS:
         raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    p = VARIANTS[variant].p
     grads = list(grads)
     t = scaling(variant, params, grads, eta, is_bias)
     if p == 2:
@@ -129,4 +129,4 @@ def compute_eps(
     for e in eps:
         e.masked_fill_(skip, 0.0)
     eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
-    return eps, eps_norm, (~ok).to(eps_norm.dtype)
+    return eps, eps_norm, skip.to(eps_norm.dtype)
