@@ -409,10 +409,9 @@ def run(args) -> int:
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
 
-    output_dir = None
-    if args.rank == 0:
-        output_dir = output_dir_for(args)
-        check_output_dir(args, output_dir)
+    # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
+    output_dir = output_dir_for(args)
+    check_output_dir(args, output_dir)
 
     model.to(device)
     if args.channels_last:

@@ -157,3 +157,9 @@ def test_amp_paths_run_end_to_end_on_cpu(image_folder, tmp_path, dtype):
     assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
     row = read_summary(tmp_path / dtype / 'summary.csv')[-1]
     assert float(row['train_eps_norm']) > 0 or int(row['train_skipped_perturbations']) > 0
+
+
+def test_sync_bn_with_sam_warns(image_folder, tmp_path, caplog):
+    caplog.set_level('WARNING')
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '1', '--sync-bn') == 0
+    assert any('--sync-bn shares BatchNorm statistics across ranks' in r.getMessage() for r in caplog.records)
