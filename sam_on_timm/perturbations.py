@@ -72,9 +72,11 @@ def scaling(
     raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
 
 
-def _distinct_storages(tensors: Sequence[Tensor]) -> bool:
+def _writable_in_place(tensors: Sequence[Tensor]) -> bool:
+    """No two tensors share storage and none is an expanded (stride-0) view."""
     ptrs = [t.untyped_storage().data_ptr() for t in tensors]
-    return 0 not in ptrs and len(set(ptrs)) == len(ptrs)
+    return 0 not in ptrs and len(set(ptrs)) == len(ptrs) and all(
+        st != 0 for t in tensors for st, n in zip(t.stride(), t.shape) if n > 1)
 
 
 def compute_eps(
@@ -109,7 +111,7 @@ def compute_eps(
         else:
             # write into the caller's buffers only if no two of them share storage (autograd may hand
             # the same tensor to two parameters, e.g. both inputs of an add)
-            eps, owned = grads, grads_writable and _distinct_storages(grads)
+            eps, owned = grads, grads_writable and _writable_in_place(grads)
         scale = rho / norm
     else:
         eps, owned = torch._foreach_sign(grads), True
@@ -129,4 +131,5 @@ def compute_eps(
     for e in eps:
         e.masked_fill_(skip, 0.0)
     eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
-    return eps, eps_norm, skip.to(eps_norm.dtype)
+    # counted as skipped: no perturbation at all (for l-inf too, where T g = 0 gives eps = 0)
+    return eps, eps_norm, (skip | (eps_norm == 0)).to(eps_norm.dtype)

@@ -20,9 +20,22 @@ from torch import Tensor, nn
 from .norm_params import bias_parameters, norm_parameters
 from .perturbations import VARIANTS, compute_eps
 
-__all__ = ['SAM', 'MODES']
+__all__ = ['SAM', 'MODES', 'unscale_grads']
 
 MODES = ('all', 'on', 'nonorm')
+
+
+def unscale_grads(grads: List[Tensor], scaler) -> Optional[Tensor]:
+    """Divide fp16-scaled gradients by the scaler's current scale, in place; returns ``found_inf``.
+
+    eps needs the true gradient (Fisher is not scale invariant). A disabled or absent scaler: None.
+    """
+    if scaler is None or not scaler.is_enabled() or getattr(scaler, '_scale', None) is None:
+        return None
+    found_inf = torch.zeros(1, device=grads[0].device)
+    torch._amp_foreach_non_finite_check_and_unscale_(
+        grads, found_inf, scaler._scale.double().reciprocal().float().to(grads[0].device))
+    return found_inf
 
 
 class SAM(torch.optim.Optimizer):
@@ -141,13 +154,22 @@ class SAM(torch.optim.Optimizer):
             torch._foreach_copy_(self.perturbed, self._backup)
             self.is_perturbed = False
 
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Ascent: w <- w + eps from the current ``.grad``."""
-        self.perturb()
+    def first_step(self, zero_grad: bool = False, scaler: Optional['torch.amp.GradScaler'] = None) -> None:
+        """Ascent: w <- w + eps from the current ``.grad``.
+
+        With float16, pass the ``GradScaler`` whose scaled loss made ``.grad``: eps is then computed
+        from the unscaled gradient (``.grad`` itself is left as it is) and an overflow skips it.
+        """
+        grads = found_inf = None
+        writable = False
+        if scaler is not None and scaler.is_enabled():
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.perturbed]
+            found_inf, writable = unscale_grads(grads, scaler), True
+        self.perturb(grads, found_inf, grads_writable=writable)
         if zero_grad:
             self.zero_grad()
 
-    def second_step(self, zero_grad: bool = False, scaler: Optional[torch.amp.GradScaler] = None) -> None:
+    def second_step(self, zero_grad: bool = False, scaler: Optional['torch.amp.GradScaler'] = None) -> None:
         """Restore the unperturbed weights, then take the base step with the gradient at w + eps.
 
         With float16, pass the ``GradScaler``: the step goes through ``scaler.step`` (unscale, skip on

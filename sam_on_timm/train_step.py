@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from .sam import SAM
+from .norm_params import is_norm_module
+from .sam import SAM, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'train_step', 'BN_UPDATE_CHOICES']
 
@@ -55,18 +56,27 @@ def split_chunks(x: Tensor, y: Tensor, m: Optional[int]) -> List[Tuple[Tensor, T
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module, enabled: bool = True):
-    """BatchNorm running statistics left untouched (momentum 0) inside the block."""
+    """Running statistics of BatchNorm (and timm's EvoNorm-B) left untouched inside the block.
+
+    momentum 0 makes the update an exact no-op (r * 1 + x * 0); ``num_batches_tracked`` is put back
+    too, so a cumulative average (momentum None) is not shifted either.
+    """
     saved = []
     if enabled:
         for mod in model.modules():
-            if isinstance(mod, _NormBase) and mod.track_running_stats:
-                saved.append((mod, mod.momentum))
+            tracks = mod.track_running_stats if isinstance(mod, _NormBase) else (
+                is_norm_module(mod) and hasattr(mod, 'momentum') and hasattr(mod, 'running_var'))
+            if tracks:
+                nbt = getattr(mod, 'num_batches_tracked', None)
+                saved.append((mod, mod.momentum, None if nbt is None else nbt.clone()))
                 mod.momentum = 0.0
     try:
         yield
     finally:
-        for mod, momentum in saved:
+        for mod, momentum, nbt in saved:
             mod.momentum = momentum
+            if nbt is not None:
+                mod.num_batches_tracked.copy_(nbt)
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
@@ -119,13 +129,8 @@ def train_step(
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
                 grads = torch.autograd.grad(scaled, sam.perturbed, allow_unused=True, materialize_grads=True)
-            found_inf = None
-            if scaler is not None:
-                # eps needs the true gradient (Fisher is not scale invariant); an overflow skips eps
-                grads = list(grads)
-                found_inf = torch.zeros(1, device=grads[0].device)
-                torch._amp_foreach_non_finite_check_and_unscale_(
-                    grads, found_inf, scaler._scale.double().reciprocal().float().to(grads[0].device))
+            grads = list(grads)
+            found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
             eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
             ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()
             eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm

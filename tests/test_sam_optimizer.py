@@ -294,3 +294,32 @@ def test_clear_errors():
     opt = create_optimizer_v2(params, 'sam-on', lr=0.1, norm_params=norm_parameters(model))
     assert len(opt.perturbed) == 2
     assert isinstance(create_optimizer_v2(params, 'sam', lr=0.1), SAM)
+
+
+def test_first_step_with_scaler_uses_the_unscaled_gradient():
+    """Fisher is not scale invariant: first_step(scaler=) must see the true gradient."""
+    eps = []
+    for scale in (None, 2.0 ** 16):
+        model, x, y = _toy_problem()
+        opt = create_optimizer_v2(model, 'sam-on-fisher', lr=0.05, rho=0.05)
+        before = [p.detach().clone() for p in opt.perturbed]
+        scaler = None if scale is None else torch.amp.GradScaler('cpu', init_scale=scale)
+        loss = F.cross_entropy(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        grads = [p.grad.clone() for p in opt.perturbed]
+        opt.first_step(scaler=scaler)
+        assert all(torch.equal(p.grad, g) for p, g in zip(opt.perturbed, grads))  # .grad left as it was
+        eps.append([p.detach() - b for p, b in zip(opt.perturbed, before)])
+    for a, b in zip(*eps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+
+
+def test_expanded_gradients_and_zero_linf_gradient():
+    from sam_on_timm.perturbations import compute_eps
+    w = [torch.randn(4), torch.randn(3)]
+    g = [torch.ones(()).expand(4), torch.full((3,), 2.0)]   # what autograd gives for w.sum()
+    eps, norm, skipped = compute_eps('sam', w, g, 0.1, 0.0, grads_writable=True)
+    ref = torch.cat([torch.ones(4), torch.full((3,), 2.0)])
+    torch.testing.assert_close(torch.cat(eps), 0.1 * ref / ref.norm())
+    eps, norm, skipped = compute_eps('elemlinf', w, [torch.zeros(4), torch.zeros(3)], 0.1, 0.0)
+    assert float(norm) == 0.0 and float(skipped) == 1.0  # no perturbation: counted as skipped

@@ -195,3 +195,18 @@ def test_split_chunks_errors():
     assert len(split_chunks(x, y, 2)) == 4 and len(split_chunks(x, y, None)) == 1
     with pytest.raises(ValueError, match='divisor of the per-GPU batch size 8'):
         split_chunks(x, y, 3)
+
+
+def test_frozen_stats_keep_counters_and_evonorm_buffers():
+    from sam_on_timm.train_step import frozen_bn_stats
+    from timm.layers import EvoNorm2dB0
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=None), EvoNorm2dB0(4))
+    model.train()
+    x = torch.randn(4, 3, 8, 8)
+    model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with frozen_bn_stats(model):
+        model(x + 1)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert model[1].momentum is None and model[2].momentum == 0.1
