@@ -358,6 +358,11 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
     return OrderedDict(loss=loss / n, top1=100. * top1 / n, top5=100. * top5 / n)
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def main(argv=None) -> int:
     from timm.utils import setup_default_logging
     if not logging.getLogger().handlers:  # once per process (main() may run several times in tests)
@@ -372,7 +377,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import timm
     import sam_on_timm
-    from sam_on_timm.checkpoint import RngCheckpointSaver, set_rng_state
+    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, set_rng_state
     from sam_on_timm.train_step import find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -382,13 +387,15 @@ def run(args) -> int:
                             update_summary)
 
     validate_args(args)
-    if args.demo_data:
-        from sam_on_timm.demo_data import prepare_demo_data
-        prepare_demo_data(args.demo_data, args.data_dir)
-
     device = init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Distributed training: rank {args.rank} of {args.world_size}, device {device}')
+    if args.demo_data:
+        from sam_on_timm.demo_data import prepare_demo_data
+        if args.local_rank == 0:  # one writer per node; the others wait for it
+            prepare_demo_data(args.demo_data, args.data_dir)
+        if args.distributed:
+            torch.distributed.barrier()
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
     random_seed(args.seed, args.rank)
 
@@ -400,10 +407,13 @@ def run(args) -> int:
     if args.input_size is not None:
         in_chans = args.input_size[0]
     overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
-    model = timm.create_model(
-        args.model, pretrained=args.pretrained or bool(args.pretrained_path), in_chans=in_chans,
-        num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
-        pretrained_cfg_overlay=overlay, checkpoint_path=args.initial_checkpoint or None)
+    try:
+        model = timm.create_model(
+            args.model, pretrained=args.pretrained or bool(args.pretrained_path), in_chans=in_chans,
+            num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+            pretrained_cfg_overlay=overlay, checkpoint_path=args.initial_checkpoint or None)
+    except Exception as e:  # unknown name, weights that do not fit or cannot be fetched: user input
+        raise UsageError(f"cannot create model '{args.model}': {_first_line(e)}") from None
     if args.num_classes is None:
         args.num_classes = model.num_classes
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
@@ -421,7 +431,8 @@ def run(args) -> int:
 
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     if args.lr is None:
-        scale = args.lr_base_scale or ('sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear')
+        scale = args.lr_base_scale or ('sqrt' if any(o in name.lower() for o in ('ada', 'lamb')
+                                                     for name in (args.opt, args.sam_base if args.is_sam else '')) else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
         if args.rank == 0:
             _logger.info(f'lr {args.lr:.4g} from lr-base {args.lr_base} and global batch {global_batch} ({scale})')
@@ -431,8 +442,8 @@ def run(args) -> int:
         opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base)
     try:
         optimizer = create_optimizer_v2(model, **opt_kwargs)
-    except ValueError as e:
-        raise UsageError(str(e).splitlines()[0])
+    except (ValueError, TypeError, IndexError, KeyError) as e:  # e.g. --opt-betas of the wrong length
+        raise UsageError(f"cannot create optimizer '{args.opt}': {_first_line(e)}") from None
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
@@ -446,13 +457,16 @@ def run(args) -> int:
 
     resume_epoch, resume_state = None, None
     if args.resume:
-        resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
-        model.load_state_dict(resume_state['state_dict'])
-        if not args.no_resume_opt:
-            optimizer.load_state_dict(resume_state['optimizer'])
-            if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
-                loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
-        resume_epoch = resume_state['epoch'] + 1
+        try:
+            resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
+            model.load_state_dict(resume_state['state_dict'])
+            if not args.no_resume_opt:
+                optimizer.load_state_dict(resume_state['optimizer'])
+                if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
+                    loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
+            resume_epoch = resume_state['epoch'] + 1
+        except Exception as e:  # not a checkpoint, or one of another model / optimizer
+            raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
 
     model_ema = None
     if args.model_ema:
@@ -509,7 +523,11 @@ def run(args) -> int:
     train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    try:
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+                                                       updates_per_epoch=updates_per_epoch)
+    except (ValueError, KeyError) as e:
+        raise UsageError(f"--sched '{args.sched}': {_first_line(e)}") from None
     start_epoch = 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
@@ -532,13 +550,19 @@ def run(args) -> int:
         saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                    amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                    decreasing=decreasing, max_history=args.checkpoint_hist)
-        if resume_state is not None and 'saver' in resume_state and \
+        if resume_state is not None and 'saver' in resume_state and hasattr(saver, 'load_state_dict') and \
                 os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
             saver.load_state_dict(resume_state['saver'])
         _logger.info(f'Scheduled epochs: {num_epochs}; running epochs {start_epoch}..{end_epoch - 1}; '
                      f'output {output_dir}')
-    if resume_state is not None and 'rng_state' in resume_state:
-        set_rng_state(resume_state['rng_state'])  # continue the stream exactly where the checkpoint left it
+    if resume_state is not None:  # continue each rank's random streams exactly where the checkpoint left them
+        states = resume_state.get('rng_states') or [resume_state.get('rng_state')]
+        if len(states) == args.world_size and all(s is not None for s in states):
+            set_rng_state(states[args.rank])
+        else:
+            _logger.warning(f'the checkpoint holds RNG states of {len(states)} rank(s), this run has '
+                            f'{args.world_size}: reseeding with seed + epoch (the data order will differ)')
+            random_seed(args.seed + start_epoch, args.rank)
     resume_state = None
 
     num_updates = start_epoch * updates_per_epoch
@@ -572,7 +596,12 @@ def run(args) -> int:
                            lr=sum(lrs) / len(lrs))
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        rng_states = [get_rng_state()]
+        if args.distributed:  # every rank's own streams, so that a resume continues each of them
+            rng_states = [None] * args.world_size
+            torch.distributed.all_gather_object(rng_states, get_rng_state())
         if saver is not None:
+            saver.rng_states = rng_states
             best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')

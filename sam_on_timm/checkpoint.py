@@ -46,18 +46,26 @@ def _to_tuples(x):
 
 
 class RngCheckpointSaver(CheckpointSaver):
-    """timm's CheckpointSaver (history, best, last) writing ``rng_state`` too."""
+    """timm's CheckpointSaver (history, best, last) writing the RNG states too.
+
+    ``rng_states``: one ``get_rng_state()`` per rank (set by the training loop before each save,
+    gathered from all ranks); ``rng_state`` in the file is rank 0's, ``rng_states`` all of them.
+    """
+    rng_states = None
 
     def _save(self, save_path, epoch, metric=None):
+        rng_states = self.rng_states or [get_rng_state()]
         state = {
             'epoch': epoch,
             'arch': self.args.model if self.args is not None else type(self.model).__name__.lower(),
             'state_dict': get_state_dict(self.model, self.unwrap_fn),
             'optimizer': self.optimizer.state_dict(),
             'version': 2,  # epoch is the last completed epoch
-            'rng_state': get_rng_state(),
-            'saver': self.state_dict(epoch, metric),
+            'rng_state': rng_states[0],
+            'rng_states': rng_states,
         }
+        if hasattr(self, 'state_dict'):  # history bookkeeping, in recent timm versions
+            state['saver'] = self.state_dict(epoch, metric)
         if self.args is not None:
             state['args'] = {k: v for k, v in vars(self.args).items()
                              if v is None or isinstance(v, (bool, int, float, str, list, tuple))}

@@ -297,6 +297,29 @@ def test_distributed_train_sh_end_to_end(tmp_path):
     assert ckpt['epoch'] == 0
     assert not any(k.startswith('module.') for k in ckpt['state_dict'])   # unwrapped from DDP
     assert 'state_dict_ema' in ckpt
+    # each rank's own random streams are saved (ranks are seeded differently)
+    assert len(ckpt['rng_states']) == 2
+    assert not torch.equal(ckpt['rng_states'][0]['torch'], ckpt['rng_states'][1]['torch'])
+
+
+def test_distributed_stop_and_resume_equals_uninterrupted_run(tmp_path):
+    data = tmp_path / 'data'
+    _write_image_folder(data / 'train', 8)
+    _write_image_folder(data / 'validation', 4)
+    base = [str(REPO / 'distributed_train.sh'), '2', '--data-dir', str(data), '--device', 'cpu',
+            '--model', 'test_resnet', '--img-size', '32', '-b', '2', '--epochs', '2', '--workers', '0',
+            '--opt', 'sam-on-layerl2', '--reprob', '0.5', '--drop-path', '0.1', '--output', str(tmp_path / 'out'),
+            '--warmup-epochs', '0']
+    part = tmp_path / 'out' / 'part'
+    for extra in (['--experiment', 'full'], ['--experiment', 'part', '--stop-epoch', '1'],
+                  ['--experiment', 'part', '--resume', str(part / 'last.pth.tar')]):
+        r = subprocess.run(base + extra, cwd=tmp_path, env=_launcher_env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    a = torch.load(tmp_path / 'out' / 'full' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    b = torch.load(part / 'last.pth.tar', map_location='cpu', weights_only=True)
+    assert a['epoch'] == b['epoch'] == 1
+    dw = max((a['state_dict'][k].double() - b['state_dict'][k].double()).abs().max().item() for k in a['state_dict'])
+    assert dw < 1e-5, dw
 
 
 def _fake_python(tmp_path):

@@ -163,3 +163,15 @@ def test_sync_bn_with_sam_warns(image_folder, tmp_path, caplog):
     caplog.set_level('WARNING')
     assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '1', '--sync-bn') == 0
     assert any('--sync-bn shares BatchNorm statistics across ranks' in r.getMessage() for r in caplog.records)
+
+
+def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
+    readme = os.path.join(ROOT, 'README.md')
+    for extra, message in ((['--model', 'no_such_model'], "cannot create model 'no_such_model'"),
+                           (['--sched', 'nosuch'], "--sched 'nosuch'"),
+                           (['--resume', readme], f"--resume '{readme}' cannot be loaded"),
+                           (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'")):
+        assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
+        assert not os.path.exists(tmp_path / 'bad')
