@@ -528,6 +528,8 @@ def run(args) -> int:
                                                        updates_per_epoch=updates_per_epoch)
     except (ValueError, KeyError) as e:
         raise UsageError(f"--sched '{args.sched}': {_first_line(e)}") from None
+    if lr_scheduler is None and args.sched not in ('', 'none'):  # older timm returns None for an unknown name
+        raise UsageError(f"--sched '{args.sched}': unknown scheduler (e.g. cosine, step, multistep, plateau, poly)")
     start_epoch = 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
@@ -592,8 +594,9 @@ def run(args) -> int:
             _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
                          f'top5 {eval_metrics["top5"]:.2f}')
             lrs = [g['lr'] for g in optimizer.param_groups]
-            update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, 'summary.csv'),
-                           lr=sum(lrs) / len(lrs))
+            summary = os.path.join(output_dir, 'summary.csv')
+            update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                           write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
         rng_states = [get_rng_state()]
