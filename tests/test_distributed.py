@@ -274,15 +274,19 @@ def _launcher_env(**extra):
     return env
 
 
-def test_distributed_train_sh_end_to_end(tmp_path):
+def _launch_cmd(tmp_path, *args):
+    """distributed_train.sh 2 on CPU over a tiny generated ImageFolder, plus ``args``."""
     data = tmp_path / 'data'
     _write_image_folder(data / 'train', 8)
     _write_image_folder(data / 'validation', 4)
-    cmd = [str(REPO / 'distributed_train.sh'), '2', '--data-dir', str(data), '--device', 'cpu',
-           '--model', 'test_resnet', '--img-size', '32', '-b', '4', '--epochs', '1', '--workers', '0',
-           '--opt', 'sam-on-layerl2', '--sam-m', '2', '--model-ema', '--grad-accum-steps', '2', '--channels-last',
-           '--amp', '--amp-dtype', 'bfloat16', '--output', str(tmp_path / 'out'),
-           '--experiment', 'x', '--warmup-epochs', '0']
+    return [str(REPO / 'distributed_train.sh'), '2', '--data-dir', str(data), '--device', 'cpu',
+            '--model', 'test_resnet', '--img-size', '32', '--workers', '0', '--opt', 'sam-on-layerl2',
+            '--warmup-epochs', '0', '--output', str(tmp_path / 'out'), *args]
+
+
+def test_distributed_train_sh_end_to_end(tmp_path):
+    cmd = _launch_cmd(tmp_path, '-b', '4', '--epochs', '1', '--sam-m', '2', '--model-ema', '--grad-accum-steps', '2',
+                      '--channels-last', '--amp', '--amp-dtype', 'bfloat16', '--experiment', 'x')
     r = subprocess.run(cmd, cwd=tmp_path, env=_launcher_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     log = r.stdout + r.stderr
@@ -303,13 +307,7 @@ def test_distributed_train_sh_end_to_end(tmp_path):
 
 
 def test_distributed_stop_and_resume_equals_uninterrupted_run(tmp_path):
-    data = tmp_path / 'data'
-    _write_image_folder(data / 'train', 8)
-    _write_image_folder(data / 'validation', 4)
-    base = [str(REPO / 'distributed_train.sh'), '2', '--data-dir', str(data), '--device', 'cpu',
-            '--model', 'test_resnet', '--img-size', '32', '-b', '2', '--epochs', '2', '--workers', '0',
-            '--opt', 'sam-on-layerl2', '--reprob', '0.5', '--drop-path', '0.1', '--output', str(tmp_path / 'out'),
-            '--warmup-epochs', '0']
+    base = _launch_cmd(tmp_path, '-b', '2', '--epochs', '2', '--reprob', '0.5', '--drop-path', '0.1')
     part = tmp_path / 'out' / 'part'
     for extra in (['--experiment', 'full'], ['--experiment', 'part', '--stop-epoch', '1'],
                   ['--experiment', 'part', '--resume', str(part / 'last.pth.tar')]):
