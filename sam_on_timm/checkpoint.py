@@ -1,7 +1,8 @@
 """timm-format checkpoints that also carry the RNG states, so a resumed run is the same run.
 
 The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer``, ``epoch``,
-``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``) plus ``rng_state``; ``args``
+``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``) plus ``rng_states`` (one per
+rank; ``rng_state`` is rank 0's); ``args``
 is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
 import random

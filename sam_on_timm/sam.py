@@ -138,7 +138,7 @@ class SAM(torch.optim.Optimizer):
             self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable)
         if self._backup is None:
-            self._backup = torch._foreach_clone(params) if hasattr(torch, '_foreach_clone') else [p.clone() for p in params]
+            self._backup = torch._foreach_clone(params)
         else:
             torch._foreach_copy_(self._backup, params)
         torch._foreach_add_(params, eps)

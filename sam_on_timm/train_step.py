@@ -16,7 +16,6 @@ from typing import Callable, ContextManager, Iterable, List, Optional, Sequence,
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from .norm_params import is_norm_module
 from .sam import SAM, unscale_grads
@@ -64,9 +63,8 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True):
     saved = []
     if enabled:
         for mod in model.modules():
-            tracks = mod.track_running_stats if isinstance(mod, _NormBase) else (
-                is_norm_module(mod) and hasattr(mod, 'momentum') and hasattr(mod, 'running_var'))
-            if tracks:
+            # running_var is None for a BatchNorm with track_running_stats=False
+            if is_norm_module(mod) and hasattr(mod, 'momentum') and getattr(mod, 'running_var', None) is not None:
                 nbt = getattr(mod, 'num_batches_tracked', None)
                 saved.append((mod, mod.momentum, None if nbt is None else nbt.clone()))
                 mod.momentum = 0.0
