@@ -397,6 +397,8 @@ def run(args) -> int:
         if args.distributed:
             torch.distributed.barrier()
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed input shapes, autotuned convs
     random_seed(args.seed, args.rank)
 
     if args.is_sam and args.sync_bn:

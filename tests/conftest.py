@@ -16,3 +16,15 @@ def image_folder(tmp_path):
     """A tiny generated ImageFolder: train/ 16 images, validation/ 8 images, 2 classes, 32 px."""
     from tests.helpers import make_image_folder
     return make_image_folder(tmp_path / 'data')
+
+
+@pytest.fixture(scope='session')
+def device():
+    """Where the device-generic tests run: ``cpu`` (CI), or ``SAM_ON_TIMM_TEST_DEVICE=cuda`` on a GPU
+    machine, so the same assertions check the CUDA kernels (foreach ops, GradScaler's unscale)."""
+    name = os.environ.get('SAM_ON_TIMM_TEST_DEVICE', 'cpu')
+    if name not in ('cpu', 'cuda'):
+        pytest.exit(f'SAM_ON_TIMM_TEST_DEVICE={name!r}: valid choices are cpu, cuda', returncode=4)
+    if name == 'cuda' and not torch.cuda.is_available():
+        pytest.exit('SAM_ON_TIMM_TEST_DEVICE=cuda but CUDA is not available', returncode=4)
+    return torch.device(name)

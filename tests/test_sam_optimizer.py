@@ -56,16 +56,16 @@ def reference_eps(mode, variant, model, rho, eta):
 
 
 @pytest.fixture(scope='module', params=list(MODELS))
-def model_with_grad(request):
+def model_with_grad(request, device):
     torch.manual_seed(0)
-    model = timm.create_model(request.param, pretrained=False, num_classes=5)
+    model = timm.create_model(request.param, pretrained=False, num_classes=5).to(device)
     with torch.no_grad():  # make zero-initialised gammas/betas non-trivial so every T is exercised
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
                 m.weight.add_(0.1 * torch.randn_like(m.weight))
                 m.bias.add_(0.1 * torch.randn_like(m.bias))
-    x = torch.randn(4, 3, MODELS[request.param], MODELS[request.param])
-    F.cross_entropy(model(x), torch.arange(4) % 5).backward()
+    x = torch.randn(4, 3, MODELS[request.param], MODELS[request.param]).to(device)
+    F.cross_entropy(model(x), torch.arange(4, device=device) % 5).backward()
     return model
 
 
@@ -154,12 +154,12 @@ def test_zero_init_tensors_and_zero_gradient_are_finite():
     opt.restore()
 
 
-def _toy_problem(seed=0):
+def _toy_problem(seed=0, device='cpu'):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
     x = torch.randn(64, 8)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    return model, x, y
+    return model.to(device), x.to(device), y.to(device)
 
 
 @pytest.mark.parametrize('name', ['sam', 'sam-on', 'sam-on-layerl2', 'sam-nonorm-fisher', 'sam-elemlinf'])
@@ -236,10 +236,10 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
     assert isinstance(la._base_optimizer, SAM)
 
 
-def test_GradScaler_step_restores_then_steps():
-    model, x, y = _toy_problem()
+def test_GradScaler_step_restores_then_steps(device):
+    model, x, y = _toy_problem(device=device)
     opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05)
-    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 4)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 4)
     params = [p for g in opt.param_groups for p in g['params']]
     for overflow in (True, False):
         before = {p: p.detach().clone() for p in params}
@@ -296,14 +296,14 @@ def test_clear_errors():
     assert isinstance(create_optimizer_v2(params, 'sam', lr=0.1), SAM)
 
 
-def test_first_step_with_scaler_uses_the_unscaled_gradient():
+def test_first_step_with_scaler_uses_the_unscaled_gradient(device):
     """Fisher is not scale invariant: first_step(scaler=) must see the true gradient."""
     eps = []
     for scale in (None, 2.0 ** 16):
-        model, x, y = _toy_problem()
+        model, x, y = _toy_problem(device=device)
         opt = create_optimizer_v2(model, 'sam-on-fisher', lr=0.05, rho=0.05)
         before = [p.detach().clone() for p in opt.perturbed]
-        scaler = None if scale is None else torch.amp.GradScaler('cpu', init_scale=scale)
+        scaler = None if scale is None else torch.amp.GradScaler(device.type, init_scale=scale)
         loss = F.cross_entropy(model(x), y)
         (loss if scaler is None else scaler.scale(loss)).backward()
         grads = [p.grad.clone() for p in opt.perturbed]

@@ -1,4 +1,5 @@
 """The two-pass step against a hand-written float64 reference; lean ascent; the float16 scaler path."""
+import contextlib
 import copy
 import math
 
@@ -62,10 +63,10 @@ def reference_update(model, x, y, m, mode, variant, eta):
 @pytest.mark.parametrize('name,mode,variant,eta', [
     ('sam', 'all', 'sam', 0.0), ('sam-on-layerl2', 'on', 'layerl2', 0.0), ('sam-on-fisher', 'on', 'fisher', 1.0)])
 @pytest.mark.parametrize('m', [8, 4, 2])
-def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m):
-    model = small_net().double()
+def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m, device):
+    model = small_net().double().to(device)
     ref = copy.deepcopy(model)
-    x, y = data()
+    x, y = (t.to(device) for t in data())
     opt = create_optimizer_v2(model, name, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
     stats = train_step(model, opt, split_chunks(x, y, m), F.cross_entropy)
     reference_update(ref, x, y, m, mode, variant, eta)
@@ -107,10 +108,10 @@ def _capture_perturbation(opt, store):
 
 
 @pytest.mark.parametrize('name', ['sam-on-layerl2', 'sam-on'])
-def test_lean_ascent_touches_no_other_gradient_and_gives_the_full_backward_eps(name):
+def test_lean_ascent_touches_no_other_gradient_and_gives_the_full_backward_eps(name, device):
     x, y = data()
-    x = x.float()
-    model = small_net()
+    x, y = x.float().to(device), y.to(device)
+    model = small_net().to(device)
     full = copy.deepcopy(model)
     opt = create_optimizer_v2(model, name, lr=LR, rho=RHO)
     sam = find_sam(opt)
@@ -135,12 +136,12 @@ def test_lean_ascent_touches_no_other_gradient_and_gives_the_full_backward_eps(n
 
 
 @pytest.mark.parametrize('name', ['sam-on-fisher', 'sam-on-layerl2', 'sam'])
-def test_scaled_and_unscaled_ascent_give_the_same_eps(name):
+def test_scaled_and_unscaled_ascent_give_the_same_eps(name, device):
     x, y = data()
-    x = x.float()
+    x, y = x.float().to(device), y.to(device)
     eps = []
-    for scaler in (None, torch.amp.GradScaler('cpu', init_scale=2.0 ** 12)):
-        model = small_net()
+    for scaler in (None, torch.amp.GradScaler(device.type, init_scale=2.0 ** 12)):
+        model = small_net().to(device)
         opt = create_optimizer_v2(model, name, lr=LR, rho=RHO)
         store = {}
         _capture_perturbation(opt, store)
@@ -150,13 +151,13 @@ def test_scaled_and_unscaled_ascent_give_the_same_eps(name):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
 
 
-def test_overflowing_ascent_skips_perturbation_and_leaves_weights_restored():
+def test_overflowing_ascent_skips_perturbation_and_leaves_weights_restored(device):
     x, y = data()
-    x = x.float()
-    model = small_net()
+    x, y = x.float().to(device), y.to(device)
+    model = small_net().to(device)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = create_optimizer_v2(model, 'sam-on-layerl2', lr=LR, rho=RHO)
-    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 120)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 120)
     store = {}
     _capture_perturbation(opt, store)
 
@@ -175,10 +176,10 @@ def test_overflowing_ascent_skips_perturbation_and_leaves_weights_restored():
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_clip_acts_on_descent_gradient_and_plain_optimizers_share_the_path():
+def test_clip_acts_on_descent_gradient_and_plain_optimizers_share_the_path(device):
     x, y = data()
-    x = x.float()
-    model = small_net()
+    x, y = x.float().to(device), y.to(device)
+    model = small_net().to(device)
     opt = create_optimizer_v2(model, 'momentum', lr=LR, momentum=0.0)  # plain SGD
     before = [p.detach().clone() for p in model.parameters()]
     stats = train_step(model, opt, split_chunks(x, y, 4), F.cross_entropy, clip_grad=1e-3)
@@ -210,3 +211,29 @@ def test_frozen_stats_keep_counters_and_evonorm_buffers():
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert model[1].momentum is None and model[2].momentum == 0.1
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('name', ['sam-on-layerl2', 'sam'])
+def test_mixed_precision_update_follows_the_float32_update(name, dtype, device):
+    """Under autocast (float16 with a GradScaler at a large scale) the update stays the float32 one:
+    the ascent and descent gradients are unscaled before use, the perturbation is undone."""
+    from functools import partial
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(16, 3, 8, 8, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device)
+    deltas = []
+    for amp in (False, True):
+        model = small_net().to(device)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = create_optimizer_v2(model, name, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
+        autocast = partial(torch.autocast, device_type=device.type, dtype=dtype) if amp else contextlib.nullcontext
+        scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 14) if amp and dtype == torch.float16 else None
+        stats = train_step(model, opt, split_chunks(x, y, 8), F.cross_entropy, amp_autocast=autocast,
+                           loss_scaler=scaler)
+        assert float(stats.skipped) == 0 and torch.isfinite(stats.loss)
+        if scaler is not None:
+            assert scaler.get_scale() == 2.0 ** 14  # no overflow, the base step ran
+        deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).double())
+    ref, got = deltas
+    assert F.cosine_similarity(ref, got, dim=0) > 0.99
+    assert abs(got.norm() / ref.norm() - 1) < 0.05
