@@ -13,7 +13,7 @@ rc=0
 for cfg in "resnet50 256" "vit_small_patch16_224 256" "resnet50 64"; do
   set -- $cfg
   common=(--device cuda --model "$1" --img-size 224 --batch-size "$2" --amp-dtype bfloat16 --channels-last
-          --steps 30 --warmup 5 --rounds 2 ${STEP_COST_ARGS:-})
+          --steps 30 --warmup 5 --rounds ${ROUNDS:-2} ${STEP_COST_ARGS:-})
   "$py" "$here/step_cost.py" "${common[@]}" --opts sgd,sam,sam-on,sam-on-layerl2,sam-layerl2 \
       --json "$out/step_cost_$1_b$2.json" | tee "$out/step_cost_$1_b$2.md" || rc=1
   "$py" "$here/step_cost.py" "${common[@]}" --opts sgd,sam-on --sam-ascent-frac 0.25 \

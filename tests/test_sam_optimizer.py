@@ -123,6 +123,25 @@ def test_sam_on_eps_norm_is_rho_and_over_p_only():
     assert all(p.grad is not None for p in m.parameters())
 
 
+@pytest.mark.parametrize('has_foreach_clone', [True, False])
+def test_backup_and_restore_are_bit_exact_with_and_without_foreach_clone(monkeypatch, has_foreach_clone):
+    """torch 2.11 has no torch._foreach_clone: the fallback backup must restore every bit, -0.0 too."""
+    if not has_foreach_clone and hasattr(torch, '_foreach_clone'):
+        monkeypatch.delattr(torch, '_foreach_clone')
+    model, x, y = _toy_problem()
+    bn = model[1]
+    with torch.no_grad():
+        bn.weight[:4] = torch.tensor([-0.0, 0.0, 1e-45, -3.5])
+    opt = create_optimizer_v2(model, 'sam-on-layerl2', lr=0.05, rho=0.05)
+    before = [p.detach().clone() for p in opt.perturbed]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step()
+    assert any(not torch.equal(p, b) for p, b in zip(opt.perturbed, before))
+    opt.restore()
+    for p, b in zip(opt.perturbed, before):
+        assert torch.equal(p.view(torch.int32), b.view(torch.int32)), 'restore() changed some bits'
+
+
 def test_zero_init_tensors_and_zero_gradient_are_finite():
     torch.manual_seed(0)
     m = timm.create_model('test_resnet', num_classes=3)  # zero_init_last: some BN gammas are exactly 0
