@@ -6,18 +6,11 @@ with optimizers built by timm's ``create_optimizer_v2`` after ``import sam_on_ti
 for each optimizer the median / min / max wall time per update, the peak memory, and the ratio of
 its median to SGD's median (``ratio_sgd``; null when ``sgd`` is not in the list).
 
-GPU table (SPEC section 7 settings: one GPU, bf16, channels_last, eager)::
+GPU table (SPEC section 7 settings: one GPU, bf16, channels_last, eager): ResNet-50 and ViT-S/16 at
+batch 256, ResNet-50 at batch 64, five optimizers, then SGD vs SAM-ON at ``--sam-ascent-frac 0.25``::
 
-    for cfg in "resnet50 256" "vit_small_patch16_224 256" "resnet50 64"; do
-      set -- $cfg
-      python benchmarks/step_cost.py --device cuda --model $1 --img-size 224 --batch-size $2 \\
-          --amp-dtype bfloat16 --channels-last --steps 30 --warmup 5 --rounds 2 \\
-          --opts sgd,sam,sam-on,sam-on-layerl2,sam-layerl2 --json step_cost_$1_b$2.json
-      python benchmarks/step_cost.py --device cuda --model $1 --img-size 224 --batch-size $2 \\
-          --amp-dtype bfloat16 --channels-last --steps 30 --warmup 5 --rounds 2 \\
-          --opts sgd,sam-on --sam-ascent-frac 0.25 --json step_cost_$1_b$2_frac.json
-    done
-    # add --compile for the torch.compile column (the first steps compile: raise --warmup).
+    bash benchmarks/gpu_table.sh OUTDIR      # ~3 min on one H100; ROUNDS=1 halves it
+    # STEP_COST_ARGS=--compile for the torch.compile column (the first steps compile: raise --warmup).
     # train_step always takes the lean ascent, so SPEC 7's "SAM-ON, all grads in ascent" column
     # is not reproduced here.
 
