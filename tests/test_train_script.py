@@ -171,7 +171,8 @@ def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
     for extra, message in ((['--model', 'no_such_model'], "cannot create model 'no_such_model'"),
                            (['--sched', 'nosuch'], "--sched 'nosuch'"),
                            (['--resume', readme], f"--resume '{readme}' cannot be loaded"),
-                           (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'")):
+                           (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'"),
+                           (['--num-classes', '1'], 'the training data has 2 classes but the model head has 1')):
         assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
