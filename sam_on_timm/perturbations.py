@@ -72,6 +72,84 @@ def scaling(
     raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
 
 
+# CUDA runs a foreach op as one fused kernel only if, at every index, the operands share shape and
+# strides. A 0-dim operand (layerwise T, ASAM biases) or a per-tensor masked_fill_ costs one launch per
+# tensor: the per-parameter loop SPEC 7 warns of. On CUDA, per-tensor values therefore go through one
+# flat buffer; on CPU a foreach op is a loop over tensors anyway and the flat copies only add traffic.
+FUSED_DEVICE_TYPES = {'cuda'}
+_COUNTS = {}  # (device, numels) -> the numels as a device tensor (a host-to-device copy would sync)
+
+
+def _fused(tensors: Sequence[Tensor]) -> bool:
+    return (len(tensors) > 1 and tensors[0].device.type in FUSED_DEVICE_TYPES
+            and all(t.dtype == tensors[0].dtype for t in tensors))
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or t.is_contiguous(memory_format=torch.channels_last)
+
+
+def match_layout(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> List[Tensor]:
+    """``tensors`` as views with the strides of ``like`` where they differ only in size-1 dimensions
+    (a 1x1 conv weight and its channels_last gradient): same elements, and CUDA's fused foreach
+    kernels, which compare strides literally, stay in use. Other tensors are returned as they are."""
+    if not _fused(like):
+        return list(tensors)
+    out = []
+    for t, l in zip(tensors, like):
+        if t.shape == l.shape and t.stride() != l.stride() and all(
+                a == b or n == 1 for a, b, n in zip(t.stride(), l.stride(), t.shape)):
+            t = t.as_strided(t.shape, l.stride(), t.storage_offset())
+        out.append(t)
+    return out
+
+
+def _fill_like(values: Sequence[Tensor], like: Sequence[Tensor]) -> List[Tensor]:
+    """Tensors with the sizes and strides of ``like``, the i-th filled with the 0-dim ``values[i]``:
+    segments of one buffer written by one kernel, so that ``_foreach_mul(like, out)`` stays fused."""
+    numels = tuple(t.numel() for t in like)
+    key = (like[0].device, numels)
+    if key not in _COUNTS:
+        if len(_COUNTS) >= 16:
+            _COUNTS.clear()
+        _COUNTS[key] = torch.tensor(numels, device=like[0].device)
+    vals = torch.stack([v.reshape(()) for v in values]).to(like[0].dtype)
+    flat = torch.repeat_interleave(vals, _COUNTS[key], output_size=sum(numels))
+    out, off = [], 0
+    for t, n in zip(like, numels):  # a dense tensor covers exactly n consecutive slots, in any order
+        out.append(flat.as_strided(t.size(), t.stride(), off) if _dense(t) else flat[off:off + n].view(t.shape))
+        off += n
+    return out
+
+
+def _full_factors(factors: Optional[List[Tensor]], like: Sequence[Tensor]) -> Optional[List[Tensor]]:
+    """Where fused: 0-dim factors (layerwise T, ASAM biases) filled out to their tensor's size, and every
+    factor laid out like its tensor, so that ``_foreach_mul(like, factors)`` is one kernel, not one per tensor."""
+    if factors is None or not _fused(like):
+        return factors
+    scalar = [i for i, (f, t) in enumerate(zip(factors, like)) if f.shape != t.shape]
+    if scalar:
+        factors = list(factors)
+        for i, f in zip(scalar, _fill_like([factors[i] for i in scalar], [like[i] for i in scalar])):
+            factors[i] = f
+    return match_layout(factors, like)
+
+
+def _zero_where(skip: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Every tensor set to 0 where the 0-dim bool ``skip`` is set, NaN and inf too (no multiply can do
+    that: NaN * 0 = NaN). Fused: through one concatenated copy, five launches instead of one per tensor."""
+    flat = [t.as_strided((t.numel(),), (1,), t.storage_offset()) if _dense(t) else None
+            for t in tensors] if _fused(tensors) else []
+    if sum(f is not None for f in flat) > 1:
+        dense = [f for f in flat if f is not None]
+        buf = torch.cat(dense)
+        buf.masked_fill_(skip, 0.0)
+        torch._foreach_copy_(dense, list(buf.split([f.numel() for f in dense])))
+        tensors = [t for t, f in zip(tensors, flat) if f is None]
+    for t in tensors:
+        t.masked_fill_(skip, 0.0)
+
+
 def _writable_in_place(tensors: Sequence[Tensor]) -> bool:
     """No two tensors share storage and none is an expanded (stride-0) view."""
     ptrs = [t.untyped_storage().data_ptr() for t in tensors]
@@ -100,13 +178,13 @@ def compute_eps(
         raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
     p = VARIANTS[variant].p
     grads = list(grads)
-    t = scaling(variant, params, grads, eta, is_bias)
+    t = _full_factors(scaling(variant, params, grads, eta, is_bias), grads)
     if p == 2:
         tg = torch._foreach_mul(grads, t) if t is not None else grads
         norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tg)))
         ok = torch.isfinite(norm) & (norm > 0)
         if t is not None:
-            torch._foreach_mul_(tg, t)          # T^2 g, in the buffers _foreach_mul just made
+            torch._foreach_mul_(tg, match_layout(t, tg))   # T^2 g, in the buffers _foreach_mul just made
             eps, owned = tg, True
         else:
             # write into the caller's buffers only if no two of them share storage (autograd may hand
@@ -115,7 +193,7 @@ def compute_eps(
         scale = rho / norm
     else:
         eps, owned = torch._foreach_sign(grads), True
-        torch._foreach_mul_(eps, t)                                 # T sign(g)
+        torch._foreach_mul_(eps, match_layout(t, eps))              # T sign(g)
         # the l-inf step is not normalised; a non-finite gradient still skips it
         ok = torch.isfinite(torch.stack(torch._foreach_norm(grads)).sum())
         scale = torch.full_like(ok, rho, dtype=grads[0].dtype)
@@ -128,8 +206,7 @@ def compute_eps(
         eps = torch._foreach_mul(eps, scale)
     # a non-finite gradient entry would still give inf * 0 = NaN: zero it (in place, no host sync)
     skip = ~ok
-    for e in eps:
-        e.masked_fill_(skip, 0.0)
+    _zero_where(skip, eps)
     eps_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
     # counted as skipped: no perturbation at all (for l-inf too, where T g = 0 gives eps = 0)
     return eps, eps_norm, (skip | (eps_norm == 0)).to(eps_norm.dtype)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .norm_params import bias_parameters, norm_parameters
-from .perturbations import VARIANTS, compute_eps
+from .perturbations import VARIANTS, compute_eps, match_layout
 
 __all__ = ['SAM', 'MODES', 'unscale_grads']
 
@@ -148,7 +148,7 @@ class SAM(torch.optim.Optimizer):
             self._backup = _foreach_clone(params)
         else:
             torch._foreach_copy_(self._backup, params)
-        torch._foreach_add_(params, eps)
+        torch._foreach_add_(params, match_layout(eps, params))
         self.is_perturbed = True
         self.last_eps_norm, self.last_skipped = eps_norm, skipped
         self.skipped_count = skipped.clone() if self.skipped_count is None else self.skipped_count + skipped

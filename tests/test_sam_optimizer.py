@@ -69,8 +69,18 @@ def model_with_grad(request, device):
     return model
 
 
+@pytest.fixture(params=[False, True], ids=['per-tensor', 'fused'])
+def fused(request, monkeypatch):
+    """Both code paths of the perturbation: per-tensor (CPU) and the flat-buffer one CUDA takes,
+    forced here on whatever device the test runs on."""
+    from sam_on_timm import perturbations
+    types = {'cpu', 'cuda'} if request.param else set()
+    monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
+    return request.param
+
+
 @pytest.mark.parametrize('name', list(SAM_OPTIMIZERS))
-def test_first_step_matches_table10_float64(model_with_grad, name):
+def test_first_step_matches_table10_float64(model_with_grad, name, fused):
     model = model_with_grad
     mode, variant = SAM_OPTIMIZERS[name]
     rho = 0.05 if variant != 'elemlinf' else 0.001
@@ -142,7 +152,7 @@ def test_backup_and_restore_are_bit_exact_with_and_without_foreach_clone(monkeyp
         assert torch.equal(p.view(torch.int32), b.view(torch.int32)), 'restore() changed some bits'
 
 
-def test_zero_init_tensors_and_zero_gradient_are_finite():
+def test_zero_init_tensors_and_zero_gradient_are_finite(fused):
     torch.manual_seed(0)
     m = timm.create_model('test_resnet', num_classes=3)  # zero_init_last: some BN gammas are exactly 0
     zero = [p for p in norm_parameters(m) if not p.any()]
@@ -333,7 +343,7 @@ def test_first_step_with_scaler_uses_the_unscaled_gradient(device):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
 
 
-def test_expanded_gradients_and_zero_linf_gradient():
+def test_expanded_gradients_and_zero_linf_gradient(fused):
     from sam_on_timm.perturbations import compute_eps
     w = [torch.randn(4), torch.randn(3)]
     g = [torch.ones(()).expand(4), torch.full((3,), 2.0)]   # what autograd gives for w.sum()
@@ -342,3 +352,71 @@ def test_expanded_gradients_and_zero_linf_gradient():
     torch.testing.assert_close(torch.cat(eps), 0.1 * ref / ref.norm())
     eps, norm, skipped = compute_eps('elemlinf', w, [torch.zeros(4), torch.zeros(3)], 0.1, 0.0)
     assert float(norm) == 0.0 and float(skipped) == 1.0  # no perturbation: counted as skipped
+
+
+def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, device):
+    """The flat-buffer path (CUDA's) against the per-tensor one: channels_last conv weights, 0-dim T
+    (layerwise, ASAM biases), and a NaN gradient that must leave every eps exactly 0. Every
+    _foreach_mul it issues pairs same-shape, same-stride operands (CUDA's fused-kernel condition),
+    and it calls masked_fill_ once, not once per tensor."""
+    from sam_on_timm import perturbations
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(0)
+    m = timm.create_model('resnet18', num_classes=3).to(device).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
+    F.cross_entropy(m(x), torch.tensor([0, 1], device=device)).backward()
+    params = list(m.parameters())
+    assert any(p.dim() == 4 and not p.grad.is_contiguous() for p in params)  # channels_last gradients
+    is_bias = [p.dim() == 1 for p in params]
+    calls = {'mul_pairs': [], 'masked_fill_': 0}
+    foreach_mul, foreach_mul_, masked_fill_ = torch._foreach_mul, torch._foreach_mul_, torch.Tensor.masked_fill_
+
+    def spy(fn):
+        def wrapped(a, b, *args):
+            if isinstance(b, (list, tuple)):
+                calls['mul_pairs'] += [(x.shape, y.shape, x.stride(), y.stride()) for x, y in zip(a, b)]
+            return fn(a, b, *args)
+        return wrapped
+
+    def spy_fill(self, *args):
+        calls['masked_fill_'] += 1
+        return masked_fill_(self, *args)
+
+    for variant in ('layerl2', 'eleml2orig', 'fisher', 'elemlinf', 'sam'):
+        for nan in (False, True):
+            grads = [p.grad.clone() for p in params]
+            if nan:
+                grads[3][(0,) * grads[3].dim()] = float('nan')
+            out = {}
+            for fused in (False, True):
+                monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', {device.type} if fused else set())
+                if fused:
+                    calls.update(mul_pairs=[], masked_fill_=0)
+                    monkeypatch.setattr(torch, '_foreach_mul', spy(foreach_mul))
+                    monkeypatch.setattr(torch, '_foreach_mul_', spy(foreach_mul_))
+                    monkeypatch.setattr(torch.Tensor, 'masked_fill_', spy_fill)
+                out[fused] = compute_eps(variant, params, [g.clone() for g in grads], 0.05,
+                                         perturbations.VARIANTS[variant].default_eta, is_bias)
+                monkeypatch.setattr(torch, '_foreach_mul', foreach_mul)
+                monkeypatch.setattr(torch, '_foreach_mul_', foreach_mul_)
+                monkeypatch.setattr(torch.Tensor, 'masked_fill_', masked_fill_)
+            (e0, n0, s0), (e1, n1, s1) = out[False], out[True]
+            assert float(s0) == float(s1) == float(nan), (variant, nan)
+            for a, b in zip(e0, e1):
+                torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)
+                if nan:
+                    assert not b.any() and torch.isfinite(b).all()
+            bad = [c for c in calls['mul_pairs'] if c[0] != c[1] or c[2] != c[3]]
+            assert not bad, (variant, bad[:3])
+            assert calls['masked_fill_'] == 1, (variant, calls['masked_fill_'])
+    # SAM itself: w + eps pairs each 1x1 conv weight with an eps of its own strides, and restores exactly
+    monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', {device.type})
+    opt = create_optimizer_v2(m, 'sam-eleml2', lr=0.1, rho=0.05)
+    before = [p.detach().clone() for p in params]
+    calls['mul_pairs'] = []
+    monkeypatch.setattr(torch, '_foreach_add_', spy(torch._foreach_add_))
+    opt.first_step()
+    pairs = [c for c in calls['mul_pairs']]
+    assert len(pairs) >= len(params) and all(c[2] == c[3] for c in pairs), [c for c in pairs if c[2] != c[3]][:3]
+    opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
