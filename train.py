@@ -488,10 +488,14 @@ def run(args) -> int:
                                    batch_size=args.batch_size, seed=args.seed)
     dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
                                   class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size)
-    n_data_classes = len(getattr(getattr(dataset_train, 'reader', None), 'class_to_idx', None) or ())
-    if n_data_classes > args.num_classes:  # else a label past the head: an index error mid-epoch (a CUDA assert)
-        raise UsageError(f'the training data has {n_data_classes} classes but the model head has {args.num_classes}: '
-                         f'pass --num-classes {n_data_classes}')
+    for split, ds in (('training', dataset_train), ('validation', dataset_eval)):
+        # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
+        # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
+        labels = (getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or {}).values()
+        n = max(labels, default=-1) + 1
+        if n > args.num_classes:
+            raise UsageError(f'the {split} data has {n} classes but the model head has {args.num_classes}: '
+                             f'pass --num-classes {n}')
     if len(dataset_train) < args.batch_size * args.world_size:
         raise UsageError(f'the training split has {len(dataset_train)} images, fewer than one global batch '
                          f'({args.batch_size} x {args.world_size})')

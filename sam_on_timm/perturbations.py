@@ -76,13 +76,21 @@ def scaling(
 # strides. A 0-dim operand (layerwise T, ASAM biases) or a per-tensor masked_fill_ costs one launch per
 # tensor: the per-parameter loop SPEC 7 warns of. On CUDA, per-tensor values therefore go through one
 # flat buffer; on CPU a foreach op is a loop over tensors anyway and the flat copies only add traffic.
+# The flat buffers hold a copy of the whole set: kept to sets of up to FLAT_MAX_NUMEL elements (every
+# SAM-ON set; ResNet-50's is 53,120). Above it (SAM-all on a large model) the copy's memory and traffic
+# would outweigh the launches it saves, and the per-tensor path is taken.
 FUSED_DEVICE_TYPES = {'cuda'}
+FLAT_MAX_NUMEL = 1 << 22
 _COUNTS = {}  # (device, numels) -> the numels as a device tensor (a host-to-device copy would sync)
 
 
 def _fused(tensors: Sequence[Tensor]) -> bool:
     return (len(tensors) > 1 and tensors[0].device.type in FUSED_DEVICE_TYPES
             and all(t.dtype == tensors[0].dtype for t in tensors))
+
+
+def _flat_ok(tensors: Sequence[Tensor]) -> bool:
+    return _fused(tensors) and sum(t.numel() for t in tensors) <= FLAT_MAX_NUMEL
 
 
 def _dense(t: Tensor) -> bool:
@@ -128,7 +136,7 @@ def _full_factors(factors: Optional[List[Tensor]], like: Sequence[Tensor]) -> Op
     if factors is None or not _fused(like):
         return factors
     scalar = [i for i, (f, t) in enumerate(zip(factors, like)) if f.shape != t.shape]
-    if scalar:
+    if scalar and _flat_ok(like):
         factors = list(factors)
         for i, f in zip(scalar, _fill_like([factors[i] for i in scalar], [like[i] for i in scalar])):
             factors[i] = f
@@ -139,7 +147,7 @@ def _zero_where(skip: Tensor, tensors: Sequence[Tensor]) -> None:
     """Every tensor set to 0 where the 0-dim bool ``skip`` is set, NaN and inf too (no multiply can do
     that: NaN * 0 = NaN). Fused: through one concatenated copy, five launches instead of one per tensor."""
     flat = [t.as_strided((t.numel(),), (1,), t.storage_offset()) if _dense(t) else None
-            for t in tensors] if _fused(tensors) else []
+            for t in tensors] if _flat_ok(tensors) else []
     if sum(f is not None for f in flat) > 1:
         dense = [f for f in flat if f is not None]
         buf = torch.cat(dense)

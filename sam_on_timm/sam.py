@@ -25,13 +25,6 @@ __all__ = ['SAM', 'MODES', 'unscale_grads']
 MODES = ('all', 'on', 'nonorm')
 
 
-def _foreach_clone(tensors: List[Tensor]) -> List[Tensor]:
-    """Bit-exact copies in one fused launch. ``torch._foreach_clone`` is missing from some torch
-    releases (2.11 has none); ``x * 1.0`` is exact for every value, signed zeros and infinities too."""
-    clone = getattr(torch, '_foreach_clone', None)
-    return clone(tensors) if clone is not None else torch._foreach_mul(tensors, 1.0)
-
-
 def unscale_grads(grads: List[Tensor], scaler) -> Optional[Tensor]:
     """Divide fp16-scaled gradients by the scaler's current scale, in place; returns ``found_inf``.
 
@@ -145,7 +138,9 @@ class SAM(torch.optim.Optimizer):
             self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable)
         if self._backup is None:
-            self._backup = _foreach_clone(params)
+            # once: later steps copy into these buffers. A plain clone, not torch._foreach_clone (absent
+            # from torch 2.11) nor x * 1.0 (not bit-exact when denormals are flushed)
+            self._backup = [p.detach().clone() for p in params]
         else:
             torch._foreach_copy_(self._backup, params)
         torch._foreach_add_(params, match_layout(eps, params))

@@ -76,6 +76,7 @@ def fused(request, monkeypatch):
     from sam_on_timm import perturbations
     types = {'cpu', 'cuda'} if request.param else set()
     monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
+    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
     return request.param
 
 
@@ -133,10 +134,11 @@ def test_sam_on_eps_norm_is_rho_and_over_p_only():
     assert all(p.grad is not None for p in m.parameters())
 
 
-@pytest.mark.parametrize('has_foreach_clone', [True, False])
-def test_backup_and_restore_are_bit_exact_with_and_without_foreach_clone(monkeypatch, has_foreach_clone):
-    """torch 2.11 has no torch._foreach_clone: the fallback backup must restore every bit, -0.0 too."""
-    if not has_foreach_clone and hasattr(torch, '_foreach_clone'):
+@pytest.mark.parametrize('flush_denormal', [False, True])
+def test_backup_and_restore_are_bit_exact_without_foreach_clone(monkeypatch, flush_denormal):
+    """torch 2.11 has no torch._foreach_clone; restore() gives back every bit, -0.0 and denormals too,
+    also when the CPU flushes denormals in arithmetic."""
+    if hasattr(torch, '_foreach_clone'):
         monkeypatch.delattr(torch, '_foreach_clone')
     model, x, y = _toy_problem()
     bn = model[1]
@@ -145,9 +147,13 @@ def test_backup_and_restore_are_bit_exact_with_and_without_foreach_clone(monkeyp
     opt = create_optimizer_v2(model, 'sam-on-layerl2', lr=0.05, rho=0.05)
     before = [p.detach().clone() for p in opt.perturbed]
     F.cross_entropy(model(x), y).backward()
-    opt.first_step()
-    assert any(not torch.equal(p, b) for p, b in zip(opt.perturbed, before))
-    opt.restore()
+    try:
+        torch.set_flush_denormal(flush_denormal)  # returns False where the CPU cannot: then a no-op
+        opt.first_step()
+        assert any(not torch.equal(p, b) for p, b in zip(opt.perturbed, before))
+        opt.restore()
+    finally:
+        torch.set_flush_denormal(False)
     for p, b in zip(opt.perturbed, before):
         assert torch.equal(p.view(torch.int32), b.view(torch.int32)), 'restore() changed some bits'
 
@@ -361,6 +367,7 @@ def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, d
     and it calls masked_fill_ once, not once per tensor."""
     from sam_on_timm import perturbations
     from sam_on_timm.perturbations import compute_eps
+    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # resnet18's 11M weights: the flat path
     torch.manual_seed(0)
     m = timm.create_model('resnet18', num_classes=3).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
@@ -420,3 +427,29 @@ def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, d
     assert len(pairs) >= len(params) and all(c[2] == c[3] for c in pairs), [c for c in pairs if c[2] != c[3]][:3]
     opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # above FLAT_MAX_NUMEL (SAM-all on a large model) the NaN guard goes per tensor, with the same result
+    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1000)
+    grads = [p.grad.clone() for p in params]
+    grads[0][(0,) * grads[0].dim()] = float('inf')
+    calls['masked_fill_'] = 0
+    monkeypatch.setattr(torch.Tensor, 'masked_fill_', spy_fill)
+    eps, _, skipped = compute_eps('layerl2', params, grads, 0.05, 0.0)
+    monkeypatch.setattr(torch.Tensor, 'masked_fill_', masked_fill_)
+    assert calls['masked_fill_'] == len(params) and float(skipped) == 1.0
+    assert all(not e.any() for e in eps)
+
+
+def test_layerwise_eps_with_expanded_and_sliced_gradients(fused):
+    """Gradients that are not dense (stride-0 expand, a strided slice): the fused path's fallback view."""
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(1)
+    w = [torch.randn(4), torch.randn(3), torch.randn(2, 3)]
+    g = [torch.full((), 0.5).expand(4), torch.randn(6)[::2], torch.randn(3, 2).t()]
+    assert not any(x.is_contiguous() for x in g[:2])
+    eps, norm, skipped = compute_eps('layerl2', w, g, 0.1, 0.0)
+    t = [x.double().norm() for x in w]
+    tg = [ti * gi.double() for ti, gi in zip(t, g)]
+    denom = torch.sqrt(sum((x ** 2).sum() for x in tg))
+    for e, ti, gi in zip(eps, t, g):
+        torch.testing.assert_close(e.double(), 0.1 * ti ** 2 * gi.double() / denom, rtol=1e-5, atol=1e-8)
+    assert float(skipped) == 0.0
