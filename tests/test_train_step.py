@@ -217,7 +217,7 @@ def test_frozen_stats_keep_counters_and_evonorm_buffers():
 @pytest.mark.parametrize('name', ['sam-on-layerl2', 'sam'])
 def test_mixed_precision_update_follows_the_float32_update(name, dtype, device):
     """Under autocast (float16 with a GradScaler at a large scale) the update stays close to the float32
-    one: a descent gradient stepped while still scaled, or a lost perturbation, would break it. (The
+    one: a descent gradient stepped while still scaled would break it (checked by mutation). (The
     ascent's unscaling is checked by test_scaled_and_unscaled_ascent_give_the_same_eps with Fisher,
     whose eps is not scale invariant.)"""
     from functools import partial
