@@ -377,7 +377,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import timm
     import sam_on_timm
-    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, set_rng_state
+    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, plain_args, set_rng_state
     from sam_on_timm.train_step import find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -557,8 +557,7 @@ def run(args) -> int:
     if args.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-                            if v is None or isinstance(v, (bool, int, float, str, list, tuple))}, f)
+            yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in plain_args(args).items()}, f)
         saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                    amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                    decreasing=decreasing, max_history=args.checkpoint_hist)

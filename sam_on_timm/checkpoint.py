@@ -12,7 +12,12 @@ import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state']
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args']
+
+
+def plain_args(args) -> Dict[str, Any]:
+    """The run's arguments that are plain values (what a weights_only load and YAML can hold)."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
 
 
 def get_rng_state() -> Dict[str, Any]:
@@ -68,8 +73,7 @@ class RngCheckpointSaver(CheckpointSaver):
         if hasattr(self, 'state_dict'):  # history bookkeeping, in recent timm versions
             state['saver'] = self.state_dict(epoch, metric)
         if self.args is not None:
-            state['args'] = {k: v for k, v in vars(self.args).items()
-                             if v is None or isinstance(v, (bool, int, float, str, list, tuple))}
+            state['args'] = plain_args(self.args)
         if self.amp_scaler is not None:
             state[self.amp_scaler.state_dict_key] = self.amp_scaler.state_dict()
         if self.model_ema is not None:

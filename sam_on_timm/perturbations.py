@@ -85,12 +85,13 @@ _COUNTS = {}  # (device, numels) -> the numels as a device tensor (a host-to-dev
 
 
 def _fused(tensors: Sequence[Tensor]) -> bool:
-    return (len(tensors) > 1 and tensors[0].device.type in FUSED_DEVICE_TYPES
-            and all(t.dtype == tensors[0].dtype for t in tensors))
+    return len(tensors) > 1 and tensors[0].device.type in FUSED_DEVICE_TYPES
 
 
 def _flat_ok(tensors: Sequence[Tensor]) -> bool:
-    return _fused(tensors) and sum(t.numel() for t in tensors) <= FLAT_MAX_NUMEL
+    """One buffer can hold the set: one dtype (a factor is never rounded to another), small enough."""
+    return (_fused(tensors) and all(t.dtype == tensors[0].dtype for t in tensors)
+            and sum(t.numel() for t in tensors) <= FLAT_MAX_NUMEL)
 
 
 def _dense(t: Tensor) -> bool:

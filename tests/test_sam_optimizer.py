@@ -423,7 +423,7 @@ def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, d
     calls['mul_pairs'] = []
     monkeypatch.setattr(torch, '_foreach_add_', spy(torch._foreach_add_))
     opt.first_step()
-    pairs = [c for c in calls['mul_pairs']]
+    pairs = calls['mul_pairs']
     assert len(pairs) >= len(params) and all(c[2] == c[3] for c in pairs), [c for c in pairs if c[2] != c[3]][:3]
     opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
