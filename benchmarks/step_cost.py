@@ -11,8 +11,8 @@ batch 256, ResNet-50 at batch 64, five optimizers, then SGD vs SAM-ON at ``--sam
 
     bash benchmarks/gpu_table.sh OUTDIR      # ~3 min on one H100; ROUNDS=1 halves it
     # STEP_COST_ARGS=--compile for the torch.compile column (the first steps compile: raise --warmup).
-    # train_step always takes the lean ascent, so SPEC 7's "SAM-ON, all grads in ascent" column
-    # is not reproduced here.
+    # train_step always takes the lean ascent (eager and compiled), so SPEC 7's "SAM-ON, all grads
+    # in ascent" column is not reproduced here.
 
 CPU table (this project's targets: resnet18, 32 px, batch 32, fp32; SAM-ON <= 0.80x SAM-all,
 SAM-all <= 2.20x SGD)::

@@ -1,8 +1,9 @@
 """The two-pass SAM training step (SPEC section 4), shared by ``train.py`` and users' own loops.
 
 For each chunk of m samples of the local batch:
-  1. ascent:  forward + grad of the loss w.r.t. P only (lean ascent: no weight-gradient kernels
-              outside P, ``.grad`` untouched); under DDP forward and backward run in ``no_sync()``
+  1. ascent:  forward + grad of the loss w.r.t. P only (lean ascent: the other parameters have
+              ``requires_grad`` off for this pass, so neither eager autograd nor a torch.compile'd
+              graph computes their weight gradients; ``.grad`` untouched); under DDP in ``no_sync()``
   2. perturb: w_P += eps(chunk's own gradient)        (m-sharpness: every rank, every chunk its own)
   3. descent: forward + backward at w + eps, loss / k accumulated into ``.grad``;
               DDP all-reduces on the last chunk only (one all-reduce per update, as for SGD)
@@ -20,7 +21,8 @@ from torch import Tensor, nn
 from .norm_params import is_norm_module
 from .sam import SAM, unscale_grads
 
-__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'train_step', 'BN_UPDATE_CHOICES']
+__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'grads_only_for', 'train_step',
+           'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
 
@@ -77,6 +79,27 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True):
                 mod.num_batches_tracked.copy_(nbt)
 
 
+@contextlib.contextmanager
+def grads_only_for(model: nn.Module, params: Iterable[Tensor]):
+    """``requires_grad`` off inside the block for every parameter of ``model`` not in ``params``.
+
+    The lean ascent: ``autograd.grad(loss, params)`` alone already skips the other weight gradients
+    in eager mode, but a torch.compile'd graph computes every gradient its inputs require. With the
+    flag off, dynamo compiles (once) a second graph for the ascent whose backward leaves them out
+    (SPEC section 7: the lean saving used to vanish under compile). Parameters that were frozen stay
+    frozen; the flags are put back even when the block raises.
+    """
+    keep = set(params)
+    off = [p for p in model.parameters() if p.requires_grad and p not in keep]
+    for p in off:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in off:
+            p.requires_grad_(True)
+
+
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
     return model.no_sync() if skip_sync and hasattr(model, 'no_sync') else contextlib.nullcontext()
 
@@ -122,12 +145,14 @@ def train_step(
         last = i == k - 1
         if sam is not None:
             n = x.shape[0] if ascent_frac == 1.0 else max(1, int(round(ascent_frac * x.shape[0])))
-            with _no_sync(model, True):
+            with _no_sync(model, True), grads_only_for(model, sam.perturbed):
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                grads = torch.autograd.grad(scaled, sam.perturbed, allow_unused=True, materialize_grads=True)
-            grads = list(grads)
+                if scaled.requires_grad:
+                    grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True, materialize_grads=True))
+                else:   # no perturbed parameter reaches the loss: zero gradient, the perturbation is skipped
+                    grads = [torch.zeros_like(p) for p in sam.perturbed]
             found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
             eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
             ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()

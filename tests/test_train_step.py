@@ -239,3 +239,85 @@ def test_mixed_precision_update_follows_the_float32_update(name, dtype, device):
     ref, got = deltas
     assert F.cosine_similarity(ref, got, dim=0) > 0.99
     assert abs(got.norm() / ref.norm() - 1) < 0.05
+
+
+def test_ascent_switches_off_other_gradients_and_puts_every_flag_back(device):
+    """Inside the ascent only P requires grad; afterwards every flag is as before (frozen stays frozen,
+    never trained), also when the forward raises."""
+    x, y = data()
+    x, y = x.float().to(device), y.to(device)
+    model = small_net().to(device)
+    model[0].bias.requires_grad_(False)            # frozen by the user
+    opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+    sam = find_sam(opt)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    frozen = model[0].bias.detach().clone()
+    seen = []
+
+    def loss_fn(out, target):
+        seen.append({n for n, p in model.named_parameters() if p.requires_grad})
+        return F.cross_entropy(out, target)
+    train_step(model, opt, split_chunks(x, y, 4), loss_fn)
+    perturbed = {n for n, p in model.named_parameters() if any(p is q for q in sam.perturbed)}
+    assert seen == [perturbed, set(n for n, f in flags.items() if f)] * 2   # ascent, descent per chunk
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model[0].bias, frozen)
+
+    def failing(out, target):
+        raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'):
+        train_step(model, opt, [(x, y)], failing)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not sam.is_perturbed
+
+
+def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation():
+    """A norm layer the forward never uses: the ascent loss does not depend on P (no error, eps = 0)."""
+    x, y = data()
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.unused = nn.Linear(108, 3), nn.LayerNorm(4)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+    torch.manual_seed(0)
+    model = Net()
+    opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+    before = model.fc.weight.detach().clone()
+    stats = train_step(model, opt, [(x.float(), y)], F.cross_entropy)
+    assert float(stats.skipped) == 1.0 and float(stats.eps_norm) == 0.0
+    assert not torch.equal(model.fc.weight, before)          # the descent step still ran
+
+
+def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
+    """Under torch.compile the ascent runs its own graph whose backward computes no convolution weight
+    gradient (SPEC 7: the lean saving used to vanish under compile), compiled once, not every step, and
+    the updates equal eager ones."""
+    import torch._dynamo
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    backward_graphs = []
+
+    def bw_compiler(gm, example_inputs):
+        backward_graphs.append(gm)
+        return make_boxed_func(gm.forward)
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward), bw_compiler=bw_compiler)
+    torch._dynamo.reset()
+    x, y = data()
+    x = x.float()
+    model, eager = small_net(), small_net()
+    opt = create_optimizer_v2(model, 'sam-on', lr=LR, momentum=MOM, rho=RHO)
+    eager_opt = create_optimizer_v2(eager, 'sam-on', lr=LR, momentum=MOM, rho=RHO)
+    compiled = torch.compile(model, backend=backend)
+    for _ in range(3):
+        train_step(compiled, opt, split_chunks(x, y, 4), F.cross_entropy)
+        train_step(eager, eager_opt, split_chunks(x, y, 4), F.cross_entropy)
+    torch._dynamo.reset()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert len(backward_graphs) == 2   # ascent + descent, reused by every later chunk and step
+    weight_grads = [[n.args[-1][1] for n in g.graph.nodes if n.target == torch.ops.aten.convolution_backward.default]
+                    for g in backward_graphs]
+    assert sorted(any(w) for w in weight_grads) == [False, True], weight_grads
