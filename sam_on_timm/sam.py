@@ -149,6 +149,11 @@ class SAM(torch.optim.Optimizer):
         self.skipped_count = skipped.clone() if self.skipped_count is None else self.skipped_count + skipped
         return eps_norm
 
+    def unperturbed(self) -> List[Tensor]:
+        """The optimizer's parameters outside the perturbed set (the lean ascent switches their grads off)."""
+        ids = {id(p) for p in self.perturbed}
+        return [p for group in self.param_groups for p in group['params'] if id(p) not in ids]
+
     @torch.no_grad()
     def restore(self) -> None:
         """Put the saved originals of P back (a copy: bit-exact). No-op when not perturbed."""

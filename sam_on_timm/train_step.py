@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .norm_params import is_norm_module
 from .sam import SAM, unscale_grads
 
-__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'grads_only_for', 'train_step',
+__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'requires_grad_off', 'train_step',
            'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
@@ -80,17 +80,17 @@ def frozen_bn_stats(model: nn.Module, enabled: bool = True):
 
 
 @contextlib.contextmanager
-def grads_only_for(model: nn.Module, params: Iterable[Tensor]):
-    """``requires_grad`` off inside the block for every parameter of ``model`` not in ``params``.
+def requires_grad_off(params: Iterable[Tensor]):
+    """``requires_grad`` off inside the block for those of ``params`` that have it on; put back after.
 
-    The lean ascent: ``autograd.grad(loss, params)`` alone already skips the other weight gradients
-    in eager mode, but a torch.compile'd graph computes every gradient its inputs require. With the
-    flag off, dynamo compiles (once) a second graph for the ascent whose backward leaves them out
-    (SPEC section 7: the lean saving used to vanish under compile). Parameters that were frozen stay
-    frozen; the flags are put back even when the block raises.
+    The lean ascent runs under it with the parameters outside P (``SAM.unperturbed()``):
+    ``autograd.grad(loss, P)`` alone already skips their weight gradients in eager mode, but a
+    torch.compile'd graph computes every gradient its inputs require. With the flags off, dynamo
+    compiles (once) a second graph for the ascent whose backward leaves them out (SPEC section 7: the
+    lean saving used to vanish under compile). Frozen parameters stay frozen; the flags are put back
+    even when the block raises.
     """
-    keep = set(params)
-    off = [p for p in model.parameters() if p.requires_grad and p not in keep]
+    off = [p for p in params if p.requires_grad]
     for p in off:
         p.requires_grad_(False)
     try:
@@ -139,13 +139,14 @@ def train_step(
     scaler = _grad_scaler(loss_scaler)
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)
+    others = sam.unperturbed() if sam is not None else []
     loss_sum = ascent_sum = eps_sum = skipped = None
 
     for i, (x, y) in enumerate(chunks):
         last = i == k - 1
         if sam is not None:
             n = x.shape[0] if ascent_frac == 1.0 else max(1, int(round(ascent_frac * x.shape[0])))
-            with _no_sync(model, True), grads_only_for(model, sam.perturbed):
+            with _no_sync(model, True), requires_grad_off(others):
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss

@@ -247,11 +247,12 @@ def test_ascent_switches_off_other_gradients_and_puts_every_flag_back(device):
     x, y = data()
     x, y = x.float().to(device), y.to(device)
     model = small_net().to(device)
-    model[0].bias.requires_grad_(False)            # frozen by the user
+    model[0].bias.requires_grad_(False)            # frozen before: not in the optimizer
     opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+    model[3].weight.requires_grad_(False)          # frozen after: in the optimizer, no gradient
     sam = find_sam(opt)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    frozen = model[0].bias.detach().clone()
+    frozen = [model[0].bias.detach().clone(), model[3].weight.detach().clone()]
     seen = []
 
     def loss_fn(out, target):
@@ -261,7 +262,7 @@ def test_ascent_switches_off_other_gradients_and_puts_every_flag_back(device):
     perturbed = {n for n, p in model.named_parameters() if any(p is q for q in sam.perturbed)}
     assert seen == [perturbed, set(n for n, f in flags.items() if f)] * 2   # ascent, descent per chunk
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
-    assert torch.equal(model[0].bias, frozen)
+    assert torch.equal(model[0].bias, frozen[0]) and torch.equal(model[3].weight, frozen[1])
 
     def failing(out, target):
         raise RuntimeError('boom')
