@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .norm_params import bias_parameters, norm_parameters
-from .perturbations import VARIANTS, compute_eps, match_layout
+from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok, match_layout
 
 __all__ = ['SAM', 'MODES', 'unscale_grads']
 
@@ -115,6 +115,8 @@ class SAM(torch.optim.Optimizer):
         self.perturbed: List[Tensor] = perturbed
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in perturbed]
         self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
+        self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (perturbations.flat_ok)
+        self._flat_key = None
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
@@ -134,16 +136,19 @@ class SAM(torch.optim.Optimizer):
         if grads is None:
             grads = [p.grad for p in params]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        key = (params[0].device, params[0].dtype)
+        if key != self._flat_key:   # decided once per device and dtype of P (model.to() changes them)
+            self._flat_key, self._flat = key, FlatSet(params) if flat_ok(params) else None
         eps, eps_norm, skipped = compute_eps(
             self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
-            grads_writable=grads_writable)
+            grads_writable=grads_writable, flat=self._flat)
         if self._backup is None:
             # once: later steps copy into these buffers. A plain clone, not torch._foreach_clone (absent
             # from torch 2.11) nor x * 1.0 (not bit-exact when denormals are flushed)
             self._backup = [p.detach().clone() for p in params]
         else:
             torch._foreach_copy_(self._backup, params)
-        torch._foreach_add_(params, match_layout(eps, params))
+        torch._foreach_add_(params, eps if self._flat is not None else match_layout(eps, params))
         self.is_perturbed = True
         self.last_eps_norm, self.last_skipped = eps_norm, skipped
         self.skipped_count = skipped.clone() if self.skipped_count is None else self.skipped_count + skipped
@@ -221,7 +226,9 @@ class SAM(torch.optim.Optimizer):
     def __getstate__(self) -> Dict:
         # torch.optim.Optimizer pickles only defaults/state/param_groups, which would drop the base
         # optimizer and the perturbed set: keep the whole object (deepcopy, pickle).
-        return self.__dict__.copy()
+        state = self.__dict__.copy()
+        state['_flat'] = state['_flat_key'] = None   # a scratch buffer: rebuilt on first use
+        return state
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.perturbed)

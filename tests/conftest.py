@@ -28,3 +28,14 @@ def device():
     if name == 'cuda' and not torch.cuda.is_available():
         pytest.exit('SAM_ON_TIMM_TEST_DEVICE=cuda but CUDA is not available', returncode=4)
     return torch.device(name)
+
+
+@pytest.fixture(params=[False, True], ids=['per-tensor', 'fused'])
+def fused(request, monkeypatch):
+    """Both code paths of the perturbation: per-tensor (CPU) and the flat-buffer one CUDA takes,
+    forced here on whatever device the test runs on."""
+    from sam_on_timm import perturbations
+    types = {'cpu', 'cuda'} if request.param else set()
+    monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
+    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
+    return request.param

@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/step_cost.py: a seconds-long run on a tiny timm model."""
+"""Smoke tests of the benchmark scripts: seconds-long runs on a tiny timm model."""
 import json
 import math
 import os
@@ -44,3 +44,17 @@ def test_step_cost_smoke_options(tmp_path):
     for row in rows:
         assert row['peak_mem_mb'] is None
         assert row['n_samples'] == 4
+
+
+def test_perturb_cost_smoke():
+    """benchmarks/perturb_cost.py runs both code paths and reports the flat one's fixed op count."""
+    script = os.path.join(ROOT, 'benchmarks', 'perturb_cost.py')
+    r = subprocess.run([sys.executable, script, '--model', 'test_resnet', '--opts', 'sam-on,sam-on-layerl2',
+                        '--iters', '2', '--repeats', '1'], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [line.split('|')[1:-1] for line in r.stdout.splitlines() if line.startswith('| sam')]
+    assert [(c[0].strip(), c[1].strip()) for c in rows] == [
+        ('sam-on', 'per-tensor'), ('sam-on', 'flat'), ('sam-on-layerl2', 'per-tensor'), ('sam-on-layerl2', 'flat')]
+    for c in rows:
+        assert int(c[2]) == 30 and int(c[3]) > 0 and float(c[4]) > 0
+    assert all(int(flat[3]) < int(per[3]) for per, flat in (rows[0:2], rows[2:4]))

@@ -69,17 +69,6 @@ def model_with_grad(request, device):
     return model
 
 
-@pytest.fixture(params=[False, True], ids=['per-tensor', 'fused'])
-def fused(request, monkeypatch):
-    """Both code paths of the perturbation: per-tensor (CPU) and the flat-buffer one CUDA takes,
-    forced here on whatever device the test runs on."""
-    from sam_on_timm import perturbations
-    types = {'cpu', 'cuda'} if request.param else set()
-    monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
-    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
-    return request.param
-
-
 @pytest.mark.parametrize('name', list(SAM_OPTIMIZERS))
 def test_first_step_matches_table10_float64(model_with_grad, name, fused):
     model = model_with_grad
@@ -453,3 +442,38 @@ def test_layerwise_eps_with_expanded_and_sliced_gradients(fused):
     for e, ti, gi in zip(eps, t, g):
         torch.testing.assert_close(e.double(), 0.1 * ti ** 2 * gi.double() / denom, rtol=1e-5, atol=1e-8)
     assert float(skipped) == 0.0
+
+
+def test_flat_path_issues_the_same_ops_whatever_the_number_of_tensors(monkeypatch):
+    """On the flat path (CUDA's, forced here) a perturbation is a fixed number of operator calls, however
+    many tensors P holds: no per-tensor launch, the per-parameter cost SPEC 7 warns of. (The
+    per-tensor path, for contrast, grows with P.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from sam_on_timm import perturbations
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(model_name, opt_name):
+        torch.manual_seed(0)
+        m = timm.create_model(model_name, num_classes=3)
+        opt = create_optimizer_v2(m, opt_name, lr=0.1, rho=0.05)
+        grads = [torch.randn_like(p) for p in opt.perturbed]
+        opt.perturb([g.clone() for g in grads], grads_writable=True)   # builds the buffers
+        opt.restore()
+        Count.n = 0
+        with Count():
+            opt.perturb(grads, grads_writable=True)
+            opt.restore()
+        return len(opt.perturbed), Count.n
+
+    for opt_name in ('sam-on', 'sam-on-layerl2', 'sam-on-eleml2orig', 'sam-on-fisher', 'sam-on-elemlinf'):
+        monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', {'cpu'})
+        (n_small, ops_small), (n_big, ops_big) = ops('test_resnet', opt_name), ops('resnet50', opt_name)
+        assert n_big > 2 * n_small and ops_big == ops_small <= 40, (opt_name, ops_small, ops_big)
+        monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', set())
+        assert ops('resnet50', opt_name)[1] > ops('test_resnet', opt_name)[1], opt_name

@@ -63,7 +63,7 @@ def reference_update(model, x, y, m, mode, variant, eta):
 @pytest.mark.parametrize('name,mode,variant,eta', [
     ('sam', 'all', 'sam', 0.0), ('sam-on-layerl2', 'on', 'layerl2', 0.0), ('sam-on-fisher', 'on', 'fisher', 1.0)])
 @pytest.mark.parametrize('m', [8, 4, 2])
-def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m, device):
+def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m, device, fused):
     model = small_net().double().to(device)
     ref = copy.deepcopy(model)
     x, y = (t.to(device) for t in data())
@@ -76,6 +76,28 @@ def test_step_matches_float64_two_pass_reference(name, mode, variant, eta, m, de
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=n)
     assert stats.ascent_loss is not None and float(stats.skipped) == 0
     assert not find_sam(opt).is_perturbed
+    assert (find_sam(opt)._flat is not None) == fused   # one buffer, reused by every chunk
+
+
+@pytest.mark.parametrize('name', ['sam-on-eleml2orig', 'sam-layerl2'])
+def test_flat_buffer_follows_dtype_changes_and_is_not_copied(name, fused):
+    """The flat path's cached buffer: rebuilt when the parameters change dtype (model.double()), never
+    shared by a deepcopy; every update still equals the per-update reference computed afresh."""
+    x, y = data()
+    model = small_net()
+    opt = create_optimizer_v2(model, name, lr=LR, momentum=MOM, rho=RHO)
+    sam = find_sam(opt)
+    for dtype in (torch.float32, torch.float32, torch.float64):
+        model.to(dtype)
+        ref, ref_opt = copy.deepcopy((model, opt))   # one deepcopy: the optimizer holds the copied model's tensors
+        if fused:
+            assert find_sam(ref_opt)._flat is None
+        train_step(model, opt, split_chunks(x.to(dtype), y, 4), F.cross_entropy)
+        train_step(ref, ref_opt, split_chunks(x.to(dtype), y, 4), F.cross_entropy)
+        for p, q in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
+        assert sam._flat is None or sam._flat.buf.dtype == dtype
+    assert (sam._flat is not None) == fused
 
 
 def test_bn_update_ascent_keeps_descent_out_of_running_stats():
