@@ -118,6 +118,7 @@ class SAM(torch.optim.Optimizer):
         self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (perturbations.flat_ok)
         self._flat_key = None
         self.is_perturbed = False
+        self.ascent_reach_checked = False             # train_step's one-time check (reentrant checkpointing)
         self.last_eps_norm: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
         self.skipped_count: Optional[Tensor] = None   # cumulative, on device (no host sync)

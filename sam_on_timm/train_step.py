@@ -150,10 +150,15 @@ def train_step(
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
+                check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad:
-                    grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True, materialize_grads=True))
+                    grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
+                                                     materialize_grads=not check))
                 else:   # no perturbed parameter reaches the loss: zero gradient, the perturbation is skipped
-                    grads = [torch.zeros_like(p) for p in sam.perturbed]
+                    grads = [None] * len(sam.perturbed)
+                if check or not scaled.requires_grad:
+                    missing = [j for j, g in enumerate(grads) if g is None]
+                    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
             found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
             eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
             ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()
@@ -167,6 +172,8 @@ def train_step(
             (scaler.scale(descent) if scaler is not None else descent).backward()
         if sam is not None:
             sam.restore()
+            if check:
+                _check_ascent_reach(sam, missing)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
 
     if clip_parameters is None and clip_grad is not None:
@@ -186,6 +193,23 @@ def train_step(
     if sam is not None:
         stats.ascent_loss, stats.eps_norm, stats.skipped = ascent_sum / k, eps_sum / k, skipped
     return stats
+
+
+def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:
+    """Every perturbed tensor the descent's ``backward()`` reached must have had an ascent gradient.
+
+    ``torch.autograd.grad`` does not see through reentrant activation checkpointing (``use_reentrant=True``,
+    e.g. ``TIMM_REENTRANT_CKPT=1``): the norm layers inside checkpointed blocks would silently get
+    eps = 0. Checked on the first update (the weights are already restored and no step was taken).
+    """
+    unreached = [j for j in missing if sam.perturbed[j].grad is not None]
+    if unreached:
+        raise RuntimeError(
+            f'{sam.name}: the ascent pass got no gradient for {len(unreached)} of the {len(sam.perturbed)} perturbed '
+            f'tensors that the descent pass reaches; reentrant activation checkpointing (use_reentrant=True, '
+            f'TIMM_REENTRANT_CKPT=1) hides them from torch.autograd.grad: use non-reentrant checkpointing '
+            f"(timm's default, timm.layers.set_reentrant_ckpt(False)) or none")
+    sam.ascent_reach_checked = True
 
 
 def _clip(parameters, value: float, mode: str) -> None:

@@ -344,3 +344,33 @@ def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
     weight_grads = [[n.args[-1][1] for n in g.graph.nodes if n.target == torch.ops.aten.convolution_backward.default]
                     for g in backward_graphs]
     assert sorted(any(w) for w in weight_grads) == [False, True], weight_grads
+
+
+@pytest.mark.filterwarnings('ignore:None of the inputs have requires_grad')   # torch's, in the reentrant case
+def test_reentrant_checkpointing_is_refused_on_the_first_update():
+    """torch.autograd.grad does not see through reentrant activation checkpoints: the ascent would give
+    the norm layers inside them no gradient (eps = 0, silently). The first update detects it and stops
+    with the weights unchanged; non-reentrant checkpointing (timm's default) trains."""
+    from timm.layers import set_reentrant_ckpt, use_reentrant_ckpt
+    import timm
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(4, 3, 160, 160, generator=g), torch.tensor([0, 1, 2, 0])
+    before = use_reentrant_ckpt()
+    try:
+        for reentrant in (True, False):
+            set_reentrant_ckpt(reentrant)
+            torch.manual_seed(0)
+            model = timm.create_model('test_vit', num_classes=3)
+            model.set_grad_checkpointing(True)
+            opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+            weights = [p.detach().clone() for p in model.parameters()]
+            if reentrant:
+                with pytest.raises(RuntimeError, match='reentrant activation checkpointing'):
+                    train_step(model, opt, [(x, y)], F.cross_entropy)
+                assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+                assert not find_sam(opt).ascent_reach_checked
+            else:
+                stats = train_step(model, opt, [(x, y)], F.cross_entropy)
+                assert float(stats.skipped) == 0 and find_sam(opt).ascent_reach_checked
+    finally:
+        set_reentrant_ckpt(before)
