@@ -114,14 +114,19 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
         self.perturbed: List[Tensor] = perturbed
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in perturbed]
-        self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
-        self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (perturbations.flat_ok)
-        self._flat_key = None
         self.is_perturbed = False
-        self.ascent_reach_checked = False             # train_step's one-time check (reentrant checkpointing)
         self.last_eps_norm: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
-        self.skipped_count: Optional[Tensor] = None   # cumulative, on device (no host sync)
+        self.__dict__.update(self._DEFAULTS)
+
+    # attributes a pickle of an older version may lack, and the scratch buffers a copy rebuilds
+    _DEFAULTS = dict(
+        _backup=None,                # originals of P only, reused every step
+        _flat=None,                  # eps's working buffer on CUDA (perturbations.flat_ok)
+        _layout_key=None,            # where P's storage is: a change (model.to(), channels_last) renews both
+        ascent_reach_checked=False,  # train_step's one-time check (reentrant checkpointing)
+        skipped_count=None,          # cumulative, float32 on device (no host sync)
+    )
 
     # -- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
@@ -137,9 +142,11 @@ class SAM(torch.optim.Optimizer):
         if grads is None:
             grads = [p.grad for p in params]
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        key = (params[0].device, params[0].dtype)
-        if key != self._flat_key:   # decided once per device and dtype of P (model.to() changes them)
-            self._flat_key, self._flat = key, FlatSet(params) if flat_ok(params) else None
+        # model.to(dtype / device / memory_format) gives P new storage: renew the backup and flat buffers
+        key = (params[0].device, tuple(p.data_ptr() for p in params))
+        if key != self._layout_key:
+            self._layout_key, self._backup = key, None
+            self._flat = FlatSet(params) if flat_ok(params) else None
         eps, eps_norm, skipped = compute_eps(
             self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable, flat=self._flat)
@@ -152,7 +159,8 @@ class SAM(torch.optim.Optimizer):
         torch._foreach_add_(params, eps if self._flat is not None else match_layout(eps, params))
         self.is_perturbed = True
         self.last_eps_norm, self.last_skipped = eps_norm, skipped
-        self.skipped_count = skipped.clone() if self.skipped_count is None else self.skipped_count + skipped
+        # float32 whatever P's dtype (a bfloat16 count would stop at 256)
+        self.skipped_count = skipped.float() if self.skipped_count is None else self.skipped_count + skipped
         return eps_norm
 
     def unperturbed(self) -> List[Tensor]:
@@ -228,8 +236,12 @@ class SAM(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults/state/param_groups, which would drop the base
         # optimizer and the perturbed set: keep the whole object (deepcopy, pickle).
         state = self.__dict__.copy()
-        state['_flat'] = state['_flat_key'] = None   # a scratch buffer: rebuilt on first use
+        for name in ('_flat', '_layout_key'):   # a scratch buffer: rebuilt on first use (with the backup)
+            state.pop(name, None)
         return state
+
+    def __setstate__(self, state: Dict) -> None:
+        super().__setstate__({**self._DEFAULTS, **state})
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.perturbed)

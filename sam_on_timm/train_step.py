@@ -140,6 +140,8 @@ def train_step(
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)
     others = sam.unperturbed() if sam is not None else []
+    trainable = None if sam is None else sam.perturbed if all(p.requires_grad for p in sam.perturbed) else [
+        p for p in sam.perturbed if p.requires_grad]
     loss_sum = ascent_sum = eps_sum = skipped = None
 
     for i, (x, y) in enumerate(chunks):
@@ -151,12 +153,15 @@ def train_step(
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
                 check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
-                if scaled.requires_grad:
+                if scaled.requires_grad and trainable is sam.perturbed:
                     grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
                                                      materialize_grads=not check))
-                else:   # no perturbed parameter reaches the loss: zero gradient, the perturbation is skipped
+                elif scaled.requires_grad and trainable:   # some of P frozen after the optimizer was built: eps 0 there
+                    it = iter(torch.autograd.grad(scaled, trainable, allow_unused=True))
+                    grads = [next(it) if p.requires_grad else None for p in sam.perturbed]
+                else:   # no trainable perturbed parameter reaches the loss: zero gradient, perturbation skipped
                     grads = [None] * len(sam.perturbed)
-                if check or not scaled.requires_grad:
+                if check or not scaled.requires_grad or trainable is not sam.perturbed:
                     missing = [j for j, g in enumerate(grads) if g is None]
                     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
             found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it

@@ -477,3 +477,57 @@ def test_flat_path_issues_the_same_ops_whatever_the_number_of_tensors(monkeypatc
         assert n_big > 2 * n_small and ops_big == ops_small <= 40, (opt_name, ops_small, ops_big)
         monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', set())
         assert ops('resnet50', opt_name)[1] > ops('test_resnet', opt_name)[1], opt_name
+
+
+@pytest.mark.parametrize('change', ['double', 'channels_last'])
+def test_backup_follows_the_model_to_a_new_dtype_or_layout(change, fused):
+    """model.double() / channels_last after some steps give P new storage: the backup (and the flat
+    buffer) are renewed, so restore() stays bit-exact (a float32 backup would round float64 weights)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    opt = create_optimizer_v2(m, 'sam-on-layerl2' if change == 'double' else 'sam-eleml2', lr=0.1, rho=0.05)
+    x = torch.randn(2, 3, 4, 4)
+    for step in range(3):
+        if step == 2:
+            m.to(torch.float64) if change == 'double' else m.to(memory_format=torch.channels_last)
+            x = x.double() if change == 'double' else x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        before = [p.detach().clone() for p in opt.perturbed]
+        opt.first_step()
+        assert any(not torch.equal(p, b) for p, b in zip(opt.perturbed, before))
+        opt.restore()
+        for p, b in zip(opt.perturbed, before):
+            assert p.dtype == b.dtype and torch.equal(p, b), step
+    assert opt._backup[0].dtype == opt.perturbed[0].dtype
+    if change == 'channels_last':
+        assert opt._backup[0].stride() == opt.perturbed[0].stride()
+
+
+def test_pickle_of_an_older_version_loads_and_steps():
+    """Whole-object pickles (supported through __getstate__) of a version without the newer private
+    attributes still load and step; the skip counter is float32 whatever the model's dtype."""
+    import pickle
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2)).to(torch.bfloat16)
+    opt = create_optimizer_v2(m, 'sam-on', lr=0.1, rho=0.05)
+    state = opt.__getstate__()
+    for name in ('_backup', '_layout_key', '_flat', 'ascent_reach_checked', 'skipped_count'):
+        state.pop(name, None)   # what a pickle written before these existed holds
+    old = SAM.__new__(SAM)
+    old.__setstate__(state)
+    loaded = pickle.loads(pickle.dumps(old))
+    x = torch.randn(5, 3, dtype=torch.bfloat16)
+    for p in loaded.perturbed:
+        p.grad = torch.zeros_like(p)   # zero gradient: every step is skipped and counted
+    for _ in range(300):
+        loaded.first_step()
+        loaded.restore()
+    assert loaded.skipped_count.dtype == torch.float32 and float(loaded.skipped_count) == 300.0
+    for p in loaded.perturbed:   # the pickle holds its own copies of the parameters
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in loaded.perturbed]
+    loaded.first_step()
+    assert float(loaded.last_skipped) == 0.0
+    loaded.second_step()
+    assert all(not torch.equal(p, b) for p, b in zip(loaded.perturbed, before))

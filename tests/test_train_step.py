@@ -374,3 +374,33 @@ def test_reentrant_checkpointing_is_refused_on_the_first_update():
                 assert float(stats.skipped) == 0 and find_sam(opt).ascent_reach_checked
     finally:
         set_reentrant_ckpt(before)
+
+
+def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device):
+    """A norm layer frozen after the optimizer was built: eps is 0 there and the rest is perturbed as if
+    it were not in P (no 'does not require grad' error); all of P frozen: the perturbation is skipped."""
+    x, y = data()
+    x, y = x.float().to(device), y.to(device)
+    model = small_net().to(device)
+    opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+    sam = find_sam(opt)
+    store = {}
+    _capture_perturbation(opt, store)
+    model[1].weight.requires_grad_(False)
+    frozen = model[1].weight.detach().clone()
+    train_step(model, opt, [(x, y)], F.cross_entropy)
+    eps = {id(p): e for p, e in zip(sam.perturbed, store['eps'])}
+    assert not eps[id(model[1].weight)].any() and torch.equal(model[1].weight, frozen)
+    ref = small_net().to(device)     # the same model with that tensor outside P
+    ref_opt = create_optimizer_v2(ref, 'sam-on', lr=LR, rho=RHO,
+                                  norm_params=[ref[1].bias, ref[4].weight, ref[4].bias])
+    ref_store = {}
+    _capture_perturbation(ref_opt, ref_store)
+    train_step(ref, ref_opt, [(x, y)], F.cross_entropy)
+    to_model = {id(q): p for q, p in zip(ref.parameters(), model.parameters())}
+    for q, e in zip(find_sam(ref_opt).perturbed, ref_store['eps']):
+        torch.testing.assert_close(eps[id(to_model[id(q)])], e)
+    for p in sam.perturbed:
+        p.requires_grad_(False)
+    stats = train_step(model, opt, [(x, y)], F.cross_entropy)
+    assert float(stats.skipped) == 1.0
