@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N')
     g.add_argument('--channels-last', action='store_true', default=False)
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
-    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor')
+    g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='torch.compile the model with this backend (default inductor); the SAM ascent keeps its lean graph')
+    g.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None)')
+    g.add_argument('--grad-checkpointing', action='store_true', default=False,
+                   help="activation checkpointing (timm's non-reentrant checkpoints)")
     g.add_argument('--device', default='cuda', type=str)
     g.add_argument('--amp', action='store_true', default=False)
     g.add_argument('--amp-dtype', default='float16', type=str, help='float16 (GradScaler) or bfloat16 (no scaler)')
@@ -418,6 +422,11 @@ def run(args) -> int:
         raise UsageError(f"cannot create model '{args.model}': {_first_line(e)}") from None
     if args.num_classes is None:
         args.num_classes = model.num_classes
+    if args.grad_checkpointing:
+        try:
+            model.set_grad_checkpointing(enable=True)
+        except (AssertionError, AttributeError, NotImplementedError):
+            raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support activation checkpointing") from None
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
 
@@ -480,7 +489,13 @@ def run(args) -> int:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device] if device.type == 'cuda' else None)
     if args.torchcompile:
-        model = torch.compile(model, backend=args.torchcompile)
+        try:
+            model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
+        except Exception as e:  # unknown backend or mode
+            raise UsageError(f'--torchcompile {args.torchcompile} --torchcompile-mode {args.torchcompile_mode}: '
+                             f'{_first_line(e)}') from None
+    elif args.torchcompile_mode:
+        _logger.warning(f'--torchcompile-mode {args.torchcompile_mode} has no effect without --torchcompile')
 
     # data
     dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,

@@ -177,3 +177,31 @@ def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
         assert not os.path.exists(tmp_path / 'bad')
+
+
+def test_grad_checkpointing_gives_the_same_run(image_folder, tmp_path):
+    """--grad-checkpointing (timm's non-reentrant checkpoints) recomputes activations but changes no
+    gradient: the SAM-ON run's training losses, eps norms and weights equal the run without it. (Not the
+    BatchNorm running statistics: torch's recomputation updates them a second time, as in timm.)"""
+    common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--epochs', '1', '--sam-m', '2']
+    assert run(image_folder, tmp_path, *common, '--experiment', 'plain') == 0
+    assert run(image_folder, tmp_path, *common, '--experiment', 'ckpt', '--grad-checkpointing') == 0
+    a, b = (read_summary(tmp_path / e / 'summary.csv')[-1] for e in ('plain', 'ckpt'))
+    for key in ('train_loss', 'train_ascent_loss', 'train_eps_norm'):
+        assert float(a[key]) == pytest.approx(float(b[key]), rel=1e-5), key
+    assert float(b['train_eps_norm']) > 0 and int(b['train_skipped_perturbations']) == 0
+    wa, wb = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True)['state_dict'] for e in ('plain', 'ckpt'))
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if k.endswith('running_mean'))   # recomputation ran
+    params = [k for k in wa if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert len(params) > 10 and max((wa[k].double() - wb[k].double()).abs().max().item() for k in params) < 1e-5
+
+
+def test_compile_and_checkpointing_flags_reject_bad_values(image_folder, tmp_path, capsys):
+    for extra, message in ((['--torchcompile', 'nosuch'], "--torchcompile nosuch"),
+                           (['--torchcompile', 'inductor', '--torchcompile-mode', 'nosuch'], 'Unrecognized mode=nosuch'),
+                           (['--model', 'dla34', '--grad-checkpointing'],
+                            "--grad-checkpointing: model 'dla34' does not support activation checkpointing")):
+        assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
+        assert not os.path.exists(tmp_path / 'bad')
