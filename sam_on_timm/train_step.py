@@ -136,6 +136,10 @@ def train_step(
     if not 0.0 < ascent_frac <= 1.0:
         raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
     sam = find_sam(optimizer)
+    if sam is not None and getattr(model, 'static_graph', False):
+        raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
+                         'backward under no_sync(), which a static graph does not allow; wrap the model without '
+                         'static_graph')
     scaler = _grad_scaler(loss_scaler)
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)

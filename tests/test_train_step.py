@@ -404,3 +404,27 @@ def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device
         p.requires_grad_(False)
     stats = train_step(model, opt, [(x, y)], F.cross_entropy)
     assert float(stats.skipped) == 1.0
+
+
+def test_ddp_static_graph_is_refused_with_a_clear_error(tmp_path):
+    """DDP(static_graph=True) fails inside torch on the ascent's extra backward: refused up front (one
+    process, gloo), weights untouched; the same DDP without static_graph trains."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/rendezvous', rank=0, world_size=1)
+    try:
+        x, y = data()
+        for static in (True, False):
+            model = small_net()
+            opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+            ddp = DDP(model, static_graph=static)
+            before = [p.detach().clone() for p in model.parameters()]
+            if static:
+                with pytest.raises(ValueError, match=r'static_graph=True\) cannot run the SAM step'):
+                    train_step(ddp, opt, [(x.float(), y)], F.cross_entropy)
+                assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+            else:
+                train_step(ddp, opt, [(x.float(), y)], F.cross_entropy)
+                assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    finally:
+        dist.destroy_process_group()
