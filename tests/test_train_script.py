@@ -69,7 +69,7 @@ def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
 def test_config_file_and_flags(image_folder, tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('opt: sam-on\nrho: 0.1\nweight_decay: 1e-4\nsam_m: 2\nsam_bn_update: ascent\n')
-    args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder, '--rho', '0.2'])
+    args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder, '--rho', '0.2', '--device', 'cpu'])
     assert (args.opt, args.rho, args.weight_decay, args.sam_m, args.sam_bn_update) == ('sam-on', 0.2, 1e-4, 2, 'ascent')
     train.validate_args(args)
     assert args.is_sam
@@ -83,7 +83,15 @@ BAD_INPUTS = [
     (['--opt', 'sam-on', '--model', 'test_nfnet'], 'no normalization layers'),
     (['--opt', 'sam', '--sam-base', 'sam-on'], "unknown --sam-base 'sam-on'"),
     (['--opt', 'sam', '--amp', '--amp-dtype', 'float8'], '--amp-dtype must be float16 or bfloat16'),
-]
+    (['--epochs', '0'], '--epochs must be positive, got 0'),
+    (['--img-size', '0'], '--img-size / --input-size must be positive'),
+    (['--checkpoint-hist', '0'], '--checkpoint-hist must be at least 1, got 0'),
+    (['--eval-metric', 'top-1'], "--eval-metric must be one of top1, top5, loss, got 'top-1'"),
+    (['--device', 'foo'], "--device 'foo' is not a torch device"),
+    (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
+    (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
+] + ([(['--device', 'cuda'], '--device cuda: CUDA is not available on this machine; use --device cpu')]
+     if not torch.cuda.is_available() else [])   # on a CUDA machine '--device cuda' is good input
 
 
 @pytest.mark.parametrize('extra,message', BAD_INPUTS)
@@ -205,3 +213,52 @@ def test_compile_and_checkpointing_flags_reject_bad_values(image_folder, tmp_pat
         err = capsys.readouterr().err.strip().splitlines()
         assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
         assert not os.path.exists(tmp_path / 'bad')
+
+
+def test_demo_data_never_replaces_a_foreign_folder(image_folder, tmp_path, capsys):
+    """--demo-data with a --data-dir that holds the user's own data: refused before anything is written
+    (the demo writer used to delete such a folder); an empty folder is fine for the writer."""
+    from sam_on_timm.demo_data import check_demo_dir
+    before = sorted(str(p.relative_to(image_folder)) for p in __import__('pathlib').Path(image_folder).rglob('*'))
+    assert run(image_folder, tmp_path, '--experiment', 'bad', '--demo-data', 'mnist5k') == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'already holds other files (it is not a demo data folder)' in err[-1] and 'Traceback' not in '\n'.join(err)
+    after = sorted(str(p.relative_to(image_folder)) for p in __import__('pathlib').Path(image_folder).rglob('*'))
+    assert after == before and not os.path.exists(tmp_path / 'bad')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    check_demo_dir(str(empty))                    # no error: the writer may fill it
+    (empty / '.complete').write_text('')
+    (empty / 'x').write_text('')
+    check_demo_dir(str(empty))                    # an earlier copy of the demo: no error
+
+
+def test_yaml_syntax_and_choices_are_one_line_errors(image_folder, tmp_path, capsys):
+    for text, message in (('lr: [1\n', 'is not valid YAML'),
+                          ('sam_bn_update: bogus\n', "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)")):
+        cfg = tmp_path / 'c.yaml'
+        cfg.write_text(text)
+        assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and 'Traceback' not in '\n'.join(err), err
+
+
+def test_resume_or_reuse_never_mixes_summary_columns(image_folder, tmp_path, capsys):
+    """summary.csv rows always match its header: resuming a SAM run as SGD (other columns) and reusing the
+    folder of a run that stopped before its first checkpoint are refused, and nothing is written."""
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '2', '--stop-epoch', '1') == 0
+    d = tmp_path / 's'
+    files = {p.name: p.read_bytes() for p in d.iterdir()}
+    assert run(image_folder, tmp_path, '--opt', 'sgd', '--experiment', 's', '--epochs', '2',
+               '--resume', str(d / 'last.pth.tar')) == 2
+    assert 'its summary.csv was written with SAM columns' in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == files
+    for f in d.glob('*.pth.tar'):        # as a crash before the first checkpoint leaves it
+        f.unlink()
+    assert run(image_folder, tmp_path, '--opt', 'sgd', '--experiment', 's', '--epochs', '1') == 2
+    assert "already holds another run's summary.csv" in capsys.readouterr().err
+    # the right resume still works
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's2', '--epochs', '2', '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's2', '--epochs', '2',
+               '--resume', str(tmp_path / 's2' / 'last.pth.tar')) == 0
+    assert len(read_summary(tmp_path / 's2' / 'summary.csv')) == 2
