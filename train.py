@@ -185,6 +185,8 @@ def _config_value(path, action, value):
             if not isinstance(value, (list, tuple)):
                 raise ValueError('expected a list')
             return [action.type(v) for v in value]
+        if action.type is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError('expected an integer')   # int(1.5) would silently give 1
         value = action.type(value)
     except (TypeError, ValueError) as e:
         raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' ({e})") from None

@@ -235,7 +235,8 @@ def test_demo_data_never_replaces_a_foreign_folder(image_folder, tmp_path, capsy
 
 def test_yaml_syntax_and_choices_are_one_line_errors(image_folder, tmp_path, capsys):
     for text, message in (('lr: [1\n', 'is not valid YAML'),
-                          ('sam_bn_update: bogus\n', "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)")):
+                          ('sam_bn_update: bogus\n', "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)"),
+                          ('epochs: 1.5\n', "bad value 1.5 for 'epochs' (expected an integer)")):
         cfg = tmp_path / 'c.yaml'
         cfg.write_text(text)
         assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path)]) == 2
