@@ -449,6 +449,12 @@ def run(args) -> int:
         torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed input shapes, autotuned convs
     random_seed(args.seed, args.rank)
 
+    if not args.is_sam and args.rank == 0:
+        ignored = [f'--{k.replace("_", "-")} {v}' for k, v, default in (
+            ('rho', args.rho, 0.05), ('sam_eta', args.sam_eta, None), ('sam_base', args.sam_base, 'sgd'),
+            ('sam_bn_update', args.sam_bn_update, 'both'), ('sam_ascent_frac', args.sam_ascent_frac, 1.0)) if v != default]
+        if ignored:
+            _logger.warning(f"{', '.join(ignored)}: no effect with --opt {args.opt} (not a SAM optimizer)")
     if args.is_sam and args.sync_bn:
         _logger.warning('--sync-bn shares BatchNorm statistics across ranks: the per-GPU m-sharpness of the paper '
                         'keeps them per rank (and per --sam-m chunk); drop --sync-bn to reproduce it')

@@ -168,6 +168,14 @@ def test_amp_paths_run_end_to_end_on_cpu(image_folder, tmp_path, dtype):
     assert float(row['train_eps_norm']) > 0 or int(row['train_skipped_perturbations']) > 0
 
 
+def test_sam_flags_with_a_plain_optimizer_warn(image_folder, tmp_path, caplog):
+    caplog.set_level('WARNING')
+    assert run(image_folder, tmp_path, '--opt', 'adamw', '--experiment', 'a', '--epochs', '1', '--rho', '0.2',
+               '--sam-base', 'sgd', '--sam-ascent-frac', '0.5') == 0
+    assert any(r.getMessage() == '--rho 0.2, --sam-ascent-frac 0.5: no effect with --opt adamw (not a SAM optimizer)'
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_sync_bn_with_sam_warns(image_folder, tmp_path, caplog):
     caplog.set_level('WARNING')
     assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '1', '--sync-bn') == 0
