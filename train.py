@@ -424,7 +424,7 @@ def run(args) -> int:
     import timm
     import sam_on_timm
     from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, plain_args, set_rng_state
-    from sam_on_timm.train_step import find_sam
+    from sam_on_timm.train_step import ascent_samples, find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -450,9 +450,10 @@ def run(args) -> int:
     random_seed(args.seed, args.rank)
 
     if not args.is_sam and args.rank == 0:
-        ignored = [f'--{k.replace("_", "-")} {v}' for k, v, default in (
-            ('rho', args.rho, 0.05), ('sam_eta', args.sam_eta, None), ('sam_base', args.sam_base, 'sgd'),
-            ('sam_bn_update', args.sam_bn_update, 'both'), ('sam_ascent_frac', args.sam_ascent_frac, 1.0)) if v != default]
+        defaults = build_parser()   # the parser's own defaults (a YAML config changes only the live parser's)
+        ignored = [f'--{k.replace("_", "-")} {getattr(args, k)}'
+                   for k in ('rho', 'sam_eta', 'sam_base', 'sam_bn_update', 'sam_ascent_frac')
+                   if getattr(args, k) != defaults.get_default(k)]
         if ignored:
             _logger.warning(f"{', '.join(ignored)}: no effect with --opt {args.opt} (not a SAM optimizer)")
     if args.is_sam and args.sync_bn:
@@ -482,7 +483,7 @@ def run(args) -> int:
 
     # chunks of one sample cannot be normalised by BatchNorm in training mode (it fails mid-epoch)
     m = args.sam_m or args.batch_size
-    n_ascent = max(1, int(round(args.sam_ascent_frac * m))) if args.is_sam and args.sam_ascent_frac < 1 else m
+    n_ascent = ascent_samples(m, args.sam_ascent_frac) if args.is_sam else m
     if min(m, n_ascent) < 2 and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
         which = f'the ascent chunk has {n_ascent}' if n_ascent < m else f'a chunk has {m}'
         raise UsageError(f"'{args.model}' has BatchNorm, which needs at least 2 samples per pass: {which} "

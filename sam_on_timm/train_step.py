@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from .norm_params import is_norm_module
 from .sam import SAM, unscale_grads
 
-__all__ = ['StepStats', 'find_sam', 'split_chunks', 'frozen_bn_stats', 'requires_grad_off', 'train_step',
-           'BN_UPDATE_CHOICES']
+__all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn_stats', 'requires_grad_off',
+           'train_step', 'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
 
@@ -53,6 +53,11 @@ def split_chunks(x: Tensor, y: Tensor, m: Optional[int]) -> List[Tuple[Tensor, T
     if m <= 0 or n % m:
         raise ValueError(f'--sam-m {m} must be a positive divisor of the per-GPU batch size {n}')
     return list(zip(x.split(m), y.split(m)))
+
+
+def ascent_samples(chunk: int, ascent_frac: float) -> int:
+    """How many samples of a chunk of ``chunk`` the ascent pass uses (the first ones; at least 1)."""
+    return chunk if ascent_frac == 1.0 else max(1, int(round(ascent_frac * chunk)))
 
 
 @contextlib.contextmanager
@@ -144,14 +149,17 @@ def train_step(
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)
     others = sam.unperturbed() if sam is not None else []
-    trainable = None if sam is None else sam.perturbed if all(p.requires_grad for p in sam.perturbed) else [
-        p for p in sam.perturbed if p.requires_grad]
+    trainable = None   # P, or the part of it still requiring grad (some frozen after the optimizer was built)
+    if sam is not None:
+        trainable = sam.perturbed
+        if not all(p.requires_grad for p in trainable):
+            trainable = [p for p in trainable if p.requires_grad]
     loss_sum = ascent_sum = eps_sum = skipped = None
 
     for i, (x, y) in enumerate(chunks):
         last = i == k - 1
         if sam is not None:
-            n = x.shape[0] if ascent_frac == 1.0 else max(1, int(round(ascent_frac * x.shape[0])))
+            n = ascent_samples(x.shape[0], ascent_frac)
             with _no_sync(model, True), requires_grad_off(others):
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
