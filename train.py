@@ -289,6 +289,8 @@ def validate_args(args) -> None:
         raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
     if args.checkpoint_hist < 1:
         raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    if args.model_ema and not 0 <= args.model_ema_decay <= 1:
+        raise UsageError(f'--model-ema-decay must be in [0, 1] (e.g. 0.9998), got {args.model_ema_decay}')
     if args.eval_metric not in EVAL_METRICS:
         raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
     try:
@@ -360,13 +362,17 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                                                  (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
         sums = row if sums is None else sums + row
         if batch_idx == last_idx or (num_updates % args.log_interval == 0):
+            shown = sums
+            if args.distributed:   # every rank: the line shows all ranks' running averages, as upstream's does
+                shown = sums.clone()
+                torch.distributed.all_reduce(shown)
             if args.rank == 0:
-                s = (sums / sums[4]).tolist()
+                s = (shown / shown[4]).tolist()
                 lr = optimizer.param_groups[0]['lr']
                 msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({100. * (batch_idx + 1) / len(loader):>3.0f}%)]  '
                        f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
                 if args.is_sam:
-                    msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(sums[3].item())}'
+                    msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
                 _logger.info(msg)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)

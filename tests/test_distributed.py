@@ -296,6 +296,11 @@ def test_distributed_train_sh_end_to_end(tmp_path):
     with open(run_dir / 'summary.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and 'train_sharpness' in rows[0] and 'train_eps_norm' in rows[0]
+    # the log line at the epoch's last update shows both ranks' averages, as the summary does (not rank 0's)
+    last = [line for line in log.splitlines() if 'Train: 0 [' in line][-1]
+    shown = dict(zip(*[iter(last.split('%)]')[1].replace('|eps|', 'eps').split())] * 2))
+    assert float(shown['loss']) == pytest.approx(float(rows[0]['train_loss']), abs=1e-4), (last, rows[0])
+    assert float(shown['ascent-loss']) == pytest.approx(float(rows[0]['train_ascent_loss']), abs=1e-4), (last, rows[0])
     ckpt = torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=True)
     assert ckpt['args']['world_size'] == 2 and ckpt['args']['distributed'] is True
     assert ckpt['epoch'] == 0

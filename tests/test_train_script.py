@@ -88,6 +88,7 @@ BAD_INPUTS = [
     (['--checkpoint-hist', '0'], '--checkpoint-hist must be at least 1, got 0'),
     (['--eval-metric', 'top-1'], "--eval-metric must be one of top1, top5, loss, got 'top-1'"),
     (['--device', 'foo'], "--device 'foo' is not a torch device"),
+    (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
 ] + ([(['--device', 'cuda'], '--device cuda: CUDA is not available on this machine; use --device cpu')]

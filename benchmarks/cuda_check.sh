@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Everything that needs a CUDA GPU, in one run (CI has none): for a GPU machine with the project
+# importable (pip install -e '.[test]', or PYTHONPATH). Writes logs, JSON and a SUMMARY into OUTDIR.
+#   1. tests:    the device-generic tests on CUDA (Table 10 formulas in float64, GradScaler, bf16/fp16 AMP)
+#   2. train:    train.py end to end on generated images: bf16, fp16 (GradScaler), fp16 + --stop-epoch
+#                then --resume; each must finish with finite losses in summary.csv
+#   3. perturb:  host cost of perturb + restore on CUDA (benchmarks/perturb_cost.py)
+#   4. table:    the README's GPU step-cost table (benchmarks/gpu_table.sh, ROUNDS rounds)
+#   5. compile:  with COMPILE=1, sgd / sam / sam-on under torch.compile on ResNet-50 b256
+#
+#   bash benchmarks/cuda_check.sh [OUTDIR]      # default ./output/cuda_check; ~5 min on an H100 with ROUNDS=1
+# Environment: PYTHON, ROUNDS (default 1), COMPILE=1, SKIP="tests table ..." (parts to leave out),
+# DEVICE=cpu runs parts 1-3 on the CPU (a check of this script, not of CUDA; slow: CPU float16 is emulated).
+set -u -o pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(dirname "$here")
+out=$(mkdir -p "${1:-./output/cuda_check}" && cd "${1:-./output/cuda_check}" && pwd)
+py=${PYTHON:-python3}
+dev=${DEVICE:-cuda}
+skip=" ${SKIP:-} "
+summary="$out/SUMMARY"
+: > "$summary"
+export PYTHONUNBUFFERED=1
+
+part() {   # part NAME COMMAND...: run unless skipped, log to OUTDIR/NAME.log, one line in SUMMARY
+  local name=$1; shift
+  case "$skip" in *" $name "*) echo "$name: skipped" | tee -a "$summary"; return 0;; esac
+  local t0=$SECONDS
+  echo "=== $name: $*"
+  "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "$name: $([ "$rc" = 0 ] && echo ok || echo "FAILED (rc $rc)") in $((SECONDS - t0)) s" | tee -a "$summary"
+}
+
+env_info() {
+  "$py" - <<'EOF'
+import platform, torch, timm
+print('python', platform.python_version(), '| torch', torch.__version__, '| timm', timm.__version__)
+if torch.cuda.is_available():
+    print('card:', torch.cuda.get_device_name(0), '| cuda', torch.version.cuda, '| cudnn', torch.backends.cudnn.version())
+EOF
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  return 0
+}
+
+run_tests() {
+  (cd "$root" && SAM_ON_TIMM_TEST_DEVICE=$dev "$py" -m pytest -q -p no:cacheprovider \
+      tests/test_sam_optimizer.py tests/test_train_step.py)
+}
+
+run_train() {
+  local data="$out/train/data" rc=0
+  rm -rf "$out/train" && mkdir -p "$out/train"
+  "$py" -c "import sys; sys.path.insert(0, '$root/tests'); from helpers import make_image_folder as m; \
+m('$data', n_train=256, n_val=64, classes=2, size=32)" || return 1
+  local common=(--data-dir "$data" --model resnet18 --num-classes 2 --img-size 32 -b 32 --sam-m 16
+                --opt sam-on-layerl2 --rho 0.05 --lr 0.05 --sched cosine --epochs 2 --warmup-epochs 0
+                --cooldown-epochs 0 --workers 2 --log-interval 4 --device "$dev" --amp --channels-last
+                --output "$out/train")
+  "$py" "$root/train.py" "${common[@]}" --amp-dtype bfloat16 --experiment bf16 || rc=1
+  "$py" "$root/train.py" "${common[@]}" --amp-dtype float16 --experiment fp16 || rc=1
+  "$py" "$root/train.py" "${common[@]}" --amp-dtype float16 --experiment fp16-resume --stop-epoch 1 || rc=1
+  "$py" "$root/train.py" "${common[@]}" --amp-dtype float16 --experiment fp16-resume \
+      --resume "$out/train/fp16-resume/last.pth.tar" || rc=1
+  "$py" - "$out/train" <<'EOF' || rc=1
+import csv, math, os, sys
+bad = 0
+for name in ('bf16', 'fp16', 'fp16-resume'):
+    with open(os.path.join(sys.argv[1], name, 'summary.csv')) as f:
+        rows = list(csv.DictReader(f))
+    finite = all(math.isfinite(float(v)) for r in rows for k, v in r.items() if k != 'epoch' and v != '')
+    ok = len(rows) == 2 and finite
+    bad += not ok
+    print(f"{name}: {len(rows)} epochs, finite {finite}, last row {rows[-1] if rows else None}")
+a, b = (list(csv.DictReader(open(os.path.join(sys.argv[1], n, 'summary.csv'))))[-1] for n in ('fp16', 'fp16-resume'))
+print('stopped + resumed vs uninterrupted fp16 run, last epoch:',
+      {k: float(b[k]) - float(a[k]) for k in ('train_loss', 'train_eps_norm', 'eval_loss')})
+sys.exit(bad)
+EOF
+  return $rc
+}
+
+run_perturb() {
+  "$py" "$here/perturb_cost.py" --device "$dev" --model resnet50
+}
+
+run_table() {
+  [ "$dev" = cuda ] || { echo "the table needs CUDA"; return 1; }
+  ROUNDS=${ROUNDS:-1} PYTHON="$py" bash "$here/gpu_table.sh" "$out/step_cost"
+}
+
+run_compile() {
+  [ "$dev" = cuda ] || { echo "the compiled column needs CUDA"; return 1; }
+  "$py" "$here/step_cost.py" --device cuda --model resnet50 --img-size 224 --batch-size 256 --amp-dtype bfloat16 \
+      --channels-last --compile --steps 20 --warmup 5 --opts sgd,sam,sam-on --json "$out/step_cost_compile_resnet50_b256.json"
+}
+
+part env env_info
+part tests run_tests
+part train run_train
+part perturb run_perturb
+part table run_table
+if [ "${COMPILE:-0}" = 1 ]; then part compile run_compile; fi
+echo "=== summary ($out/SUMMARY)"
+cat "$summary"
+! grep -q FAILED "$summary"
