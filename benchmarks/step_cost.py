@@ -115,6 +115,7 @@ def parse_args(argv=None):
     p.add_argument('--json', default=None, metavar='PATH', help='write the rows here')
     p.add_argument('--_mem-probe', dest='mem_probe', default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.opt_list = [o.strip() for o in args.opts.split(',') if o.strip()]
     if not args.opt_list:
         p.error('--opts is empty')
@@ -251,20 +252,8 @@ def cpu_peak_mb(args, opt_name):
 
 
 def _probe_argv(args):
-    out = ['--device', args.device, '--model', args.model, '--img-size', str(args.img_size),
-           '--batch-size', str(args.batch_size), '--num-classes', str(args.num_classes), '--opts', 'probe',
-           '--warmup', str(args.warmup), '--sam-ascent-frac', repr(args.sam_ascent_frac),
-           '--sam-bn-update', args.sam_bn_update, '--rho', repr(args.rho), '--lr', repr(args.lr),
-           '--weight-decay', repr(args.weight_decay), '--amp-dtype', args.amp_dtype, '--seed', str(args.seed)]
-    if args.sam_m is not None:
-        out += ['--sam-m', str(args.sam_m)]
-    if args.channels_last:
-        out.append('--channels-last')
-    if args.compile:
-        out.append('--compile')
-    if args.threads is not None:
-        out += ['--threads', str(args.threads)]
-    return out
+    """This run's own arguments (argparse: the last of a repeated flag wins), for one optimizer's probe."""
+    return args.argv + ['--opts', 'probe']
 
 
 def mem_probe_main(args):
