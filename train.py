@@ -247,7 +247,7 @@ def validate_args(args) -> None:
         if not 0 < args.sam_ascent_frac <= 1:
             raise UsageError(f'--sam-ascent-frac must be in (0, 1], got {args.sam_ascent_frac}')
         base = args.sam_base.lower()
-        if base not in list_optimizers() or sam_on_timm.is_sam_name(base):
+        if base.split('_')[-1] not in list_optimizers() or sam_on_timm.is_sam_name(base):   # lookahead_ prefix too
             raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
                              f"(e.g. sgd, momentum, adamw)")
     if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):

@@ -20,9 +20,17 @@ from torch import Tensor, nn
 from .norm_params import bias_parameters, norm_parameters
 from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok, match_layout
 
-__all__ = ['SAM', 'MODES', 'unscale_grads']
+__all__ = ['SAM', 'MODES', 'torch_grad_scaler', 'unscale_grads']
 
 MODES = ('all', 'on', 'nonorm')
+
+
+def torch_grad_scaler(scaler) -> Optional['torch.amp.GradScaler']:
+    """The torch ``GradScaler`` behind timm's ``NativeScaler``, a ``GradScaler`` itself, or None (also when disabled)."""
+    scaler = getattr(scaler, '_scaler', scaler)
+    if scaler is not None and not scaler.is_enabled():
+        return None
+    return scaler
 
 
 def unscale_grads(grads: List[Tensor], scaler) -> Optional[Tensor]:
@@ -30,7 +38,8 @@ def unscale_grads(grads: List[Tensor], scaler) -> Optional[Tensor]:
 
     eps needs the true gradient (Fisher is not scale invariant). A disabled or absent scaler: None.
     """
-    if scaler is None or not scaler.is_enabled() or getattr(scaler, '_scale', None) is None:
+    scaler = torch_grad_scaler(scaler)
+    if scaler is None or getattr(scaler, '_scale', None) is None:
         return None
     found_inf = torch.zeros(1, device=grads[0].device)
     torch._amp_foreach_non_finite_check_and_unscale_(
@@ -183,7 +192,7 @@ class SAM(torch.optim.Optimizer):
         """
         grads = found_inf = None
         writable = False
-        if scaler is not None and scaler.is_enabled():
+        if torch_grad_scaler(scaler) is not None:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.perturbed]
             found_inf, writable = unscale_grads(grads, scaler), True
         self.perturb(grads, found_inf, grads_writable=writable)
@@ -193,23 +202,37 @@ class SAM(torch.optim.Optimizer):
     def second_step(self, zero_grad: bool = False, scaler: Optional['torch.amp.GradScaler'] = None) -> None:
         """Restore the unperturbed weights, then take the base step with the gradient at w + eps.
 
-        With float16, pass the ``GradScaler``: the step goes through ``scaler.step`` (unscale, skip on
-        overflow), and the weights are restored first, so a skipped step leaves them unperturbed too.
-        (A bare ``scaler.step(opt)`` also restores, but not when the scaler skips the step.)
+        With float16, pass the ``GradScaler`` (or timm's ``NativeScaler``): the step goes through
+        ``scaler.step`` (unscale, skip on overflow); a skipped step leaves the weights unperturbed too.
+        Without a scaler this is ``step()``, so torch LR schedulers see the step.
         """
-        self.restore()
+        scaler = torch_grad_scaler(scaler)
         if scaler is not None:
             scaler.step(self)
         else:
-            self.base_optimizer.step()
+            self.step()
         if zero_grad:
             self.zero_grad()
 
+    # GradScaler.step(opt) then calls step() on every update, overflow or not, with the scale and the
+    # overflow flag as attributes ``grad_scale`` / ``found_inf``: a skipped step still restores w.
+    _step_supports_amp_scaling = True
+
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (forward + backward, returning the loss): a full SAM step.
-        Without: restore if perturbed, then the base step (what ``GradScaler.step(opt)`` calls)."""
+        Without: restore if perturbed, then the base step; what ``GradScaler.step(opt)`` calls, with
+        ``found_inf`` set: an fp16 overflow skips the base step, the weights are restored all the same."""
         if closure is None:
             self.restore()
+            found_inf = getattr(self, 'found_inf', None)   # set by GradScaler.step only
+            if found_inf is not None:
+                if found_inf.item():   # the same host sync GradScaler makes to skip a step
+                    return None
+                if getattr(self, 'grad_scale', None) is not None:   # not unscaled yet: as GradScaler.unscale_
+                    grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
+                    inv_scale = self.grad_scale.double().reciprocal().float()
+                    for device in {g.device for g in grads}:
+                        torch._foreach_mul_([g for g in grads if g.device == device], inv_scale.to(device))
             self.base_optimizer.step()
             return None
         closure = torch.enable_grad()(closure)

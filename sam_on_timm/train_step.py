@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .norm_params import is_norm_module
-from .sam import SAM, unscale_grads
+from .sam import SAM, torch_grad_scaler, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn_stats', 'requires_grad_off',
            'train_step', 'BN_UPDATE_CHOICES']
@@ -62,26 +62,33 @@ def ascent_samples(chunk: int, ascent_frac: float) -> int:
 
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module, enabled: bool = True):
-    """Running statistics of BatchNorm (and timm's EvoNorm-B) left untouched inside the block.
+    """Running statistics of the norm layers left exactly as they are inside the block, also when a
+    batch statistic is not finite (an fp16 overflow at w + eps).
 
-    momentum 0 makes the update an exact no-op (r * 1 + x * 0); ``num_batches_tracked`` is put back
-    too, so a cumulative average (momentum None) is not shifted either.
+    BatchNorm (torch's, SyncBatchNorm, timm's BatchNormAct2d): ``track_running_stats`` off, so the
+    forward normalises with the batch statistics, as in training, and updates nothing (counter
+    included). Other layers with running statistics (timm's EvoNorm-B): their buffers are put back.
     """
-    saved = []
+    switched, saved = [], []
     if enabled:
         for mod in model.modules():
-            # running_var is None for a BatchNorm with track_running_stats=False
-            if is_norm_module(mod) and hasattr(mod, 'momentum') and getattr(mod, 'running_var', None) is not None:
-                nbt = getattr(mod, 'num_batches_tracked', None)
-                saved.append((mod, mod.momentum, None if nbt is None else nbt.clone()))
-                mod.momentum = 0.0
+            # running_var is None for a BatchNorm built with track_running_stats=False
+            if not is_norm_module(mod) or getattr(mod, 'running_var', None) is None:
+                continue
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                if mod.track_running_stats:
+                    mod.track_running_stats = False
+                    switched.append(mod)
+            else:
+                saved.extend((b, b.clone()) for b in mod.buffers(recurse=False))
     try:
         yield
     finally:
-        for mod, momentum, nbt in saved:
-            mod.momentum = momentum
-            if nbt is not None:
-                mod.num_batches_tracked.copy_(nbt)
+        for mod in switched:
+            mod.track_running_stats = True
+        with torch.no_grad():
+            for buf, copy in saved:
+                buf.copy_(copy)
 
 
 @contextlib.contextmanager
@@ -107,14 +114,6 @@ def requires_grad_off(params: Iterable[Tensor]):
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
     return model.no_sync() if skip_sync and hasattr(model, 'no_sync') else contextlib.nullcontext()
-
-
-def _grad_scaler(loss_scaler):
-    """torch GradScaler from timm's NativeScaler, a GradScaler, or None (disabled counts as None)."""
-    scaler = getattr(loss_scaler, '_scaler', loss_scaler)
-    if scaler is not None and not scaler.is_enabled():
-        return None
-    return scaler
 
 
 def train_step(
@@ -145,7 +144,7 @@ def train_step(
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
                          'backward under no_sync(), which a static graph does not allow; wrap the model without '
                          'static_graph')
-    scaler = _grad_scaler(loss_scaler)
+    scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)
     others = sam.unperturbed() if sam is not None else []

@@ -260,28 +260,64 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
     assert isinstance(la._base_optimizer, SAM)
 
 
-def test_GradScaler_step_restores_then_steps(device):
+@pytest.mark.parametrize('path', ['GradScaler.step', 'second_step', 'second_step NativeScaler'])
+def test_GradScaler_step_restores_then_steps(device, path):
+    """An overflow skips the base step and still leaves w restored, also through a bare
+    ``scaler.step(opt)`` (SPEC 3 and 4); otherwise the step is SGD's on the unscaled gradient at w + eps."""
+    from timm.utils import NativeScaler
     model, x, y = _toy_problem(device=device)
-    opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05)
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05, weight_decay=1e-4)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 4)
+    native = NativeScaler(device=device.type)
+    native._scaler = scaler
     params = [p for g in opt.param_groups for p in g['params']]
-    for overflow in (True, False):
+    for overflow in (True, False):   # the skipped update first: the base optimizer has no momentum yet after it
         before = {p: p.detach().clone() for p in params}
         scaler.scale(F.cross_entropy(model(x), y)).backward()
-        opt.first_step(zero_grad=True)
+        opt.first_step(zero_grad=True, scaler=native if 'Native' in path else scaler)
         assert any(not torch.equal(p, before[p]) for p in opt.perturbed)
         scaler.scale(F.cross_entropy(model(x), y)).backward()
         if overflow:
-            opt.perturbed[0].grad.fill_(float('inf'))  # the scaler skips the base step
-            opt.second_step(zero_grad=True, scaler=scaler)
-            assert not opt.is_perturbed
-            assert all(torch.equal(p, before[p]) for p in params)  # restored, nothing stepped
+            opt.perturbed[0].grad.fill_(float('inf'))
+        grads = {p: p.grad.detach().clone() for p in params}
+        if path == 'GradScaler.step':
+            scaler.step(opt)
         else:
-            scaler.step(opt)  # GradScaler calls opt.step(): restore, then the base step
-            assert not opt.is_perturbed
-            assert all(not torch.equal(p, before[p]) for p in opt.perturbed)
-            assert all(torch.isfinite(p).all() for p in params)
+            opt.second_step(scaler=native if 'Native' in path else scaler)
+        assert not opt.is_perturbed
+        if overflow:
+            assert all(torch.equal(p, before[p]) for p in params)   # restored, nothing stepped
+        else:   # an independent SGD (timm's sgd: nesterov) from w, on the gradient / scale (exact: a power of 2)
+            twin = {p: before[p].clone().requires_grad_() for p in params}
+            for p, t in twin.items():
+                t.grad = grads[p] / scaler.get_scale()   # 8: halved by the overflow
+            groups = [dict(params=[twin[p] for p in g['params']], weight_decay=g['weight_decay'])
+                      for g in opt.param_groups]   # timm: no weight decay on biases and norm parameters
+            torch.optim.SGD(groups, lr=0.05, momentum=0.9, nesterov=True).step()
+            for p, t in twin.items():
+                torch.testing.assert_close(p.detach(), t.detach(), rtol=0, atol=0)
+        scale = scaler.get_scale()
         scaler.update()
+        assert scaler.get_scale() == (scale / 2 if overflow else scale)   # the scaler saw the overflow
+        opt.zero_grad()
+
+
+def test_torch_lr_scheduler_sees_second_step():
+    """second_step goes through step(), which torch's LR schedulers watch: no 'lr_scheduler.step()
+    before optimizer.step()' warning, and the decayed lr reaches the base optimizer."""
+    import warnings
+    model, x, y = _toy_problem()
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step(zero_grad=True)
+        sched.step()
+    assert not [w for w in caught if 'lr_scheduler.step()' in str(w.message)], [str(w.message) for w in caught]
+    assert opt.base_optimizer.param_groups[0]['lr'] == 0.05
 
 
 def test_18_names_are_registered():

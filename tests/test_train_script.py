@@ -73,6 +73,9 @@ def test_config_file_and_flags(image_folder, tmp_path):
     assert (args.opt, args.rho, args.weight_decay, args.sam_m, args.sam_bn_update) == ('sam-on', 0.2, 1e-4, 2, 'ascent')
     train.validate_args(args)
     assert args.is_sam
+    # a base optimizer name with timm's lookahead_ prefix, as the optimizer API takes it
+    args = train.parse_args(['--opt', 'sam-on', '--sam-base', 'lookahead_sgd', '--data-dir', image_folder])
+    train.validate_args(args)
 
 
 BAD_INPUTS = [
@@ -82,6 +85,8 @@ BAD_INPUTS = [
     (['--opt', 'sam', '--sam-m', '3'], '--sam-m 3 must be a positive divisor of the per-GPU batch size -b 4'),
     (['--opt', 'sam-on', '--model', 'test_nfnet'], 'no normalization layers'),
     (['--opt', 'sam', '--sam-base', 'sam-on'], "unknown --sam-base 'sam-on'"),
+    (['--opt', 'sam', '--sam-base', 'lookahead_sam'], "unknown --sam-base 'lookahead_sam'"),
+    (['--opt', 'sam', '--sam-base', 'lookahead_sgdd'], "unknown --sam-base 'lookahead_sgdd'"),
     (['--opt', 'sam', '--amp', '--amp-dtype', 'float8'], '--amp-dtype must be float16 or bfloat16'),
     (['--epochs', '0'], '--epochs must be positive, got 0'),
     (['--img-size', '0'], '--img-size / --input-size must be positive'),

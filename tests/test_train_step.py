@@ -113,7 +113,7 @@ def test_bn_update_ascent_keeps_descent_out_of_running_stats():
     torch.testing.assert_close(b[1].running_mean, ref[1].running_mean)
     torch.testing.assert_close(b[1].running_var, ref[1].running_var)
     assert not torch.allclose(a[1].running_mean, ref[1].running_mean)
-    assert b[1].momentum == 0.1  # restored after the descent pass
+    assert b[1].momentum == 0.1 and b[1].track_running_stats  # restored after the descent pass
 
 
 def _capture_perturbation(opt, store):
@@ -228,11 +228,17 @@ def test_frozen_stats_keep_counters_and_evonorm_buffers():
     x = torch.randn(4, 3, 8, 8)
     model(x)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with frozen_bn_stats(model):
-        model(x + 1)
-    for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k]), k
-    assert model[1].momentum is None and model[2].momentum == 0.1
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float('inf')   # a non-finite batch statistic (fp16 overflow): momentum 0 gave r * 1 + nan * 0
+    for inp in (x + 1, bad):
+        with frozen_bn_stats(model):
+            model(inp)
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, state[k]), k
+    assert model[1].momentum is None and model[2].momentum == 0.1 and model[1].track_running_stats
+    model(x + 2)   # and they update again after the block
+    assert not torch.equal(model[1].running_mean, state['1.running_mean'])
+    assert model[1].num_batches_tracked == state['1.num_batches_tracked'] + 1
 
 
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
