@@ -19,6 +19,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
+from typing import Any, Dict
 
 import torch
 import yaml
@@ -36,10 +37,6 @@ class UsageError(Exception):
 config_parser = argparse.ArgumentParser(description='Training config', add_help=False)
 config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                            help='YAML config file; its keys are this script\'s argument names')
-
-
-def _float_list(s):
-    return [float(v) for v in s.split(',')] if isinstance(s, str) else s
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
     g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
     g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='"linear" or "sqrt" (default by optimizer)')
-    g.add_argument('--lr-noise', type=_float_list, default=None, metavar='pct, pct')
+    g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
     g.add_argument('--lr-noise-pct', type=float, default=0.67)
     g.add_argument('--lr-noise-std', type=float, default=1.0)
     g.add_argument('--lr-cycle-mul', type=float, default=1.0)
@@ -289,6 +286,10 @@ def validate_args(args) -> None:
         raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
     if args.checkpoint_hist < 1:
         raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    if args.log_interval <= 0:
+        raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
+    if args.start_epoch is not None and args.start_epoch < 0:
+        raise UsageError(f'--start-epoch must be >= 0, got {args.start_epoch}')
     if args.model_ema and not 0 <= args.model_ema_decay <= 1:
         raise UsageError(f'--model-ema-decay must be in [0, 1] (e.g. 0.9998), got {args.model_ema_decay}')
     if args.eval_metric not in EVAL_METRICS:
@@ -297,6 +298,13 @@ def validate_args(args) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
+
+
+def given_args(args) -> Dict[str, Any]:
+    """The script's arguments as given (flags over YAML over defaults), before computed values (lr from
+    lr-base, input_size, ...) are filled in: what args.yaml holds, so that ``-c args.yaml`` repeats the run."""
+    dests = {a.dest for a in build_parser()._actions} - {'help', 'config'}
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in dests}
 
 
 def output_dir_for(args) -> str:
@@ -332,7 +340,7 @@ def check_output_dir(args, output_dir: str) -> None:
 # training and validation
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
-                    loss_scaler, model_ema, mixup_fn, num_updates):
+                    loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None):
     from sam_on_timm.train_step import split_chunks, train_step
     accum = args.grad_accum_steps
     last_idx = len(loader) - 1
@@ -351,8 +359,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if (batch_idx + 1) % accum and batch_idx != last_idx:
             continue
         stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
-                           clip_grad=args.clip_grad, clip_mode=args.clip_mode, bn_update=args.sam_bn_update,
-                           ascent_frac=args.sam_ascent_frac)
+                           clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
+                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac)
         chunks = []
         num_updates += 1
         if model_ema is not None:
@@ -429,7 +437,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import timm
     import sam_on_timm
-    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, plain_args, set_rng_state
+    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, set_rng_state
     from sam_on_timm.train_step import ascent_samples, find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -438,6 +446,7 @@ def run(args) -> int:
     from timm.utils import (ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, random_seed,
                             update_summary)
 
+    as_given = given_args(args)   # before validate_args fills in computed values
     validate_args(args)
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():   # this machine, not the recipe
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
@@ -451,8 +460,9 @@ def run(args) -> int:
         if args.distributed:
             torch.distributed.barrier()
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True  # as timm's train.py: fixed input shapes, autotuned convs
+    if device.type == 'cuda':   # as timm's train.py: TF32 matmuls, autotuned convs (fixed input shapes)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
     random_seed(args.seed, args.rank)
 
     if not args.is_sam and args.rank == 0:
@@ -550,6 +560,10 @@ def run(args) -> int:
         if resume_state is not None and 'state_dict_ema' in resume_state:
             model_ema.module.load_state_dict(resume_state['state_dict_ema'])
 
+    clip_parameters = None
+    if args.clip_grad is not None:   # as timm's train.py: AGC leaves the classifier head (its last two tensors) out
+        from timm.models import model_parameters
+        clip_parameters = list(model_parameters(model, exclude_head='agc' in args.clip_mode))
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device] if device.type == 'cuda' else None)
@@ -593,7 +607,10 @@ def run(args) -> int:
         dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
         no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
         ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, interpolation=args.train_interpolation, mean=data_config['mean'],
+        auto_augment=args.aa, mean=data_config['mean'],
+        # as timm's train.py: the model's interpolation without augmentation or with none given
+        interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
+        else args.train_interpolation,
         std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
         pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
         persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
@@ -637,7 +654,7 @@ def run(args) -> int:
     if args.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump({k: (list(v) if isinstance(v, tuple) else v) for k, v in plain_args(args).items()}, f)
+            yaml.safe_dump(as_given, f)
         saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                    amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                    decreasing=decreasing, max_history=args.checkpoint_hist)
@@ -657,49 +674,55 @@ def run(args) -> int:
     resume_state = None
 
     num_updates = start_epoch * updates_per_epoch
-    best_metric = None
-    for epoch in range(start_epoch, end_epoch):
-        if hasattr(dataset_train, 'set_epoch'):
-            dataset_train.set_epoch(epoch)
-        elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-            loader_train.sampler.set_epoch(epoch)
-        if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-            if mixup_fn is not None:
-                mixup_fn.mixup_enabled = False
-            elif hasattr(loader_train, 'mixup_enabled'):
-                loader_train.mixup_enabled = False
-        train_metrics, num_updates = train_one_epoch(
-            epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
-            loss_scaler, model_ema, mixup_fn, num_updates)
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-            if model_ema is not None:  # the EMA averages each rank's own BN statistics: share them too
-                distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-        eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
-        if model_ema is not None:
-            ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
-            eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-        if args.rank == 0:
-            _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
-                         f'top5 {eval_metrics["top5"]:.2f}')
-            lrs = [g['lr'] for g in optimizer.param_groups]
-            summary = os.path.join(output_dir, 'summary.csv')
-            update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
-                           write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
-        if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        rng_states = [get_rng_state()]
-        if args.distributed:  # every rank's own streams, so that a resume continues each of them
-            rng_states = [None] * args.world_size
-            torch.distributed.all_gather_object(rng_states, get_rng_state())
-        if saver is not None:
-            saver.rng_states = rng_states
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+    best_metric, interrupted, epoch = None, False, start_epoch
+    try:
+        for epoch in range(start_epoch, end_epoch):
+            if hasattr(dataset_train, 'set_epoch'):
+                dataset_train.set_epoch(epoch)
+            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                if mixup_fn is not None:
+                    mixup_fn.mixup_enabled = False
+                elif hasattr(loader_train, 'mixup_enabled'):
+                    loader_train.mixup_enabled = False
+            train_metrics, num_updates = train_one_epoch(
+                epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
+                loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters)
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
+                if model_ema is not None:  # the EMA averages each rank's own BN statistics: share them too
+                    distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
+            if model_ema is not None:
+                ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+            # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
+            metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]
+            if args.rank == 0:
+                _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
+                             f'top5 {eval_metrics["top5"]:.2f}')
+                lrs = [g['lr'] for g in optimizer.param_groups]
+                summary = os.path.join(output_dir, 'summary.csv')
+                update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
+                               write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, metric)
+            rng_states = [get_rng_state()]
+            if args.distributed:  # every rank's own streams, so that a resume continues each of them
+                rng_states = [None] * args.world_size
+                torch.distributed.all_gather_object(rng_states, get_rng_state())
+            if saver is not None:
+                saver.rng_states = rng_states
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+    except KeyboardInterrupt:   # as timm's train.py: no traceback (checkpoints are replaced atomically)
+        interrupted = True
+        _logger.warning(f'interrupted in epoch {epoch}: the checkpoints are those of the epochs completed before it')
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
-    if args.distributed:
+    if args.distributed and not interrupted:
         torch.distributed.destroy_process_group()
-    return 0
+    return 130 if interrupted else 0
 
 
 if __name__ == '__main__':

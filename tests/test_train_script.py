@@ -28,7 +28,8 @@ def read_summary(path):
 
 @pytest.mark.parametrize('opt', ['sgd', 'sam', 'sam-on-layerl2'])
 def test_train_end_to_end(image_folder, tmp_path, opt):
-    assert run(image_folder, tmp_path, '--opt', opt, '--experiment', 'e', '--rho', '0.05', '--model-ema') == 0
+    flags = ['--opt', opt, '--experiment', 'e', '--rho', '0.05', '--model-ema', '--eval-metric', 'loss']
+    assert run(image_folder, tmp_path, *flags) == 0
     d = tmp_path / 'e'
     rows = read_summary(d / 'summary.csv')
     assert [r['epoch'] for r in rows] == ['0', '1']
@@ -43,10 +44,53 @@ def test_train_end_to_end(image_folder, tmp_path, opt):
     assert os.path.isfile(d / 'last.pth.tar') and os.path.isfile(d / 'checkpoint-1.pth.tar')
     ckpt = torch.load(d / 'last.pth.tar', weights_only=True)
     assert {'state_dict', 'optimizer', 'epoch', 'state_dict_ema', 'rng_state', 'arch'} <= set(ckpt)
+    # as timm's train.py, the EMA's metric ranks the checkpoints when there is an EMA
+    assert ckpt['metric'] == pytest.approx(float(rows[-1]['eval_ema_loss']))
+    assert ckpt['metric'] != pytest.approx(float(rows[-1]['eval_loss']))
+    # args.yaml holds the arguments as given (no computed values): -c args.yaml parses to the same run
+    given = train.given_args(train.parse_args(['--data-dir', image_folder, '--output', str(tmp_path), *BASE, *flags]))
+    again = train.parse_args(['-c', str(d / 'args.yaml')])
+    assert train.given_args(again) == given
     # timm reads the weights as its own checkpoint (EMA preferred, as timm's loader does)
     model = timm.create_model('test_resnet', num_classes=2, checkpoint_path=str(d / 'last.pth.tar'))
     for k, v in model.state_dict().items():
         assert torch.equal(v, ckpt['state_dict_ema'][k]), k
+
+
+def test_agc_leaves_the_head_out_and_empty_train_interpolation(image_folder, tmp_path, monkeypatch):
+    """--clip-mode agc clips every tensor but the classifier's two (as timm's train.py); an empty
+    --train-interpolation takes the model's (it was a KeyError)."""
+    import sam_on_timm.train_step as ts
+    clipped = []
+    original = ts._clip
+
+    def recording_clip(parameters, value, mode):
+        clipped.append([tuple(p.shape) for p in parameters])
+        return original(parameters, value, mode)
+
+    monkeypatch.setattr(ts, '_clip', recording_clip)
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'a', '--epochs', '1', '--clip-grad', '0.01',
+               '--clip-mode', 'agc', '--train-interpolation', '') == 0
+    shapes = [tuple(p.shape) for p in timm.create_model('test_resnet', num_classes=2).parameters()]
+    assert clipped and all(c == shapes[:-2] for c in clipped)   # the head: fc weight (2, C) and bias (2,)
+    assert shapes[-2][0] == 2 and shapes[-1] == (2,)
+
+
+def test_ctrl_c_stops_without_traceback_and_keeps_checkpoints(image_folder, tmp_path, monkeypatch, capsys):
+    calls = []
+    validate = train.validate
+
+    def interrupted_validate(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:   # in the second epoch
+            raise KeyboardInterrupt
+        return validate(*a, **k)
+
+    monkeypatch.setattr(train, 'validate', interrupted_validate)
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'k') == 130
+    assert 'Traceback' not in capsys.readouterr().err
+    ckpt = torch.load(tmp_path / 'k' / 'last.pth.tar', weights_only=True)
+    assert ckpt['epoch'] == 0 and len(read_summary(tmp_path / 'k' / 'summary.csv')) == 1
 
 
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
@@ -73,6 +117,9 @@ def test_config_file_and_flags(image_folder, tmp_path):
     assert (args.opt, args.rho, args.weight_decay, args.sam_m, args.sam_bn_update) == ('sam-on', 0.2, 1e-4, 2, 'ascent')
     train.validate_args(args)
     assert args.is_sam
+    # --lr-noise takes one or more values, as timm's (a second one went to the positional data argument)
+    args = train.parse_args(['--lr-noise', '0.4', '0.9', '--data-dir', image_folder])
+    assert args.lr_noise == [0.4, 0.9] and args.data is None
     # a base optimizer name with timm's lookahead_ prefix, as the optimizer API takes it
     args = train.parse_args(['--opt', 'sam-on', '--sam-base', 'lookahead_sgd', '--data-dir', image_folder])
     train.validate_args(args)
@@ -93,6 +140,8 @@ BAD_INPUTS = [
     (['--checkpoint-hist', '0'], '--checkpoint-hist must be at least 1, got 0'),
     (['--eval-metric', 'top-1'], "--eval-metric must be one of top1, top5, loss, got 'top-1'"),
     (['--device', 'foo'], "--device 'foo' is not a torch device"),
+    (['--log-interval', '0'], '--log-interval must be positive, got 0'),
+    (['--start-epoch', '-1'], '--start-epoch must be >= 0, got -1'),
     (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
