@@ -543,14 +543,27 @@ def run(args) -> int:
 
     resume_epoch, resume_state = None, None
     if args.resume:
-        try:
-            resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
-            model.load_state_dict(resume_state['state_dict'])
-            if not args.no_resume_opt:
-                optimizer.load_state_dict(resume_state['optimizer'])
-                if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
-                    loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
-            resume_epoch = resume_state['epoch'] + 1
+        from timm.models import clean_state_dict
+        try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
+            if 'state_dict' not in resume_state:   # weights only, as timm's resume_checkpoint: from epoch 0
+                model.load_state_dict(clean_state_dict(resume_state))
+                resume_state = None
+                _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
+            else:
+                model.load_state_dict(clean_state_dict(resume_state['state_dict']))
+                if not args.no_resume_opt and 'optimizer' in resume_state:
+                    try:
+                        optimizer.load_state_dict(resume_state['optimizer'])
+                    except (ValueError, KeyError) as e:
+                        raise ValueError(f'its optimizer state does not fit --opt {args.opt} ({_first_line(e)}); '
+                                         f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
+                    if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
+                        loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
+                if 'state_dict_ema' in resume_state:
+                    resume_state['state_dict_ema'] = clean_state_dict(resume_state['state_dict_ema'])
+                resume_epoch = resume_state['epoch'] + 1 if 'epoch' in resume_state else None
         except Exception as e:  # not a checkpoint, or one of another model / optimizer
             raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
 
@@ -668,8 +681,9 @@ def run(args) -> int:
         if len(states) == args.world_size and all(s is not None for s in states):
             set_rng_state(states[args.rank])
         else:
-            _logger.warning(f'the checkpoint holds RNG states of {len(states)} rank(s), this run has '
-                            f'{args.world_size}: reseeding with seed + epoch (the data order will differ)')
+            held = f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
+            _logger.warning(f'the checkpoint holds {held}, this run has {args.world_size} rank(s): reseeding with '
+                            f'seed + epoch (the data order differs from an uninterrupted run)')
             random_seed(args.seed + start_epoch, args.rank)
     resume_state = None
 

@@ -93,6 +93,40 @@ def test_ctrl_c_stops_without_traceback_and_keeps_checkpoints(image_folder, tmp_
     assert ckpt['epoch'] == 0 and len(read_summary(tmp_path / 'k' / 'summary.csv')) == 1
 
 
+def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_path, capsys):
+    """timm's CheckpointSaver (args as an argparse.Namespace, a plain SGD optimizer) and bare weights
+    with DDP's module. prefix (timm's resume_checkpoint takes both) resume here too."""
+    import argparse
+    from timm.optim import create_optimizer_v2
+    from timm.utils import CheckpointSaver
+    model = timm.create_model('test_resnet', num_classes=2)
+    up = tmp_path / 'upstream'
+    up.mkdir()
+    sgd = create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4)   # two groups: no decay on biases / norms
+    saver = CheckpointSaver(model, sgd, args=argparse.Namespace(model='test_resnet'), checkpoint_dir=str(up),
+                            recovery_dir=str(up))
+    saver.save_checkpoint(epoch=0, metric=50.0)
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'r', '--resume', str(up / 'last.pth.tar')) == 0
+    assert [r['epoch'] for r in read_summary(tmp_path / 'r' / 'summary.csv')] == ['1']   # continued after epoch 0
+    # an optimizer state of another layout (one group: no weight decay there) is refused, with the way out
+    (up / 'one').mkdir()
+    CheckpointSaver(model, create_optimizer_v2(model, 'sgd', lr=0.1), checkpoint_dir=str(up / 'one'),
+                    recovery_dir=str(up / 'one')).save_checkpoint(epoch=0, metric=50.0)
+    other = ['--opt', 'sam-on', '--resume', str(up / 'one' / 'last.pth.tar')]
+    assert run(image_folder, tmp_path, *other, '--experiment', 'o') == 2
+    assert '--no-resume-opt resumes weights and epoch' in capsys.readouterr().err.strip().splitlines()[-1]
+    assert run(image_folder, tmp_path, *other, '--experiment', 'o', '--no-resume-opt') == 0
+    bare = tmp_path / 'bare.pth'
+    torch.save({'module.' + k: v for k, v in model.state_dict().items()}, bare)
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'b', '--resume', str(bare), '--epochs', '1',
+               '--lr', '0') == 0
+    assert [r['epoch'] for r in read_summary(tmp_path / 'b' / 'summary.csv')] == ['0']   # weights only: from epoch 0
+    trained = torch.load(tmp_path / 'b' / 'last.pth.tar', weights_only=True)['state_dict']
+    for k, v in model.state_dict().items():   # lr 0: the loaded weights, untouched (BN statistics aside)
+        if 'running' not in k and 'num_batches' not in k:
+            assert torch.equal(trained[k], v), k
+
+
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
     common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--sam-m', '2', '--model-ema', '--epochs', '3',
               '--reprob', '0.25', '--smoothing', '0.1']
