@@ -270,7 +270,9 @@ def validate_args(args) -> None:
     elif '/' not in args.dataset or args.dataset.split('/')[0] in ('', 'folder', 'imagefolder'):
         if not args.data_dir:
             raise UsageError('no data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders)')
-        if not os.path.isdir(args.data_dir):
+        if os.path.isfile(args.data_dir) and not args.data_dir.endswith('.tar'):
+            raise UsageError(f"--data-dir '{args.data_dir}' is a file: pass a folder or an image .tar (timm's ImageTar)")
+        if not os.path.exists(args.data_dir):
             raise UsageError(f"data directory '{args.data_dir}' does not exist")
     if args.resume and not os.path.isfile(args.resume):
         raise UsageError(f"--resume checkpoint '{args.resume}' does not exist")
@@ -286,6 +288,11 @@ def validate_args(args) -> None:
         raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
     if args.checkpoint_hist < 1:
         raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    for flag, values, sizes in (('--scale', args.scale, (2,)), ('--ratio', args.ratio, (2,)),
+                                ('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--mean', args.mean, (1, 3)),
+                                ('--std', args.std, (1, 3))):
+        if values is not None and len(values) not in sizes:
+            raise UsageError(f"{flag} takes {' or '.join(map(str, sizes))} values, got {len(values)}")
     if args.log_interval <= 0:
         raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
     if args.start_epoch is not None and args.start_epoch < 0:
@@ -308,8 +315,9 @@ def given_args(args) -> Dict[str, Any]:
 
 
 def output_dir_for(args) -> str:
+    from timm.models import safe_model_name   # as timm's train.py: no hub prefix, '.' and '/' as '_'
     exp_name = args.experiment or '-'.join([
-        datetime.now().strftime('%Y%m%d-%H%M%S'), args.model.replace('/', '_'), str(args.input_size[-1])])
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(args.input_size[-1])])
     return os.path.join(args.output or './output/train', exp_name)
 
 
@@ -590,11 +598,16 @@ def run(args) -> int:
         _logger.warning(f'--torchcompile-mode {args.torchcompile_mode} has no effect without --torchcompile')
 
     # data
-    dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                   class_map=args.class_map, download=args.dataset_download,
-                                   batch_size=args.batch_size, seed=args.seed)
-    dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                  class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size)
+    try:
+        dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
+                                       class_map=args.class_map, download=args.dataset_download,
+                                       batch_size=args.batch_size, seed=args.seed)
+        dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                                      class_map=args.class_map, download=args.dataset_download,
+                                      batch_size=args.batch_size)
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:   # unknown dataset, class map, ...
+        raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
+                         f"--class-map): {_first_line(e)}") from None
     for split, ds in (('training', dataset_train), ('validation', dataset_eval)):
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
         # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
@@ -606,33 +619,37 @@ def run(args) -> int:
     if len(dataset_train) < args.batch_size * args.world_size:
         raise UsageError(f'the training split has {len(dataset_train)} images, fewer than one global batch '
                          f'({args.batch_size} x {args.world_size})')
-    collate_fn, mixup_fn = None, None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active:
-        mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                          prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                          label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if args.prefetcher:
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
-        ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        auto_augment=args.aa, mean=data_config['mean'],
-        # as timm's train.py: the model's interpolation without augmentation or with none given
-        interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
-        else args.train_interpolation,
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
-        persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
-    loader_eval = create_loader(
-        dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
-        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
-        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
-        persistent_workers=False)
+    try:   # augmentation and loader settings are checked by timm as they are built
+        collate_fn, mixup_fn = None, None
+        mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+        if mixup_active:
+            mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                              prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                              label_smoothing=args.smoothing, num_classes=args.num_classes)
+            if args.prefetcher:
+                collate_fn = FastCollateMixup(**mixup_args)
+            else:
+                mixup_fn = Mixup(**mixup_args)
+        loader_train = create_loader(
+            dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+            ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+            auto_augment=args.aa, mean=data_config['mean'],
+            # as timm's train.py: the model's interpolation without augmentation or with none given
+            interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
+            else args.train_interpolation,
+            std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
+            pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+            persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
+        loader_eval = create_loader(
+            dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+            is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+            crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+            persistent_workers=False)
+    except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
+                         f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
 
     if mixup_active:
         train_loss_fn = SoftTargetCrossEntropy()
@@ -661,6 +678,13 @@ def run(args) -> int:
         else:
             lr_scheduler.step(start_epoch)
     end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
+    if end_epoch <= start_epoch:   # nothing left: write nothing (the run's args.yaml and checkpoints stay as they are)
+        if args.rank == 0:
+            _logger.info(f'nothing to train: the run starts at epoch {start_epoch} and ends before epoch {end_epoch} '
+                         f'(--epochs {args.epochs}, --stop-epoch {args.stop_epoch})')
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+        return 0
 
     saver = None
     decreasing = args.eval_metric == 'loss'

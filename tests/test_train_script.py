@@ -127,6 +127,18 @@ def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_pa
             assert torch.equal(trained[k], v), k
 
 
+def test_data_dir_may_be_an_image_tar(image_folder, tmp_path, capsys):
+    """timm's create_dataset reads a .tar of images (ImageTar); another file is a one-line error."""
+    import tarfile
+    tar = tmp_path / 'images.tar'
+    with tarfile.open(tar, 'w') as t:
+        t.add(os.path.join(image_folder, 'train'), arcname='.')
+    assert train.main(['--data-dir', str(tar), '--output', str(tmp_path), *BASE, '--epochs', '1', '--experiment', 't']) == 0
+    assert len(read_summary(tmp_path / 't' / 'summary.csv')) == 1
+    assert train.main(['--data-dir', str(tmp_path / 't' / 'summary.csv'), '--output', str(tmp_path), *BASE]) == 2
+    assert 'is a file: pass a folder or an image .tar' in capsys.readouterr().err
+
+
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
     common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--sam-m', '2', '--model-ema', '--epochs', '3',
               '--reprob', '0.25', '--smoothing', '0.1']
@@ -142,6 +154,11 @@ def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
         dw = max((a[key][k].double() - b[key][k].double()).abs().max().item() for k in a[key])
         assert dw < 1e-5, (key, dw)
     assert len(read_summary(part / 'summary.csv')) == 3
+    # resuming the finished run (or with a --stop-epoch already reached) trains and writes nothing
+    files = {f: (part / f).read_bytes() for f in os.listdir(part)}
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--resume', str(part / 'last.pth.tar'),
+               '--stop-epoch', '2', '--lr', '0.5') == 0
+    assert {f: (part / f).read_bytes() for f in os.listdir(part)} == files
 
 
 def test_config_file_and_flags(image_folder, tmp_path):
@@ -154,6 +171,10 @@ def test_config_file_and_flags(image_folder, tmp_path):
     # --lr-noise takes one or more values, as timm's (a second one went to the positional data argument)
     args = train.parse_args(['--lr-noise', '0.4', '0.9', '--data-dir', image_folder])
     assert args.lr_noise == [0.4, 0.9] and args.data is None
+    # the default run folder names the model as timm's script does (no hub prefix, no '.' or '/')
+    args = train.parse_args(['--model', 'hf-hub:timm/resnet18.a1_in1k', '--data-dir', image_folder])
+    args.input_size = (3, 224, 224)
+    assert train.output_dir_for(args).endswith('-timm_resnet18_a1_in1k-224')
     # a base optimizer name with timm's lookahead_ prefix, as the optimizer API takes it
     args = train.parse_args(['--opt', 'sam-on', '--sam-base', 'lookahead_sgd', '--data-dir', image_folder])
     train.validate_args(args)
@@ -175,6 +196,12 @@ BAD_INPUTS = [
     (['--eval-metric', 'top-1'], "--eval-metric must be one of top1, top5, loss, got 'top-1'"),
     (['--device', 'foo'], "--device 'foo' is not a torch device"),
     (['--log-interval', '0'], '--log-interval must be positive, got 0'),
+    (['--scale', '0.5'], '--scale takes 2 values, got 1'),
+    (['--mean', '0.5', '0.5'], '--mean takes 1 or 3 values, got 2'),
+    (['--aa', 'bogus'], 'cannot build the data pipeline (--aa,'),
+    (['--workers', '-1'], 'num_workers option should be non-negative'),
+    (['--dataset', 'torch/foo'], "cannot read the data (--dataset 'torch/foo'"),
+    (['--class-map', '/nonexistent/map.txt'], 'Cannot locate specified class map file'),
     (['--start-epoch', '-1'], '--start-epoch must be >= 0, got -1'),
     (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
