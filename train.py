@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
     g.add_argument('--layer-decay', type=float, default=None)
+    g.add_argument('--layer-decay-min-scale', type=float, default=None)
+    g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
+    g.add_argument('--opt-foreach', action='store_true', default=None, help='force foreach optimizer kernels')
 
     g = p.add_argument_group('SAM')
     g.add_argument('--rho', type=float, default=0.05, help='SAM neighbourhood size (> 0)')
@@ -118,13 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--lr-cycle-decay', type=float, default=0.5)
     g.add_argument('--lr-cycle-limit', type=int, default=1)
     g.add_argument('--lr-k-decay', type=float, default=1.0)
+    g.add_argument('--lr-decay-fn', type=str, default=None, help="decay phase of wsd / rsqrt (e.g. '1-sqrt', 'linear')")
+    g.add_argument('--lr-stable-timescale', type=float, default=None, help='rsqrt timescale in epochs')
     g.add_argument('--warmup-lr', type=float, default=1e-5)
     g.add_argument('--min-lr', type=float, default=0)
     g.add_argument('--epochs', type=int, default=300)
     g.add_argument('--start-epoch', default=None, type=int)
     g.add_argument('--stop-epoch', default=None, type=int, help='stop after this many epochs (the schedule still spans --epochs)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
-    g.add_argument('--decay-epochs', type=float, default=90)
+    g.add_argument('--decay-epochs', type=float, default=None, help='step interval; wsd / rsqrt: decay length '
+                   '(a fraction < 1 of the schedule; default: step 90, wsd / rsqrt 0.2)')
     g.add_argument('--warmup-epochs', type=int, default=5)
     g.add_argument('--warmup-prefix', action='store_true', default=False)
     g.add_argument('--cooldown-epochs', type=int, default=0)
@@ -193,6 +199,19 @@ def _config_value(path, action, value):
     return value
 
 
+# Options of timm's own train.py that this script does not implement, with their default where it is not
+# falsy. In a YAML config (e.g. an args.yaml of a timm run) such a key is ignored while it is off (its default,
+# or None / false / 0 / '' / []) and an error when it is on; any other unknown key is an error (typos).
+TIMM_ONLY_OPTIONS = dict.fromkeys((
+    'train_num_samples', 'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
+    'model_kwargs', 'head_init_scale', 'head_init_bias', 'torchscript', 'fuser', 'fast_norm', 'model_dtype',
+    'device_modules', 'synchronize_step', 'no_ddp_bb', 'opt_kwargs', 'epoch_repeats', 'aug_repeats', 'aug_splits',
+    'jsd_loss', 'bce_loss', 'bce_sum', 'bce_target_thresh', 'bce_pos_weight', 'resplit', 'train_crop_mode',
+    'drop_connect', 'drop_block', 'bn_momentum', 'bn_eps', 'split_bn', 'model_ema_force_cpu', 'recovery_interval',
+    'save_images', 'use_multi_epochs_loader', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'tta'))
+TIMM_ONLY_OPTIONS.update(worker_seeding='all', amp_impl='native')
+
+
 def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
@@ -208,12 +227,20 @@ def parse_args(argv=None):
         if not isinstance(cfg, dict):
             raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
         actions = {a.dest: a for a in parser._actions}
-        for key, value in cfg.items():
+        off = [k for k, v in cfg.items() if k not in actions and k in TIMM_ONLY_OPTIONS
+               and (not v or v == TIMM_ONLY_OPTIONS[k])]
+        if off:
+            _logger.warning(f"config file '{args_config.config}': ignoring options of timm's train.py that are off "
+                            f"and not implemented here: {', '.join(off)}")
+        for key, value in [(k, v) for k, v in cfg.items() if k not in off]:
+            if key in TIMM_ONLY_OPTIONS and key not in actions:
+                raise UsageError(f"config file '{args_config.config}': '{key}: {value}' is an option of timm's "
+                                 f"train.py that this script does not implement (remove it, or set it off)")
             if key not in actions:
                 raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
                                  f"keys are argument names with '_', e.g. batch_size, sam_m)")
             cfg[key] = _config_value(args_config.config, actions[key], value)
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in off})
     try:
         args = parser.parse_args(remaining)
     except SystemExit as e:  # argparse already printed its one-line usage error

@@ -139,6 +139,24 @@ def test_data_dir_may_be_an_image_tar(image_folder, tmp_path, capsys):
     assert 'is a file: pass a folder or an image .tar' in capsys.readouterr().err
 
 
+def test_yaml_of_timms_own_train_script(image_folder, tmp_path, capsys, caplog):
+    """Keys of timm's train.py that this script lacks are ignored while off (a timm args.yaml runs with
+    --opt sam-on), an error when on; other unknown keys stay errors."""
+    cfg = tmp_path / 'timm_args.yaml'
+    cfg.write_text('opt: sam-on\nlog_wandb: false\naug_repeats: 0\nworker_seeding: all\namp_impl: native\n'
+                   'drop_block: null\nwandb_tags: []\ndecay_epochs: 90\n')
+    args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder])
+    assert args.opt == 'sam-on' and args.decay_epochs == 90 and not hasattr(args, 'log_wandb')
+    assert 'log_wandb, aug_repeats, worker_seeding, amp_impl, drop_block, wandb_tags' in caplog.text
+    for text, message in (('bce_loss: true\n', "'bce_loss: True' is an option of timm's train.py that this script "
+                                                "does not implement"),
+                          ('worker_seeding: part\n', "'worker_seeding: part' is an option of timm's train.py"),
+                          ('log_wandbb: false\n', "unknown key 'log_wandbb'")):
+        cfg.write_text(text)
+        assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
     common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--sam-m', '2', '--model-ema', '--epochs', '3',
               '--reprob', '0.25', '--smoothing', '0.1']
