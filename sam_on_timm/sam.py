@@ -113,20 +113,36 @@ class SAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
         self.name, self.variant, self.mode, self.rho, self.eta, self.base_opt = name, variant, mode, rho, eta, base_opt
-        perturbed = []
-        for group in self.param_groups:
-            for p in group['params']:
-                in_norm = mode == 'all' or p in norm_params
-                if p.requires_grad and (in_norm if mode != 'nonorm' else not in_norm):
-                    perturbed.append(p)
-        if not perturbed:
+        self.__dict__.update(self._DEFAULTS)
+        self._norm_set, self._bias_set = norm_params, bias_set
+        self.perturbed: List[Tensor] = [p for group in self.param_groups for p in group['params'] if self._selects(p)]
+        if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
-        self.perturbed: List[Tensor] = perturbed
-        self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in perturbed]
+        self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in self.perturbed]
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
-        self.__dict__.update(self._DEFAULTS)
+
+    def _selects(self, p: Tensor) -> bool:
+        """Whether the mode puts ``p`` in the perturbed set (a frozen parameter never)."""
+        in_norm = self.mode == 'all' or p in self._norm_set
+        return p.requires_grad and (in_norm if self.mode != 'nonorm' else not in_norm)
+
+    def add_param_group(self, param_group: Dict) -> None:
+        """A new group goes to the base optimizer (defaults filled in as for any group), and its
+        parameters that the mode selects join the perturbed set (e.g. layers unfrozen during fine-tuning)."""
+        if 'base_optimizer' not in self.__dict__:   # torch.optim.Optimizer.__init__ building the first groups
+            return super().add_param_group(param_group)
+        if self.is_perturbed:
+            raise RuntimeError(f'{self.name}: add_param_group() between first_step() and second_step()')
+        if self.mode != 'all' and self._norm_set is None:   # an optimizer pickled by an older version
+            raise ValueError(f"'{self.name}': add_param_group needs the normalization parameters, which this "
+                             f"optimizer was not saved with; build it again with create_optimizer_v2(model, ...)")
+        self.base_optimizer.add_param_group(param_group)   # the groups list is shared: self.param_groups has it
+        new = [p for p in self.base_optimizer.param_groups[-1]['params'] if self._selects(p)]
+        self.perturbed = self.perturbed + new   # a new list: the backup / flat buffer are keyed on it and renewed
+        if self.is_bias is not None:
+            self.is_bias = self.is_bias + [p in self._bias_set for p in new]
 
     # attributes a pickle of an older version may lack, and the scratch buffers a copy rebuilds
     _DEFAULTS = dict(
@@ -135,6 +151,8 @@ class SAM(torch.optim.Optimizer):
         _layout_key=None,            # where P's storage is: a change (model.to(), channels_last) renews both
         ascent_reach_checked=False,  # train_step's one-time check (reentrant checkpointing)
         skipped_count=None,          # cumulative, float32 on device (no host sync)
+        _norm_set=None,              # the normalization / bias parameters, for add_param_group
+        _bias_set=None,
     )
 
     # -- the algorithm ------------------------------------------------------------------------

@@ -320,6 +320,34 @@ def test_torch_lr_scheduler_sees_second_step():
     assert opt.base_optimizer.param_groups[0]['lr'] == 0.05
 
 
+@pytest.mark.parametrize('name', ['sam', 'sam-on', 'sam-nonorm', 'sam-on-eleml2orig'])
+def test_add_param_group_extends_the_perturbed_set(name):
+    """Layers added later (unfrozen in fine-tuning) are perturbed as if they had been there from the
+    start, and the next step saves and restores them exactly."""
+    model = timm.create_model('test_resnet', num_classes=3)
+    params = list(model.parameters())
+    full = create_optimizer_v2(model, name, lr=0.1, rho=0.05)
+    norm, bias = norm_parameters(model), sam_on_timm.bias_parameters(model)
+    # built on the head and the last norm layer (every mode perturbs something), the rest added later
+    head = {id(p) for p in [*model.get_classifier().parameters(), *norm[-2:]]}
+    late = [p for p in params if id(p) not in head]
+    opt = SAM([p for p in params if id(p) in head], mode=full.mode, variant=full.variant, norm_params=norm,
+              bias_params=bias, lr=0.1)
+    opt.add_param_group({'params': late, 'lr': 0.01})
+    assert opt.param_groups[-1]['lr'] == 0.01 and opt.param_groups[-1]['momentum'] == 0.9   # defaults filled in
+    ids = lambda ts: sorted(id(t) for t in ts)
+    assert ids(opt.perturbed) == ids(full.perturbed) and len(opt.perturbed) > 0
+    if opt.is_bias is not None:
+        assert [id(p) in {id(b) for b in bias} for p in opt.perturbed] == opt.is_bias
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = [p.detach().clone() for p in params]
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    assert any(not torch.equal(p, b) for p, b in zip(params, before) if id(p) not in head)
+    opt.restore()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
 def test_18_names_are_registered():
     names = [n for n in list_optimizers() if n.startswith('sam')]
     assert sorted(names) == sorted(SAM_OPTIMIZERS) and len(names) == 18
