@@ -364,7 +364,7 @@ def check_output_dir(args, output_dir: str) -> None:
                              f"--experiment, or remove the folder")
         with open(summary) as f:
             header = f.readline().strip().split(',')
-        for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', bool(args.model_ema), 'eval_ema_top1')):
+        for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', bool(args.model_ema and args.val_split), 'eval_ema_top1')):
             if (column in header) != flag:
                 raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {'with' if column in header else 'without'} "
                                  f"{what} columns and this run has {'none' if not flag else 'them'}: resume with the run's "
@@ -629,13 +629,15 @@ def run(args) -> int:
         dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                        class_map=args.class_map, download=args.dataset_download,
                                        batch_size=args.batch_size, seed=args.seed)
-        dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                      class_map=args.class_map, download=args.dataset_download,
-                                      batch_size=args.batch_size)
+        dataset_eval = None   # --val-split '': no validation, as in timm's script
+        if args.val_split:
+            dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
+                                          class_map=args.class_map, download=args.dataset_download,
+                                          batch_size=args.batch_size)
     except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:   # unknown dataset, class map, ...
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
                          f"--class-map): {_first_line(e)}") from None
-    for split, ds in (('training', dataset_train), ('validation', dataset_eval)):
+    for split, ds in [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else []):
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
         # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
         labels = (getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or {}).values()
@@ -668,7 +670,7 @@ def run(args) -> int:
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
             pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
             persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
-        loader_eval = create_loader(
+        loader_eval = None if dataset_eval is None else create_loader(
             dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
             is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
@@ -714,7 +716,7 @@ def run(args) -> int:
         return 0
 
     saver = None
-    decreasing = args.eval_metric == 'loss'
+    decreasing = args.eval_metric == 'loss' or loader_eval is None   # no validation: the training loss ranks
     if args.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
@@ -758,15 +760,18 @@ def run(args) -> int:
                 distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
                 if model_ema is not None:  # the EMA averages each rank's own BN statistics: share them too
                     distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
-            eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
-            if model_ema is not None:
-                ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
-                eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-            # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
-            metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]
-            if args.rank == 0:
+            eval_metrics, metric = {}, train_metrics['loss']   # no validation: ranked by the training loss
+            if loader_eval is not None:
+                eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                if model_ema is not None:
+                    ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                    eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+                # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
+                metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]
+            if args.rank == 0 and eval_metrics:
                 _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
                              f'top5 {eval_metrics["top5"]:.2f}')
+            if args.rank == 0:
                 lrs = [g['lr'] for g in optimizer.param_groups]
                 summary = os.path.join(output_dir, 'summary.csv')
                 update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),

@@ -157,6 +157,18 @@ def test_yaml_of_timms_own_train_script(image_folder, tmp_path, capsys, caplog):
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_empty_val_split_trains_without_validation(image_folder, tmp_path):
+    """--val-split '' (timm's script): no validation; the training loss ranks the checkpoints; a resume
+    of such a run with --model-ema is not refused for lacking EMA columns."""
+    common = ['--opt', 'sam-on', '--experiment', 'v', '--val-split', '', '--model-ema', '--epochs', '2']
+    assert run(image_folder, tmp_path, *common, '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, *common, '--resume', str(tmp_path / 'v' / 'last.pth.tar')) == 0
+    rows = read_summary(tmp_path / 'v' / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['0', '1'] and not any(k.startswith('eval_') for k in rows[0])
+    best = torch.load(tmp_path / 'v' / 'model_best.pth.tar', weights_only=True)
+    assert best['metric'] == pytest.approx(min(float(r['train_loss']) for r in rows))
+
+
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
     common = ['--opt', 'sam-on-layerl2', '--rho', '0.05', '--sam-m', '2', '--model-ema', '--epochs', '3',
               '--reprob', '0.25', '--smoothing', '0.1']
