@@ -11,6 +11,7 @@ The SAM algorithm itself lives in ``sam_on_timm`` (``sam_on_timm.train_step``); 
 data, model, schedule, EMA, AMP, checkpoints and logging around it.
 """
 import argparse
+import json
 import logging
 import os
 import sys
@@ -741,7 +742,7 @@ def run(args) -> int:
     resume_state = None
 
     num_updates = start_epoch * updates_per_epoch
-    best_metric, interrupted, epoch = None, False, start_epoch
+    best_metric, interrupted, epoch, results = None, False, start_epoch, []
     try:
         for epoch in range(start_epoch, end_epoch):
             if hasattr(dataset_train, 'set_epoch'):
@@ -776,6 +777,7 @@ def run(args) -> int:
                 summary = os.path.join(output_dir, 'summary.csv')
                 update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
                                write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
+            results.append({'epoch': epoch, 'train': dict(train_metrics), 'validation': eval_metrics, 'metric': metric})
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, metric)
             rng_states = [get_rng_state()]
@@ -790,6 +792,9 @@ def run(args) -> int:
         _logger.warning(f'interrupted in epoch {epoch}: the checkpoints are those of the epochs completed before it')
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    if results and args.rank == 0:   # as timm's script: the 10 best epochs, best last, for tools that parse stdout
+        ranked = sorted(results, key=lambda r: r['metric'], reverse=decreasing)
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
     if args.distributed and not interrupted:
         torch.distributed.destroy_process_group()
     return 130 if interrupted else 0

@@ -157,7 +157,7 @@ def test_yaml_of_timms_own_train_script(image_folder, tmp_path, capsys, caplog):
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_empty_val_split_trains_without_validation(image_folder, tmp_path):
+def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsys):
     """--val-split '' (timm's script): no validation; the training loss ranks the checkpoints; a resume
     of such a run with --model-ema is not refused for lacking EMA columns."""
     common = ['--opt', 'sam-on', '--experiment', 'v', '--val-split', '', '--model-ema', '--epochs', '2']
@@ -167,6 +167,11 @@ def test_empty_val_split_trains_without_validation(image_folder, tmp_path):
     assert [r['epoch'] for r in rows] == ['0', '1'] and not any(k.startswith('eval_') for k in rows[0])
     best = torch.load(tmp_path / 'v' / 'model_best.pth.tar', weights_only=True)
     assert best['metric'] == pytest.approx(min(float(r['train_loss']) for r in rows))
+    # stdout ends with timm's '--result' block: this run's epochs, best last
+    import json
+    out = capsys.readouterr().out
+    result = json.loads(out.split('--result\n')[-1])
+    assert [r['epoch'] for r in result] == [1] and result[0]['train']['loss'] == pytest.approx(float(rows[1]['train_loss']))
 
 
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
