@@ -119,6 +119,7 @@ class SAM(torch.optim.Optimizer):
         if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in self.perturbed]
+        self._n_groups = len(self.param_groups)
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
         self.last_skipped: Optional[Tensor] = None
@@ -135,14 +136,29 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self.is_perturbed:
             raise RuntimeError(f'{self.name}: add_param_group() between first_step() and second_step()')
-        if self.mode != 'all' and self._norm_set is None:   # an optimizer pickled by an older version
-            raise ValueError(f"'{self.name}': add_param_group needs the normalization parameters, which this "
-                             f"optimizer was not saved with; build it again with create_optimizer_v2(model, ...)")
+        self._adopt_new_groups()   # checks first: a refused group is never half added
+        self._check_can_adopt()
         self.base_optimizer.add_param_group(param_group)   # the groups list is shared: self.param_groups has it
-        new = [p for p in self.base_optimizer.param_groups[-1]['params'] if self._selects(p)]
+        self._adopt_new_groups()
+
+    def _check_can_adopt(self) -> None:
+        if (self.mode != 'all' and self._norm_set is None) or (self.is_bias is not None and self._bias_set is None):
+            raise ValueError(f"'{self.name}': a new parameter group needs the normalization / bias parameters, which "
+                             f"this optimizer was not saved with; build it again with create_optimizer_v2(model, ...)")
+
+    def _adopt_new_groups(self) -> None:
+        """Groups added since the perturbed set was built (by add_param_group, or through a wrapper such as
+        timm's Lookahead, whose add_param_group appends to the shared list): what the mode selects joins P."""
+        if self._n_groups is None:   # an optimizer pickled by an older version: its groups are all covered
+            self._n_groups = len(self.param_groups)
+        if len(self.param_groups) == self._n_groups:
+            return
+        self._check_can_adopt()
+        new = [p for group in self.param_groups[self._n_groups:] for p in group['params'] if self._selects(p)]
         self.perturbed = self.perturbed + new   # a new list: the backup / flat buffer are keyed on it and renewed
         if self.is_bias is not None:
             self.is_bias = self.is_bias + [p in self._bias_set for p in new]
+        self._n_groups = len(self.param_groups)
 
     # attributes a pickle of an older version may lack, and the scratch buffers a copy rebuilds
     _DEFAULTS = dict(
@@ -153,6 +169,7 @@ class SAM(torch.optim.Optimizer):
         skipped_count=None,          # cumulative, float32 on device (no host sync)
         _norm_set=None,              # the normalization / bias parameters, for add_param_group
         _bias_set=None,
+        _n_groups=None,              # how many param groups P was built from (groups added later join it)
     )
 
     # -- the algorithm ------------------------------------------------------------------------
@@ -165,6 +182,7 @@ class SAM(torch.optim.Optimizer):
         """
         if self.is_perturbed:
             raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
+        self._adopt_new_groups()
         params = self.perturbed
         if grads is None:
             grads = [p.grad for p in params]
@@ -241,24 +259,27 @@ class SAM(torch.optim.Optimizer):
         Without: restore if perturbed, then the base step; what ``GradScaler.step(opt)`` calls, with
         ``found_inf`` set: an fp16 overflow skips the base step, the weights are restored all the same."""
         if closure is None:
-            self.restore()
-            found_inf = getattr(self, 'found_inf', None)   # set by GradScaler.step only
-            if found_inf is not None:
-                if found_inf.item():   # the same host sync GradScaler makes to skip a step
-                    return None
-                if getattr(self, 'grad_scale', None) is not None:   # not unscaled yet: as GradScaler.unscale_
-                    grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
-                    inv_scale = self.grad_scale.double().reciprocal().float()
-                    for device in {g.device for g in grads}:
-                        torch._foreach_mul_([g for g in grads if g.device == device], inv_scale.to(device))
-            self.base_optimizer.step()
+            self._restore_and_descend()
             return None
         closure = torch.enable_grad()(closure)
         loss = closure()
         self.first_step(zero_grad=True)
         closure()
-        self.second_step()
+        self._restore_and_descend()   # not self.step(): step hooks fire once per SAM step
         return loss
+
+    def _restore_and_descend(self) -> None:
+        self.restore()
+        found_inf = getattr(self, 'found_inf', None)   # set by GradScaler.step only
+        if found_inf is not None:
+            if found_inf.item():   # the same host sync GradScaler makes to skip a step
+                return
+            if getattr(self, 'grad_scale', None) is not None:   # not unscaled yet: as GradScaler.unscale_
+                grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
+                inv_scale = self.grad_scale.double().reciprocal().float()
+                for device in {g.device for g in grads}:
+                    torch._foreach_mul_([g for g in grads if g.device == device], inv_scale.to(device))
+        self.base_optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -11,7 +11,7 @@ from torch import nn
 
 import sam_on_timm
 from sam_on_timm import SAM, SAM_OPTIMIZERS, norm_parameters
-from timm.optim import create_optimizer_v2, list_optimizers
+from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 
 DEFAULT_ETA = {'sam': 0.0, 'eleml2': 0.0, 'eleml2orig': 0.01, 'elemlinf': 0.0, 'layerl2': 0.0, 'fisher': 1.0}
 MODELS = {  # name -> (kwargs, input size): BN2d + unnamed downsample BN, BatchNormAct2d, LayerNorm, LN2d + gammas
@@ -320,10 +320,12 @@ def test_torch_lr_scheduler_sees_second_step():
     assert opt.base_optimizer.param_groups[0]['lr'] == 0.05
 
 
+@pytest.mark.parametrize('via', ['sam', 'lookahead'])
 @pytest.mark.parametrize('name', ['sam', 'sam-on', 'sam-nonorm', 'sam-on-eleml2orig'])
-def test_add_param_group_extends_the_perturbed_set(name):
+def test_add_param_group_extends_the_perturbed_set(name, via):
     """Layers added later (unfrozen in fine-tuning) are perturbed as if they had been there from the
-    start, and the next step saves and restores them exactly."""
+    start, and the next step saves and restores them exactly; also when the group is added through
+    timm's Lookahead wrapped around SAM (its add_param_group appends to the shared group list)."""
     model = timm.create_model('test_resnet', num_classes=3)
     params = list(model.parameters())
     full = create_optimizer_v2(model, name, lr=0.1, rho=0.05)
@@ -333,19 +335,60 @@ def test_add_param_group_extends_the_perturbed_set(name):
     late = [p for p in params if id(p) not in head]
     opt = SAM([p for p in params if id(p) in head], mode=full.mode, variant=full.variant, norm_params=norm,
               bias_params=bias, lr=0.1)
-    opt.add_param_group({'params': late, 'lr': 0.01})
+    (Lookahead(opt) if via == 'lookahead' else opt).add_param_group({'params': late, 'lr': 0.01})
     assert opt.param_groups[-1]['lr'] == 0.01 and opt.param_groups[-1]['momentum'] == 0.9   # defaults filled in
-    ids = lambda ts: sorted(id(t) for t in ts)
-    assert ids(opt.perturbed) == ids(full.perturbed) and len(opt.perturbed) > 0
-    if opt.is_bias is not None:
-        assert [id(p) in {id(b) for b in bias} for p in opt.perturbed] == opt.is_bias
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     before = [p.detach().clone() for p in params]
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
+    ids = lambda ts: sorted(id(t) for t in ts)
+    assert ids(opt.perturbed) == ids(full.perturbed) and len(opt.perturbed) > 0
+    if opt.is_bias is not None:
+        assert [id(p) in {id(b) for b in bias} for p in opt.perturbed] == opt.is_bias
     assert any(not torch.equal(p, b) for p, b in zip(params, before) if id(p) not in head)
     opt.restore()
     assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize('name', ['sam-on', 'sam-eleml2orig'])
+def test_add_param_group_on_an_older_pickle_is_refused_whole(name):
+    """An optimizer pickled before the norm / bias sets were kept cannot place a new group: a one-line
+    error, and the optimizer is left as it was (no group half added, stepped but never perturbed)."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    extra = nn.Linear(2, 2)
+    opt = create_optimizer_v2(m, name, lr=0.1, rho=0.05)
+    state = opt.__getstate__()
+    for key in ('_norm_set', '_bias_set', '_n_groups'):
+        state.pop(key)
+    old = SAM.__new__(SAM)
+    old.__setstate__(state)
+    groups, perturbed = len(old.param_groups), list(old.perturbed)
+    _one_line_error(lambda: old.add_param_group({'params': list(extra.parameters())}),
+                    'was not saved with', 'create_optimizer_v2(model')
+    assert len(old.param_groups) == len(old.base_optimizer.param_groups) == groups and old.perturbed == perturbed
+
+
+def test_step_hooks_fire_once_per_sam_step():
+    """torch's step pre / post hooks (and what builds on them) see one step per SAM step, however it is taken."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    opt = create_optimizer_v2(m, 'sam-on', lr=0.1, rho=0.05)
+    pre, post = [], []
+    opt.register_step_pre_hook(lambda *a: pre.append(1))
+    opt.register_step_post_hook(lambda *a: post.append(1))
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 0, 1, 1, 0])
+
+    def closure():
+        loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    assert (len(pre), len(post)) == (1, 1)
+    closure()
+    opt.first_step(zero_grad=True)
+    closure()
+    opt.second_step(zero_grad=True)
+    assert (len(pre), len(post)) == (2, 2)
 
 
 def test_18_names_are_registered():
