@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--hflip', type=float, default=0.5)
     g.add_argument('--vflip', type=float, default=0.)
     g.add_argument('--color-jitter', type=float, default=0.4)
+    g.add_argument('--color-jitter-prob', type=float, default=None, metavar='P',
+                   help='apply the color jitter with this probability (default: always)')
+    g.add_argument('--grayscale-prob', type=float, default=0., metavar='P', help='random grayscale probability')
+    g.add_argument('--gaussian-blur-prob', type=float, default=0., metavar='P', help='random gaussian blur probability')
     g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
     g.add_argument('--reprob', type=float, default=0.)
     g.add_argument('--remode', type=str, default='pixel')
@@ -210,7 +214,15 @@ TIMM_ONLY_OPTIONS = dict.fromkeys((
     'jsd_loss', 'bce_loss', 'bce_sum', 'bce_target_thresh', 'bce_pos_weight', 'resplit', 'train_crop_mode',
     'drop_connect', 'drop_block', 'bn_momentum', 'bn_eps', 'split_bn', 'model_ema_force_cpu', 'recovery_interval',
     'save_images', 'use_multi_epochs_loader', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'tta'))
-TIMM_ONLY_OPTIONS.update(worker_seeding='all', amp_impl='native')
+TIMM_ONLY_OPTIONS.update(
+    worker_seeding='all', amp_impl='native',
+    # NaFlex loader (variable sequence lengths for NaFlexViT models)
+    naflex_loader=False, naflex_train_seq_lens=[128, 256, 576, 784, 1024], naflex_max_seq_len=576,
+    naflex_patch_sizes=None, naflex_patch_size_probs=None, naflex_loss_scale='linear',
+    naflex_patchify_channels_first=False,
+    # knowledge distillation
+    kd_model_name=None, kd_distill_type='logit', kd_loss_type='kl', distill_loss_weight=None, task_loss_weight=None,
+    kd_temperature=4.0, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_token_distill_type='soft')
 
 
 def parse_args(argv=None):
@@ -257,7 +269,7 @@ EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
 
 
 def validate_args(args) -> None:
-    import sam_on_timm
+    import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
     from timm.optim import list_optimizers
     opt_name = args.opt.lower().split('_')[-1]
     if opt_name not in list_optimizers():
@@ -327,6 +339,11 @@ def validate_args(args) -> None:
         raise UsageError(f'--start-epoch must be >= 0, got {args.start_epoch}')
     if args.model_ema and not 0 <= args.model_ema_decay <= 1:
         raise UsageError(f'--model-ema-decay must be in [0, 1] (e.g. 0.9998), got {args.model_ema_decay}')
+    for flag in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob', 'grayscale_prob',
+                 'gaussian_blur_prob'):
+        p = getattr(args, flag)
+        if p is not None and not 0 <= p <= 1:
+            raise UsageError(f"--{flag.replace('_', '-')} is a probability: it must be in [0, 1], got {p}")
     if args.eval_metric not in EVAL_METRICS:
         raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
     try:
@@ -337,8 +354,9 @@ def validate_args(args) -> None:
 
 def given_args(args) -> Dict[str, Any]:
     """The script's arguments as given (flags over YAML over defaults), before computed values (lr from
-    lr-base, input_size, ...) are filled in: what args.yaml holds, so that ``-c args.yaml`` repeats the run."""
-    dests = {a.dest for a in build_parser()._actions} - {'help', 'config'}
+    lr-base, input_size, ...) are filled in: what args.yaml holds, so that ``-c args.yaml`` repeats the run.
+    Where to resume from is not part of the run: a resumed run's args.yaml would otherwise resume again."""
+    dests = {a.dest for a in build_parser()._actions} - {'help', 'config', 'resume', 'no_resume_opt', 'start_epoch'}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in dests}
 
 
@@ -468,11 +486,14 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # before or after the epoch loop (which handles its own): no traceback
+        print('train.py: interrupted', file=sys.stderr)
+        return 130
 
 
 def run(args) -> int:
     import timm
-    import sam_on_timm
+    import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
     from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, set_rng_state
     from sam_on_timm.train_step import ascent_samples, find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
@@ -664,7 +685,8 @@ def run(args) -> int:
             dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
             no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
             ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-            auto_augment=args.aa, mean=data_config['mean'],
+            color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+            gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, mean=data_config['mean'],
             # as timm's train.py: the model's interpolation without augmentation or with none given
             interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
             else args.train_interpolation,
@@ -690,8 +712,9 @@ def run(args) -> int:
     train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
 
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    try:
-        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args),
+    decreasing = args.eval_metric == 'loss' or loader_eval is None   # no validation: the training loss ranks
+    try:   # a plateau schedule follows the same metric in the same direction
+        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                        updates_per_epoch=updates_per_epoch)
     except (ValueError, KeyError) as e:
         raise UsageError(f"--sched '{args.sched}': {_first_line(e)}") from None
@@ -717,7 +740,6 @@ def run(args) -> int:
         return 0
 
     saver = None
-    decreasing = args.eval_metric == 'loss' or loader_eval is None   # no validation: the training loss ranks
     if args.rank == 0:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:

@@ -93,6 +93,30 @@ def test_ctrl_c_stops_without_traceback_and_keeps_checkpoints(image_folder, tmp_
     assert ckpt['epoch'] == 0 and len(read_summary(tmp_path / 'k' / 'summary.csv')) == 1
 
 
+def test_ctrl_c_outside_the_epoch_loop_has_no_traceback(image_folder, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'validate_args', interrupted)
+    assert run(image_folder, tmp_path, '--opt', 'sam-on') == 130
+    err = capsys.readouterr().err
+    assert 'Traceback' not in err and err.strip().splitlines()[-1] == 'train.py: interrupted'
+
+
+def test_simclr_style_augmentations_reach_the_loader(image_folder, tmp_path, monkeypatch):
+    """timm's --color-jitter-prob / --grayscale-prob / --gaussian-blur-prob (flags or YAML keys of a timm
+    args.yaml) build the same training transform as timm's loader does with them."""
+    import timm.data
+    loaders, create = [], timm.data.create_loader
+    monkeypatch.setattr(timm.data, 'create_loader', lambda *a, **k: loaders.append(create(*a, **k)) or loaders[-1])
+    cfg = tmp_path / 'aug.yaml'
+    cfg.write_text('color_jitter_prob: 0.5\ngrayscale_prob: 0.2\ngaussian_blur_prob: 0.3\n')
+    assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path), *BASE,
+                       '--epochs', '1', '--experiment', 'aug']) == 0
+    text = str(loaders[0].dataset.transform)
+    assert 'RandomGrayscale(p=0.2)' in text and 'GaussianBlur' in text, text
+    assert 'RandomApply' in text and 'p=0.5' in text and 'RandomGrayscale' not in str(loaders[1].dataset.transform)
+
+
 def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_path, capsys):
     """timm's CheckpointSaver (args as an argparse.Namespace, a plain SGD optimizer) and bare weights
     with DDP's module. prefix (timm's resume_checkpoint takes both) resume here too."""
@@ -144,25 +168,37 @@ def test_yaml_of_timms_own_train_script(image_folder, tmp_path, capsys, caplog):
     --opt sam-on), an error when on; other unknown keys stay errors."""
     cfg = tmp_path / 'timm_args.yaml'
     cfg.write_text('opt: sam-on\nlog_wandb: false\naug_repeats: 0\nworker_seeding: all\namp_impl: native\n'
-                   'drop_block: null\nwandb_tags: []\ndecay_epochs: 90\n')
+                   'drop_block: null\nwandb_tags: []\ndecay_epochs: 90\nnaflex_train_seq_lens: [128, 256, 576, 784, 1024]\n'
+                   'kd_temperature: 4.0\n')
     args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder])
     assert args.opt == 'sam-on' and args.decay_epochs == 90 and not hasattr(args, 'log_wandb')
-    assert 'log_wandb, aug_repeats, worker_seeding, amp_impl, drop_block, wandb_tags' in caplog.text
+    assert 'log_wandb, aug_repeats, worker_seeding, amp_impl, drop_block, wandb_tags, naflex_train_seq_lens, ' \
+           'kd_temperature' in caplog.text
     for text, message in (('bce_loss: true\n', "'bce_loss: True' is an option of timm's train.py that this script "
                                                 "does not implement"),
                           ('worker_seeding: part\n', "'worker_seeding: part' is an option of timm's train.py"),
+                          ('naflex_loader: true\n', "'naflex_loader: True' is an option of timm's train.py"),
+                          ('kd_model_name: resnet50\n', "'kd_model_name: resnet50' is an option of timm's train.py"),
                           ('log_wandbb: false\n', "unknown key 'log_wandbb'")):
         cfg.write_text(text)
         assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path)]) == 2
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsys):
-    """--val-split '' (timm's script): no validation; the training loss ranks the checkpoints; a resume
-    of such a run with --model-ema is not refused for lacking EMA columns."""
-    common = ['--opt', 'sam-on', '--experiment', 'v', '--val-split', '', '--model-ema', '--epochs', '2']
+def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsys, monkeypatch):
+    """--val-split '' (timm's script): no validation; the training loss ranks the checkpoints and drives a
+    plateau schedule (mode min); a resume of such a run with --model-ema is not refused for lacking EMA
+    columns, and the resumed run's args.yaml repeats the run rather than resuming it again."""
+    import timm.scheduler
+    scheds, create = [], timm.scheduler.create_scheduler_v2
+    monkeypatch.setattr(timm.scheduler, 'create_scheduler_v2', lambda *a, **k: scheds.append(create(*a, **k)) or scheds[-1])
+    common = ['--opt', 'sam-on', '--experiment', 'v', '--val-split', '', '--model-ema', '--epochs', '2',
+              '--sched', 'plateau']
     assert run(image_folder, tmp_path, *common, '--stop-epoch', '1') == 0
+    assert scheds[0][0].lr_scheduler.mode == 'min'
     assert run(image_folder, tmp_path, *common, '--resume', str(tmp_path / 'v' / 'last.pth.tar')) == 0
+    again = train.parse_args(['-c', str(tmp_path / 'v' / 'args.yaml')])
+    assert again.resume == '' and again.sched == 'plateau' and again.val_split == '' 
     rows = read_summary(tmp_path / 'v' / 'summary.csv')
     assert [r['epoch'] for r in rows] == ['0', '1'] and not any(k.startswith('eval_') for k in rows[0])
     best = torch.load(tmp_path / 'v' / 'model_best.pth.tar', weights_only=True)
@@ -238,6 +274,8 @@ BAD_INPUTS = [
     (['--dataset', 'torch/foo'], "cannot read the data (--dataset 'torch/foo'"),
     (['--class-map', '/nonexistent/map.txt'], 'Cannot locate specified class map file'),
     (['--start-epoch', '-1'], '--start-epoch must be >= 0, got -1'),
+    (['--grayscale-prob', '1.5'], '--grayscale-prob is a probability: it must be in [0, 1], got 1.5'),
+    (['--hflip', '-0.5'], '--hflip is a probability: it must be in [0, 1], got -0.5'),
     (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
