@@ -494,7 +494,8 @@ def main(argv=None) -> int:
 def run(args) -> int:
     import timm
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
-    from sam_on_timm.checkpoint import RngCheckpointSaver, get_rng_state, set_rng_state
+    from sam_on_timm.checkpoint import (RngCheckpointSaver, get_rng_state, plateau_state, resume_plateau,
+                                        set_rng_state)
     from sam_on_timm.train_step import ascent_samples, find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -598,7 +599,7 @@ def run(args) -> int:
         if amp_dtype == torch.float16:
             loss_scaler = NativeScaler(device=device.type)
 
-    resume_epoch, resume_state = None, None
+    resume_epoch, resume_state, resumed_lrs = None, None, None
     if args.resume:
         from timm.models import clean_state_dict
         try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
@@ -616,6 +617,7 @@ def run(args) -> int:
                     except (ValueError, KeyError) as e:
                         raise ValueError(f'its optimizer state does not fit --opt {args.opt} ({_first_line(e)}); '
                                          f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
+                    resumed_lrs = [group['lr'] for group in optimizer.param_groups]
                     if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
                         loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
                 if 'state_dict_ema' in resume_state:
@@ -730,6 +732,8 @@ def run(args) -> int:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
         else:
             lr_scheduler.step(start_epoch)
+        # a plateau schedule is not a function of the epoch: its lr and state come from the checkpoint
+        resume_plateau(lr_scheduler, start_epoch, resumed_lrs, (resume_state or {}).get('lr_scheduler'))
     end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
     if end_epoch <= start_epoch:   # nothing left: write nothing (the run's args.yaml and checkpoints stay as they are)
         if args.rank == 0:
@@ -808,6 +812,7 @@ def run(args) -> int:
                 torch.distributed.all_gather_object(rng_states, get_rng_state())
             if saver is not None:
                 saver.rng_states = rng_states
+                saver.scheduler_state = plateau_state(lr_scheduler)
                 best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
     except KeyboardInterrupt:   # as timm's train.py: no traceback (checkpoints are replaced atomically)
         interrupted = True

@@ -2,17 +2,17 @@
 
 The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer``, ``epoch``,
 ``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``) plus ``rng_states`` (one per
-rank; ``rng_state`` is rank 0's); ``args``
-is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
+rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
+``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
 import random
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args']
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -51,13 +51,42 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+def plateau_state(lr_scheduler) -> Optional[Dict[str, Any]]:
+    """What a plateau schedule has learnt (best metric, epochs without improvement, cooldown, the lr
+    under the noise), None for other schedules (a function of the epoch: re-stepping restores them).
+    timm's own ``state_dict`` keeps the best metric only: a resume would restart the patience count."""
+    from timm.scheduler import PlateauLRScheduler
+    if not isinstance(lr_scheduler, PlateauLRScheduler):
+        return None
+    return {'reduce_on_plateau': lr_scheduler.lr_scheduler.state_dict(), 'restore_lr': lr_scheduler.restore_lr}
+
+
+def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: Optional[Dict[str, Any]]) -> None:
+    """Continue a plateau schedule at ``epoch`` from a checkpoint whose optimizer held ``lrs``.
+
+    Building the schedule set the lr to the warmup start (timm's factory runs after the resume): past
+    the warmup the lrs the plateau had reached are put back, and its ``state`` where the file has one.
+    """
+    from timm.scheduler import PlateauLRScheduler
+    if not isinstance(lr_scheduler, PlateauLRScheduler) or lrs is None:
+        return
+    if epoch > lr_scheduler.warmup_t:
+        for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
+            group['lr'] = lr
+    if state is not None:
+        lr_scheduler.lr_scheduler.load_state_dict(state['reduce_on_plateau'])
+        lr_scheduler.restore_lr = state['restore_lr']
+
+
 class RngCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver (history, best, last) writing the RNG states too.
 
     ``rng_states``: one ``get_rng_state()`` per rank (set by the training loop before each save,
     gathered from all ranks); ``rng_state`` in the file is rank 0's, ``rng_states`` all of them.
+    ``scheduler_state``: ``plateau_state(lr_scheduler)``, set by the loop too.
     """
     rng_states = None
+    scheduler_state = None
 
     def _save(self, save_path, epoch, metric=None):
         rng_states = self.rng_states or [get_rng_state()]
@@ -80,4 +109,6 @@ class RngCheckpointSaver(CheckpointSaver):
             state['state_dict_ema'] = get_state_dict(self.model_ema, self.unwrap_fn)
         if metric is not None:
             state['metric'] = metric
+        if self.scheduler_state is not None:
+            state['lr_scheduler'] = self.scheduler_state
         torch.save(state, save_path)

@@ -232,6 +232,22 @@ def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
     assert {f: (part / f).read_bytes() for f in os.listdir(part)} == files
 
 
+def test_stop_and_resume_of_a_plateau_schedule_equals_uninterrupted_run(image_folder, tmp_path):
+    """A plateau schedule is not a function of the epoch: the resumed run keeps the lr the plateau had
+    reached (not the warmup start timm's factory sets) and its best metric / patience count."""
+    common = ['--opt', 'sam-on', '--sched', 'plateau', '--warmup-epochs', '1', '--epochs', '5', '--patience-epochs', '0',
+              '--eval-metric', 'loss', '--decay-rate', '0.5']
+    assert run(image_folder, tmp_path, *common, '--experiment', 'full') == 0
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--stop-epoch', '3') == 0
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--resume', str(tmp_path / 'part' / 'last.pth.tar')) == 0
+    lrs = [[float(r['lr']) for r in read_summary(tmp_path / e / 'summary.csv')] for e in ('full', 'part')]
+    assert lrs[0] == lrs[1] and len(set(lrs[0])) == 3, lrs   # warmup, base lr and a reduction: each resumed
+    a = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
+    b = torch.load(tmp_path / 'part' / 'last.pth.tar', weights_only=True)
+    assert a['lr_scheduler']['reduce_on_plateau']['best'] == b['lr_scheduler']['reduce_on_plateau']['best']
+    assert max((a['state_dict'][k].double() - b['state_dict'][k].double()).abs().max().item() for k in a['state_dict']) < 1e-5
+
+
 def test_config_file_and_flags(image_folder, tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('opt: sam-on\nrho: 0.1\nweight_decay: 1e-4\nsam_m: 2\nsam_bn_update: ascent\n')
