@@ -554,6 +554,9 @@ def run(args) -> int:
             raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support activation checkpointing") from None
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
+    if args.gaussian_blur_prob and min(args.input_size[1:]) < 12:   # it would fail in the first batch
+        raise UsageError(f"--gaussian-blur-prob needs images of at least 12 px (timm's blur kernel is 23 px), "
+                         f"got {args.input_size[1]}x{args.input_size[2]}")
 
     # chunks of one sample cannot be normalised by BatchNorm in training mode (it fails mid-epoch)
     m = args.sam_m or args.batch_size

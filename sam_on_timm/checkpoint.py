@@ -51,6 +51,9 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
 
 
+PLATEAU_PROGRESS = ('best', 'num_bad_epochs', 'cooldown_counter', 'last_epoch')
+
+
 def plateau_state(lr_scheduler) -> Optional[Dict[str, Any]]:
     """What a plateau schedule has learnt (best metric, epochs without improvement, cooldown, the lr
     under the noise), None for other schedules (a function of the epoch: re-stepping restores them).
@@ -58,14 +61,18 @@ def plateau_state(lr_scheduler) -> Optional[Dict[str, Any]]:
     from timm.scheduler import PlateauLRScheduler
     if not isinstance(lr_scheduler, PlateauLRScheduler):
         return None
-    return {'reduce_on_plateau': lr_scheduler.lr_scheduler.state_dict(), 'restore_lr': lr_scheduler.restore_lr}
+    plateau = lr_scheduler.lr_scheduler
+    return {'reduce_on_plateau': {'mode': plateau.mode, **{k: getattr(plateau, k) for k in PLATEAU_PROGRESS}},
+            'restore_lr': lr_scheduler.restore_lr}
 
 
 def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: Optional[Dict[str, Any]]) -> None:
     """Continue a plateau schedule at ``epoch`` from a checkpoint whose optimizer held ``lrs``.
 
     Building the schedule set the lr to the warmup start (timm's factory runs after the resume): past
-    the warmup the lrs the plateau had reached are put back, and its ``state`` where the file has one.
+    the warmup the lrs the plateau had reached are put back, and its progress where the file has it.
+    Its settings (patience, factor, min lr, threshold) are this run's; a best metric of the other
+    direction (the metric changed) is dropped.
     """
     from timm.scheduler import PlateauLRScheduler
     if not isinstance(lr_scheduler, PlateauLRScheduler) or lrs is None:
@@ -73,9 +80,15 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
     if epoch > lr_scheduler.warmup_t:
         for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
             group['lr'] = lr
+        lr_scheduler.restore_lr = None   # the warmup lr that re-stepping may have noted under the noise
     if state is not None:
-        lr_scheduler.lr_scheduler.load_state_dict(state['reduce_on_plateau'])
-        lr_scheduler.restore_lr = state['restore_lr']
+        plateau, saved = lr_scheduler.lr_scheduler, state['reduce_on_plateau']
+        same_direction = saved.get('mode') == plateau.mode
+        for key in PLATEAU_PROGRESS:
+            if key in saved and (same_direction or key in ('cooldown_counter', 'last_epoch')):
+                setattr(plateau, key, saved[key])
+        if epoch > lr_scheduler.warmup_t:
+            lr_scheduler.restore_lr = state['restore_lr']
 
 
 class RngCheckpointSaver(CheckpointSaver):

@@ -136,21 +136,20 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self.is_perturbed:
             raise RuntimeError(f'{self.name}: add_param_group() between first_step() and second_step()')
-        self._adopt_new_groups()   # checks first: a refused group is never half added
+        self.adopt_new_groups()   # checks first: a refused group is never half added
         self._check_can_adopt()
         self.base_optimizer.add_param_group(param_group)   # the groups list is shared: self.param_groups has it
-        self._adopt_new_groups()
+        self.adopt_new_groups()
 
     def _check_can_adopt(self) -> None:
         if (self.mode != 'all' and self._norm_set is None) or (self.is_bias is not None and self._bias_set is None):
             raise ValueError(f"'{self.name}': a new parameter group needs the normalization / bias parameters, which "
                              f"this optimizer was not saved with; build it again with create_optimizer_v2(model, ...)")
 
-    def _adopt_new_groups(self) -> None:
+    def adopt_new_groups(self) -> None:
         """Groups added since the perturbed set was built (by add_param_group, or through a wrapper such as
-        timm's Lookahead, whose add_param_group appends to the shared list): what the mode selects joins P."""
-        if self._n_groups is None:   # an optimizer pickled by an older version: its groups are all covered
-            self._n_groups = len(self.param_groups)
+        timm's Lookahead, whose add_param_group appends to the shared list): what the mode selects joins P.
+        Called by ``perturb`` / ``first_step`` and by ``train_step`` before it reads ``perturbed``."""
         if len(self.param_groups) == self._n_groups:
             return
         self._check_can_adopt()
@@ -182,10 +181,13 @@ class SAM(torch.optim.Optimizer):
         """
         if self.is_perturbed:
             raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
-        self._adopt_new_groups()
         params = self.perturbed
         if grads is None:
+            self.adopt_new_groups()
+            params = self.perturbed
             grads = [p.grad for p in params]
+        elif len(grads) != len(params):   # e.g. read before a group was added: call adopt_new_groups() first
+            raise ValueError(f'{self.name}: perturb() got {len(grads)} gradients for {len(params)} perturbed tensors')
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         # model.to(dtype / device / memory_format) gives P new storage: renew the backup and flat buffers
         key = (params[0].device, tuple(p.data_ptr() for p in params))
@@ -228,6 +230,7 @@ class SAM(torch.optim.Optimizer):
         """
         grads = found_inf = None
         writable = False
+        self.adopt_new_groups()
         if torch_grad_scaler(scaler) is not None:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.perturbed]
             found_inf, writable = unscale_grads(grads, scaler), True
@@ -303,7 +306,10 @@ class SAM(torch.optim.Optimizer):
         return state
 
     def __setstate__(self, state: Dict) -> None:
-        super().__setstate__({**self._DEFAULTS, **state})
+        state = {**self._DEFAULTS, **state}
+        if state['_n_groups'] is None:   # an older pickle: P covers the groups it holds, later ones join
+            state['_n_groups'] = len(state['param_groups'])
+        super().__setstate__(state)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.perturbed)

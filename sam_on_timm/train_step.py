@@ -147,6 +147,8 @@ def train_step(
     scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
     optimizer.zero_grad(set_to_none=True)
+    if sam is not None:
+        sam.adopt_new_groups()   # groups added through a wrapper (Lookahead) since the last step
     others = sam.unperturbed() if sam is not None else []
     trainable = None   # P, or the part of it still requiring grad (some frozen after the optimizer was built)
     if sam is not None:

@@ -368,6 +368,28 @@ def test_add_param_group_on_an_older_pickle_is_refused_whole(name):
     assert len(old.param_groups) == len(old.base_optimizer.param_groups) == groups and old.perturbed == perturbed
 
 
+def test_older_pickle_adopts_a_group_added_through_lookahead():
+    """An optimizer pickled before groups were counted still perturbs a group that timm's Lookahead adds
+    after the load (it is not taken as one of the groups P was built from)."""
+    m = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    extra = nn.Linear(2, 2)
+    state = SAM(m.parameters(), lr=0.1, rho=0.05).__getstate__()   # mode all, no bias set: nothing else needed
+    for key in ('_norm_set', '_bias_set', '_n_groups'):
+        state.pop(key)
+    old = SAM.__new__(SAM)
+    old.__setstate__(state)
+    n = len(old.perturbed)
+    Lookahead(old).add_param_group({'params': list(extra.parameters())})
+    for group in old.param_groups:
+        for p in group['params']:
+            p.grad = torch.randn_like(p)
+    before = extra.weight.detach().clone()
+    old.first_step()
+    assert len(old.perturbed) == n + 2 and not torch.equal(extra.weight, before)
+    old.restore()
+    assert torch.equal(extra.weight, before)
+
+
 def test_step_hooks_fire_once_per_sam_step():
     """torch's step pre / post hooks (and what builds on them) see one step per SAM step, however it is taken."""
     torch.manual_seed(0)

@@ -248,6 +248,34 @@ def test_stop_and_resume_of_a_plateau_schedule_equals_uninterrupted_run(image_fo
     assert max((a['state_dict'][k].double() - b['state_dict'][k].double()).abs().max().item() for k in a['state_dict']) < 1e-5
 
 
+def test_resume_plateau_takes_progress_not_settings():
+    """The checkpoint carries the plateau's progress; patience, factor and direction are the resumed
+    run's (a best metric of the other direction is dropped); lr noise noted before the lrs were put
+    back is not replayed."""
+    from sam_on_timm.checkpoint import plateau_state, resume_plateau
+    from timm.scheduler import create_scheduler_v2
+
+    def sched(**kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+        return create_scheduler_v2(opt, sched='plateau', num_epochs=20, warmup_epochs=1, **kw)[0]
+    old = sched(patience_epochs=10, plateau_mode='max')
+    for epoch, metric in enumerate([1.0, 3.0, 2.0, 2.5], start=1):
+        old.step(epoch, metric)
+    state = plateau_state(old)
+    assert state['reduce_on_plateau']['best'] == 3.0 and state['reduce_on_plateau']['num_bad_epochs'] == 2
+    for mode, best, bad in (('max', 3.0, 2), ('min', float('inf'), 0)):
+        new = sched(patience_epochs=2, decay_rate=0.5, plateau_mode=mode)
+        resume_plateau(new, 5, [0.07], state)
+        p = new.lr_scheduler
+        assert (p.best, p.num_bad_epochs, p.patience, p.factor, p.mode) == (best, bad, 2, 0.5, mode)
+        assert new.optimizer.param_groups[0]['lr'] == 0.07 and p.last_epoch == old.lr_scheduler.last_epoch
+    noisy = sched(noise=[0.0], noise_pct=0.5)   # noise from epoch 0 on
+    noisy.step(5)   # what the resume's re-stepping does: noise on the warmup-start lr, noted in restore_lr
+    assert noisy.restore_lr is not None
+    resume_plateau(noisy, 5, [0.07], None)   # a checkpoint without plateau state (timm's own)
+    assert noisy.restore_lr is None and noisy.optimizer.param_groups[0]['lr'] == 0.07
+
+
 def test_config_file_and_flags(image_folder, tmp_path):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('opt: sam-on\nrho: 0.1\nweight_decay: 1e-4\nsam_m: 2\nsam_bn_update: ascent\n')
@@ -292,6 +320,7 @@ BAD_INPUTS = [
     (['--start-epoch', '-1'], '--start-epoch must be >= 0, got -1'),
     (['--grayscale-prob', '1.5'], '--grayscale-prob is a probability: it must be in [0, 1], got 1.5'),
     (['--hflip', '-0.5'], '--hflip is a probability: it must be in [0, 1], got -0.5'),
+    (['--gaussian-blur-prob', '0.5', '--img-size', '8'], '--gaussian-blur-prob needs images of at least 12 px'),
     (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),

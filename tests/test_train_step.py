@@ -434,3 +434,41 @@ def test_ddp_static_graph_is_refused_with_a_clear_error(tmp_path):
                 assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize('path', ['train_step', 'first_step GradScaler'])
+def test_group_added_through_lookahead_takes_part_in_the_next_step(path):
+    """timm's Lookahead around SAM appends a new group to the shared list behind SAM's back: the next
+    step (train_step's lean ascent, or first_step with a GradScaler) perturbs it as an optimizer built
+    with that group from the start does, with the same result."""
+    from sam_on_timm import SAM, norm_parameters
+    from timm.optim import Lookahead
+    a, b = small_net(), small_net()
+    x, y = data()
+    x = x.float()
+
+    def split(model):   # the last norm layer and the head come later
+        late = {id(p) for p in [*model[4].parameters(), *model[8].parameters()]}
+        return [p for p in model.parameters() if id(p) not in late], [p for p in model.parameters() if id(p) in late]
+    early_a, late_a = split(a)
+    early_b, late_b = split(b)
+    kw = dict(mode='on', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
+    opt_a = Lookahead(SAM([{'params': early_a}, {'params': late_a}], norm_params=norm_parameters(a), **kw))
+    opt_b = Lookahead(SAM([{'params': early_b}], norm_params=norm_parameters(b), **kw))
+    opt_b.add_param_group({'params': late_b})
+    assert len(find_sam(opt_b).perturbed) == 2   # not adopted yet: the wrapper bypassed SAM
+    for _ in range(2):
+        for model, opt in ((a, opt_a), (b, opt_b)):
+            if path == 'train_step':
+                train_step(model, opt, split_chunks(x, y, 4), F.cross_entropy)
+            else:
+                scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 4)
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+                find_sam(opt).first_step(zero_grad=True, scaler=scaler)
+                scaler.scale(F.cross_entropy(model(x), y)).backward()
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad()
+    assert len(find_sam(opt_b).perturbed) == len(find_sam(opt_a).perturbed) == 4
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
