@@ -527,6 +527,7 @@ def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, d
                 monkeypatch.setattr(torch.Tensor, 'masked_fill_', masked_fill_)
             (e0, n0, s0), (e1, n1, s1) = out[False], out[True]
             assert float(s0) == float(s1) == float(nan), (variant, nan)
+            torch.testing.assert_close(n1, n0, rtol=1e-6, atol=1e-12, equal_nan=True)   # ||eps||: same on both paths
             for a, b in zip(e0, e1):
                 torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-12)
                 if nan:
@@ -646,7 +647,6 @@ def test_pickle_of_an_older_version_loads_and_steps():
     old = SAM.__new__(SAM)
     old.__setstate__(state)
     loaded = pickle.loads(pickle.dumps(old))
-    x = torch.randn(5, 3, dtype=torch.bfloat16)
     for p in loaded.perturbed:
         p.grad = torch.zeros_like(p)   # zero gradient: every step is skipped and counted
     for _ in range(300):
