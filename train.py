@@ -721,7 +721,7 @@ def run(args) -> int:
     try:   # a plateau schedule follows the same metric in the same direction
         lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                        updates_per_epoch=updates_per_epoch)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, AssertionError) as e:   # e.g. plateau with --sched-on-updates
         raise UsageError(f"--sched '{args.sched}': {_first_line(e)}") from None
     if lr_scheduler is None and args.sched not in ('', 'none'):  # older timm returns None for an unknown name
         raise UsageError(f"--sched '{args.sched}': unknown scheduler (e.g. cosine, step, multistep, plateau, poly)")
@@ -736,6 +736,7 @@ def run(args) -> int:
         else:
             lr_scheduler.step(start_epoch)
         # a plateau schedule is not a function of the epoch: its lr and state come from the checkpoint
+        # (the schedule's base lr when the optimizer was not resumed: --no-resume-opt, --start-epoch)
         resume_plateau(lr_scheduler, start_epoch, resumed_lrs, (resume_state or {}).get('lr_scheduler'))
     end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
     if end_epoch <= start_epoch:   # nothing left: write nothing (the run's args.yaml and checkpoints stay as they are)

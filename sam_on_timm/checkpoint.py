@@ -72,11 +72,14 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
     Building the schedule set the lr to the warmup start (timm's factory runs after the resume): past
     the warmup the lrs the plateau had reached are put back, and its progress where the file has it.
     Its settings (patience, factor, min lr, threshold) are this run's; a best metric of the other
-    direction (the metric changed) is dropped.
+    direction (the metric changed) is dropped. ``lrs`` None (the optimizer was not resumed): the
+    schedule starts afresh at its base lr, as it would after the warmup.
     """
     from timm.scheduler import PlateauLRScheduler
-    if not isinstance(lr_scheduler, PlateauLRScheduler) or lrs is None:
+    if not isinstance(lr_scheduler, PlateauLRScheduler):
         return
+    if lrs is None:
+        lrs, state = list(lr_scheduler.base_values), None
     if epoch > lr_scheduler.warmup_t:
         for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
             group['lr'] = lr

@@ -257,7 +257,7 @@ def test_resume_plateau_takes_progress_not_settings():
 
     def sched(**kw):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
-        return create_scheduler_v2(opt, sched='plateau', num_epochs=20, warmup_epochs=1, **kw)[0]
+        return create_scheduler_v2(opt, sched='plateau', num_epochs=20, **{'warmup_epochs': 1, **kw})[0]
     old = sched(patience_epochs=10, plateau_mode='max')
     for epoch, metric in enumerate([1.0, 3.0, 2.0, 2.5], start=1):
         old.step(epoch, metric)
@@ -274,6 +274,15 @@ def test_resume_plateau_takes_progress_not_settings():
     assert noisy.restore_lr is not None
     resume_plateau(noisy, 5, [0.07], None)   # a checkpoint without plateau state (timm's own)
     assert noisy.restore_lr is None and noisy.optimizer.param_groups[0]['lr'] == 0.07
+    # the optimizer not resumed (--no-resume-opt, or --start-epoch alone): past the warmup the base lr, afresh
+    fresh = sched()
+    fresh.step(5)
+    resume_plateau(fresh, 5, None, state)
+    assert fresh.optimizer.param_groups[0]['lr'] == 0.1 and fresh.lr_scheduler.best == float('-inf')
+    warm = sched(warmup_epochs=3)
+    warm.step(2)
+    resume_plateau(warm, 2, None, state)
+    assert warm.optimizer.param_groups[0]['lr'] == pytest.approx(1e-5 + 2 * (0.1 - 1e-5) / 3)   # still warming up
 
 
 def test_config_file_and_flags(image_folder, tmp_path):
@@ -420,6 +429,8 @@ def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
     readme = os.path.join(ROOT, 'README.md')
     for extra, message in ((['--model', 'no_such_model'], "cannot create model 'no_such_model'"),
                            (['--sched', 'nosuch'], "--sched 'nosuch'"),
+                           (['--sched', 'plateau', '--sched-on-updates'],
+                            "--sched 'plateau': Plateau LR only supports step per epoch"),
                            (['--resume', readme], f"--resume '{readme}' cannot be loaded"),
                            (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'"),
                            (['--num-classes', '1'], 'the training data has 2 classes but the model head has 1')):
