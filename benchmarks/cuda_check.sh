@@ -1,35 +1,60 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one run (CI has none): for a GPU machine with the project
-# importable (pip install -e '.[test]', or PYTHONPATH). Writes logs, JSON and a SUMMARY into OUTDIR.
-#   1. tests:    the device-generic tests on CUDA (Table 10 formulas in float64, GradScaler, bf16/fp16 AMP)
+# Everything that needs a CUDA GPU, in one run (CI has none). Nothing to install where python3 has torch,
+# timm, pytest and pyyaml (the scripts find the package in this checkout). Parts, in this order:
+#   1. table:    the README's GPU step-cost table (benchmarks/gpu_table.sh, ROUNDS rounds): first, it is
+#                what the GPU is most needed for
 #   2. train:    train.py end to end on generated images: bf16, fp16 (GradScaler), fp16 + --stop-epoch
 #                then --resume; each must finish with finite losses in summary.csv
-#   3. perturb:  host cost of perturb + restore on CUDA (benchmarks/perturb_cost.py)
-#   4. table:    the README's GPU step-cost table (benchmarks/gpu_table.sh, ROUNDS rounds)
+#   3. tests:    the device-generic tests on CUDA (Table 10 formulas in float64, GradScaler, bf16/fp16 AMP)
+#   4. perturb:  host cost of perturb + restore on CUDA (benchmarks/perturb_cost.py)
 #   5. compile:  with COMPILE=1, sgd / sam / sam-on under torch.compile on ResNet-50 b256
 #
-#   bash benchmarks/cuda_check.sh [OUTDIR]      # default ./output/cuda_check; ~5 min on an H100 with ROUNDS=1
-# Environment: PYTHON, ROUNDS (default 1), COMPILE=1, SKIP="tests table ..." (parts to leave out),
-# DEVICE=cpu runs parts 1-3 on the CPU (a check of this script, not of CUDA; slow: CPU float16 is emulated).
+#   bash benchmarks/cuda_check.sh [OUTDIR [PACKDIR]]   # default ./output/cuda_check; ~6 min on an H100
+# OUTDIR gets the logs, JSON rows and a SUMMARY (one line per part). PACKDIR (e.g. a device run's $OUT,
+# which returns a few small files) gets SUMMARY and cuda_check.tgz (OUTDIR without checkpoints and images),
+# renewed after every part, so what was measured survives a later part failing or running out of time.
+# The whole run stops by BUDGET seconds (default 540): each part has a time limit of its own, cut to
+# what is left; a part that hangs is stopped and marked, the next ones still run while time remains.
+# Environment: PYTHON, ROUNDS (default 1), COMPILE=1, BUDGET, SKIP="tests table ..." (parts to leave out),
+# DEVICE=cpu runs train, tests and perturb on the CPU (a check of this script, not of CUDA; slow: CPU float16
+# is emulated; table and compile are skipped there; limits and BUDGET are 3x).
 set -u -o pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 out=$(mkdir -p "${1:-./output/cuda_check}" && cd "${1:-./output/cuda_check}" && pwd)
+pack=""
+if [ -n "${2:-}" ]; then pack=$(mkdir -p "$2" && cd "$2" && pwd); fi
 py=${PYTHON:-python3}
 dev=${DEVICE:-cuda}
 skip=" ${SKIP:-} "
+[ "$dev" = cuda ] || skip="$skip table compile "
+scale=$([ "$dev" = cuda ] && echo 1 || echo 3)   # part limits are sized for a GPU
 summary="$out/SUMMARY"
 : > "$summary"
-export PYTHONUNBUFFERED=1
+deadline=$((SECONDS + ${BUDGET:-$((540 * scale))}))
+export PYTHONUNBUFFERED=1 here root out py dev ROUNDS="${ROUNDS:-1}"
 
-part() {   # part NAME COMMAND...: run unless skipped, log to OUTDIR/NAME.log, one line in SUMMARY
-  local name=$1; shift
+pack_results() {   # SUMMARY and a tarball of OUTDIR into PACKDIR (atomic: a kill leaves the previous one)
+  [ -n "$pack" ] || return 0
+  tar czf "$pack/.cuda_check.tgz" --exclude='*.pth.tar' --exclude='./train/data' -C "$out" . \
+      && mv "$pack/.cuda_check.tgz" "$pack/cuda_check.tgz"
+  cp "$summary" "$pack/SUMMARY"
+}
+
+part() {   # part NAME LIMIT FUNCTION: run unless skipped, within LIMIT s and the budget; log and SUMMARY line
+  local name=$1 limit=$(($2 * scale)) fn=$3
   case "$skip" in *" $name "*) echo "$name: skipped" | tee -a "$summary"; return 0;; esac
+  local left=$((deadline - SECONDS - 10))
+  if [ "$left" -lt 30 ]; then echo "$name: not run (BUDGET spent)" | tee -a "$summary"; pack_results; return 0; fi
+  [ "$limit" -le "$left" ] || limit=$left
   local t0=$SECONDS
-  echo "=== $name: $*"
-  "$@" 2>&1 | tee "$out/$name.log"
-  local rc=${PIPESTATUS[0]}
-  echo "$name: $([ "$rc" = 0 ] && echo ok || echo "FAILED (rc $rc)") in $((SECONDS - t0)) s" | tee -a "$summary"
+  echo "=== $name (at most $limit s)"
+  timeout -k 5 "$limit" bash -c "$(declare -f "$fn"); $fn" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]} status=ok
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then status="FAILED (stopped at its $limit s limit)"
+  elif [ "$rc" != 0 ]; then status="FAILED (rc $rc)"; fi
+  echo "$name: $status in $((SECONDS - t0)) s" | tee -a "$summary"
+  pack_results
 }
 
 env_info() {
@@ -77,6 +102,7 @@ print('stopped + resumed vs uninterrupted fp16 run, last epoch:',
       {k: float(b[k]) - float(a[k]) for k in ('train_loss', 'train_eps_norm', 'eval_loss')})
 sys.exit(bad)
 EOF
+  rm -rf "$data" "$out"/train/*/*.pth.tar   # checked: keep the logs and summaries only
   return $rc
 }
 
@@ -85,22 +111,20 @@ run_perturb() {
 }
 
 run_table() {
-  [ "$dev" = cuda ] || { echo "the table needs CUDA"; return 1; }
-  ROUNDS=${ROUNDS:-1} PYTHON="$py" bash "$here/gpu_table.sh" "$out/step_cost"
+  PYTHON="$py" bash "$here/gpu_table.sh" "$out/step_cost"
 }
 
 run_compile() {
-  [ "$dev" = cuda ] || { echo "the compiled column needs CUDA"; return 1; }
   "$py" "$here/step_cost.py" --device cuda --model resnet50 --img-size 224 --batch-size 256 --amp-dtype bfloat16 \
       --channels-last --compile --steps 20 --warmup 5 --opts sgd,sam,sam-on --json "$out/step_cost_compile_resnet50_b256.json"
 }
 
-part env env_info
-part tests run_tests
-part train run_train
-part perturb run_perturb
-part table run_table
-if [ "${COMPILE:-0}" = 1 ]; then part compile run_compile; fi
+part env 30 env_info
+part table 330 run_table
+part train 150 run_train
+part tests 150 run_tests
+part perturb 90 run_perturb
+if [ "${COMPILE:-0}" = 1 ]; then part compile 240 run_compile; fi
 echo "=== summary ($out/SUMMARY)"
 cat "$summary"
 ! grep -q FAILED "$summary"
