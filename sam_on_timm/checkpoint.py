@@ -80,18 +80,17 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
         return
     if lrs is None:
         lrs, state = list(lr_scheduler.base_values), None
-    if epoch > lr_scheduler.warmup_t:
+    if epoch > lr_scheduler.warmup_t:   # (in the warmup, re-stepping has set the lr already)
         for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
             group['lr'] = lr
-        lr_scheduler.restore_lr = None   # the warmup lr that re-stepping may have noted under the noise
+        # the lr under the noise: the file's, never the warmup lr that re-stepping may have noted
+        lr_scheduler.restore_lr = None if state is None else state['restore_lr']
     if state is not None:
         plateau, saved = lr_scheduler.lr_scheduler, state['reduce_on_plateau']
         same_direction = saved.get('mode') == plateau.mode
         for key in PLATEAU_PROGRESS:
             if key in saved and (same_direction or key in ('cooldown_counter', 'last_epoch')):
                 setattr(plateau, key, saved[key])
-        if epoch > lr_scheduler.warmup_t:
-            lr_scheduler.restore_lr = state['restore_lr']
 
 
 class RngCheckpointSaver(CheckpointSaver):
