@@ -107,6 +107,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help='which passes update BatchNorm running statistics')
     g.add_argument('--sam-ascent-frac', type=float, default=1.0,
                    help='ascent on this fraction of each chunk (cost lever, deviates from the paper if < 1)')
+    g.add_argument('--sam-sparsity', type=float, default=None, metavar='S',
+                   help='sam-rand / ssam-f / ssam-d: fraction of the parameters left unperturbed (default: sam-rand '
+                        'SAM-ON\'s sparsity on the model, ssam-* 0.5)')
+    g.add_argument('--sam-epochs', type=str, default=None, metavar='START:END',
+                   help='SAM step only in epochs [START, END) (either may be empty), the base optimizer\'s plain step '
+                        'elsewhere, on the same state (paper Figure 5)')
+
+    g = p.add_argument_group('Normalization-layer ablations')
+    g.add_argument('--fix-norm', action='store_true', default=False,
+                   help='norm layers\' gamma = 1, beta = 0, frozen (paper Appendix B.4)')
+    g.add_argument('--train-only-norm', action='store_true', default=False,
+                   help='freeze every parameter outside the norm layers (paper Appendix B.5, Table 13)')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
@@ -287,6 +299,17 @@ def validate_args(args) -> None:
         if base.split('_')[-1] not in list_optimizers() or sam_on_timm.is_sam_name(base):   # lookahead_ prefix too
             raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
                              f"(e.g. sgd, momentum, adamw)")
+    args.sam_window = None
+    if args.sam_epochs is not None:
+        if not args.is_sam:
+            raise UsageError(f'--sam-epochs {args.sam_epochs} needs a SAM --opt (e.g. sam, sam-on), got {args.opt}')
+        from sam_on_timm.ablations import parse_epoch_window
+        try:
+            args.sam_window = parse_epoch_window(args.sam_epochs)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if args.fix_norm and args.train_only_norm:
+        raise UsageError('--fix-norm and --train-only-norm together leave nothing to train: choose one')
     if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):
         raise UsageError(f'--sam-m {args.sam_m} must be a positive divisor of the per-GPU batch size -b {args.batch_size}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
@@ -395,10 +418,12 @@ def check_output_dir(args, output_dir: str) -> None:
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
                     loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None):
+    from sam_on_timm.ablations import in_window
     from sam_on_timm.train_step import split_chunks, train_step
     accum = args.grad_accum_steps
     last_idx = len(loader) - 1
     model.train()
+    sam_step = args.sam_window is None or in_window(epoch, args.sam_window)   # --sam-epochs
     sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
     chunks, t0, n_img = [], time.time(), 0
     for batch_idx, (x, y) in enumerate(loader):
@@ -414,7 +439,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             continue
         stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
-                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac)
+                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac, sam_step=sam_step)
         chunks = []
         num_updates += 1
         if model_ema is not None:
@@ -433,7 +458,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                 lr = optimizer.param_groups[0]['lr']
                 msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({100. * (batch_idx + 1) / len(loader):>3.0f}%)]  '
                        f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
-                if args.is_sam:
+                if args.is_sam and sam_step:
                     msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
                 _logger.info(msg)
         if lr_scheduler is not None:
@@ -443,8 +468,10 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     sums = sums.tolist()
     n = sums[4]
     metrics = OrderedDict(loss=sums[0] / n)
-    if args.is_sam:
-        metrics.update(ascent_loss=sums[1] / n, descent_loss=sums[0] / n, sharpness=(sums[0] - sums[1]) / n,
+    if args.is_sam:   # an epoch outside --sam-epochs has no ascent: its ascent loss and sharpness are NaN
+        nan = float('nan')
+        metrics.update(ascent_loss=sums[1] / n if sam_step else nan, descent_loss=sums[0] / n,
+                       sharpness=(sums[0] - sums[1]) / n if sam_step else nan,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
 
@@ -526,7 +553,7 @@ def run(args) -> int:
     if not args.is_sam and args.rank == 0:
         defaults = build_parser()   # the parser's own defaults (a YAML config changes only the live parser's)
         ignored = [f'--{k.replace("_", "-")} {getattr(args, k)}'
-                   for k in ('rho', 'sam_eta', 'sam_base', 'sam_bn_update', 'sam_ascent_frac')
+                   for k in ('rho', 'sam_eta', 'sam_base', 'sam_bn_update', 'sam_ascent_frac', 'sam_sparsity')
                    if getattr(args, k) != defaults.get_default(k)]
         if ignored:
             _logger.warning(f"{', '.join(ignored)}: no effect with --opt {args.opt} (not a SAM optimizer)")
@@ -552,6 +579,16 @@ def run(args) -> int:
             model.set_grad_checkpointing(enable=True)
         except (AssertionError, AttributeError, NotImplementedError):
             raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support activation checkpointing") from None
+    if args.fix_norm or args.train_only_norm:   # before the optimizer: frozen parameters stay out of its groups
+        from sam_on_timm.ablations import fix_norm, train_only_norm
+        try:
+            n = fix_norm(model) if args.fix_norm else train_only_norm(model)
+        except ValueError as e:
+            raise UsageError(f"model '{args.model}': {e}") from None
+        if args.rank == 0:
+            _logger.info(f'--fix-norm: {n:,} norm parameters set to gamma 1 / beta 0 and frozen' if args.fix_norm else
+                         f'--train-only-norm: {n:,} of {sum(p.numel() for p in model.parameters()):,} parameters '
+                         f'trainable (the norm layers\')')
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
     if args.gaussian_blur_prob and min(args.input_size[1:]) < 12:   # it would fail in the first batch

@@ -128,18 +128,21 @@ def train_step(
         clip_parameters: Optional[Iterable[Tensor]] = None,
         bn_update: str = 'both',
         ascent_frac: float = 1.0,
+        sam_step: bool = True,
 ) -> StepStats:
     """One optimizer update over ``chunks`` (see module docstring); the weights end unperturbed.
 
     ``loss_scaler``: timm ``NativeScaler`` or ``torch.amp.GradScaler`` for float16 (None for fp32 / bf16).
     ``bn_update``: 'both' (ascent and descent passes update BN running stats) or 'ascent'.
     ``ascent_frac``: the ascent uses the first fraction of each chunk (1.0 = the paper's algorithm).
+    ``sam_step``: False takes the plain path with a SAM optimizer: no ascent, the base optimizer's step
+    on its own state (``--sam-epochs``: momentum carries across the switch).
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
     if not 0.0 < ascent_frac <= 1.0:
         raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
-    sam = find_sam(optimizer)
+    sam = find_sam(optimizer) if sam_step else None
     if sam is not None and getattr(model, 'static_graph', False):
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
                          'backward under no_sync(), which a static graph does not allow; wrap the model without '
