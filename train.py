@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grayscale-prob', type=float, default=0., metavar='P', help='random grayscale probability')
     g.add_argument('--gaussian-blur-prob', type=float, default=0., metavar='P', help='random gaussian blur probability')
     g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--cifar-aug', type=str, default='', metavar='NAME',
+                   help="the paper's CIFAR training transform instead of timm's: 'basic' (4 px padded random crop + "
+                        "flip) or 'basic+aa' (+ AutoAugment, CIFAR-10 policy); --scale/--ratio/--hflip/--color-jitter unused")
     g.add_argument('--reprob', type=float, default=0.)
     g.add_argument('--remode', type=str, default='pixel')
     g.add_argument('--recount', type=int, default=1)
@@ -308,6 +311,13 @@ def validate_args(args) -> None:
             args.sam_window = parse_epoch_window(args.sam_epochs)
         except ValueError as e:
             raise UsageError(str(e)) from None
+    if args.cifar_aug:
+        from sam_on_timm.cifar_data import CIFAR_AUGS
+        if args.cifar_aug not in CIFAR_AUGS:
+            raise UsageError(f"unknown --cifar-aug '{args.cifar_aug}'; valid: {', '.join(CIFAR_AUGS)}")
+        clash = [f for f, on in (('--aa', args.aa), ('--no-aug', args.no_aug), ('--reprob', args.reprob)) if on]
+        if clash:
+            raise UsageError(f"--cifar-aug {args.cifar_aug} replaces timm's training transform: drop {', '.join(clash)}")
     if args.fix_norm and args.train_only_norm:
         raise UsageError('--fix-norm and --train-only-norm together leave nothing to train: choose one')
     if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):
@@ -591,6 +601,9 @@ def run(args) -> int:
                          f'trainable (the norm layers\')')
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
+    if args.cifar_aug and tuple(args.input_size[1:]) != (32, 32):   # a crop of the padded 32x32 image
+        raise UsageError(f"--cifar-aug {args.cifar_aug} crops 32x32 CIFAR images: the input size must be 32x32, got "
+                         f"{args.input_size[1]}x{args.input_size[2]} (--img-size 32, or a cifar_* model)")
     if args.gaussian_blur_prob and min(args.input_size[1:]) < 12:   # it would fail in the first batch
         raise UsageError(f"--gaussian-blur-prob needs images of at least 12 px (timm's blur kernel is 23 px), "
                          f"got {args.input_size[1]}x{args.input_size[2]}")
@@ -741,6 +754,10 @@ def run(args) -> int:
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
             crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
             persistent_workers=False)
+        if args.cifar_aug:   # the loader reads the dataset's transform in each epoch's (fresh) workers
+            from sam_on_timm.cifar_data import cifar_train_transform
+            dataset_train.transform = cifar_train_transform(args.cifar_aug, data_config['mean'], data_config['std'],
+                                                            args.prefetcher, data_config['input_size'][-1])
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None

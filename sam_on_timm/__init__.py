@@ -1,11 +1,13 @@
 """sam-on-timm: SAM and SAM-ON (perturb only the normalization layers) for timm.
 
-``import sam_on_timm`` registers the 18 SAM optimizer names in timm's optimizer factory.
+``import sam_on_timm`` registers the SAM optimizer names in timm's optimizer factory and the paper's
+CIFAR models (``cifar_*``, see ``cifar_models``) in timm's model registry.
 """
 from .norm_params import NORM_TYPES, bias_parameters, is_norm_module, named_norm_parameters, norm_parameters
 from .perturbations import VARIANTS, compute_eps
 from .registry import SAM_OPTIMIZERS, is_sam_name, parse_sam_name, register_sam_optimizers, sam_name
 from .sam import MODES, SAM
+from . import cifar_models  # noqa: F401  (registers the paper's CIFAR models with timm)
 
 __version__ = '0.1.0'
 

@@ -102,7 +102,7 @@ def _read_summary(path):
 
 
 def test_recipe_set_is_complete():
-    assert _recipe_files() == sorted(EXPECTED)
+    assert [f for f in _recipe_files() if not f.startswith('cifar/')] == sorted(EXPECTED)   # cifar/: test_cifar.py
 
 
 @pytest.mark.parametrize('recipe', sorted(EXPECTED))
