@@ -1,4 +1,4 @@
-"""Per-GPU m-sharpness under DDP (SPEC section 4), on CPU with the gloo backend.
+"""Per-GPU m-sharpness under DDP (docs/design.md, section 4), on CPU with the gloo backend.
 
 One 2-process launch (``torch.multiprocessing.spawn``) runs every in-process check; its ranks write
 what they saw to files and the tests below compare them across ranks. A second launch runs
