@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--sam-sparsity', type=float, default=None, metavar='S',
                    help='sam-rand / ssam-f / ssam-d: fraction of the parameters left unperturbed (default: sam-rand '
                         'SAM-ON\'s sparsity on the model, ssam-* 0.5)')
+    g.add_argument('--sam-mask-update', type=int, default=5, metavar='EPOCHS',
+                   help='ssam-f / ssam-d: recompute the mask every this many epochs (Mi et al.: 5)')
+    g.add_argument('--ssam-fisher-samples', type=int, default=1024, metavar='N',
+                   help='ssam-f: single-sample gradients in the empirical Fisher (per rank)')
+    g.add_argument('--ssam-drop-rate', type=float, default=0.5, help='ssam-d: fraction of the mask redrawn at the '
+                   'first update (decays with a cosine over the run)')
     g.add_argument('--sam-epochs', type=str, default=None, metavar='START:END',
                    help='SAM step only in epochs [START, END) (either may be empty), the base optimizer\'s plain step '
                         'elsewhere, on the same state (paper Figure 5)')
@@ -302,6 +308,13 @@ def validate_args(args) -> None:
         if base.split('_')[-1] not in list_optimizers() or sam_on_timm.is_sam_name(base):   # lookahead_ prefix too
             raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
                              f"(e.g. sgd, momentum, adamw)")
+    args.sparse = args.is_sam and args.opt.lower().split('_')[-1] in sam_on_timm.SPARSE_OPTIMIZERS
+    if args.sam_sparsity is not None and not (args.sparse and 0 <= args.sam_sparsity < 1):
+        raise UsageError(f'--sam-sparsity {args.sam_sparsity}: the fraction of parameters left unperturbed, in [0, 1), '
+                         f"for --opt {', '.join(sam_on_timm.SPARSE_OPTIMIZERS)}" + ('' if args.sparse else f' (got --opt {args.opt})'))
+    if args.sparse and (args.sam_mask_update < 1 or args.ssam_fisher_samples < 1 or not 0 <= args.ssam_drop_rate <= 1):
+        raise UsageError(f'--sam-mask-update {args.sam_mask_update} and --ssam-fisher-samples {args.ssam_fisher_samples} '
+                         f'must be positive, --ssam-drop-rate {args.ssam_drop_rate} in [0, 1]')
     args.sam_window = None
     if args.sam_epochs is not None:
         if not args.is_sam:
@@ -509,6 +522,31 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
     return OrderedDict(loss=loss / n, top1=100. * top1 / n, top5=100. * top5 / n)
 
 
+def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn, args, device) -> None:
+    """sam-rand / ssam-f / ssam-d: a mask update due at this epoch (ssam-f: its Fisher from the training batches)."""
+    from sam_on_timm.sparse import fisher_diagonal
+    from timm.utils import unwrap_model
+
+    def batches():
+        for x, y in loader:
+            if not args.prefetcher:
+                x, y = x.to(device), y.to(device)
+                if mixup_fn is not None:
+                    x, y = mixup_fn(x, y)
+            yield x, y
+
+    def fisher():   # the bare module: DDP would wait for a gradient all-reduce that autograd.grad never starts
+        return fisher_diagonal(unwrap_model(model), sam.perturbed, batches(), loss_fn, args.ssam_fisher_samples)
+
+    try:
+        updated = sam.mask.epoch_start(epoch, num_epochs, fisher)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if updated and args.rank == 0:
+        _logger.info(f'{sam.name}: mask updated at epoch {epoch}' + (
+            '' if sam.mask.kind == 'dynamic' else f', {100 * sam.mask.density():.4f}% of the parameters perturbed'))
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
@@ -563,7 +601,7 @@ def run(args) -> int:
     if not args.is_sam and args.rank == 0:
         defaults = build_parser()   # the parser's own defaults (a YAML config changes only the live parser's)
         ignored = [f'--{k.replace("_", "-")} {getattr(args, k)}'
-                   for k in ('rho', 'sam_eta', 'sam_base', 'sam_bn_update', 'sam_ascent_frac', 'sam_sparsity')
+                   for k in ('rho', 'sam_eta', 'sam_base', 'sam_bn_update', 'sam_ascent_frac')
                    if getattr(args, k) != defaults.get_default(k)]
         if ignored:
             _logger.warning(f"{', '.join(ignored)}: no effect with --opt {args.opt} (not a SAM optimizer)")
@@ -637,6 +675,9 @@ def run(args) -> int:
     opt_kwargs = optimizer_kwargs(cfg=args)
     if args.is_sam:
         opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base)
+    if args.sparse:   # the mask is drawn from the run's seed: the same on every rank
+        opt_kwargs.update(sparsity=args.sam_sparsity, mask_seed=args.seed, mask_update_epochs=args.sam_mask_update,
+                          fisher_samples=args.ssam_fisher_samples, drop_rate=args.ssam_drop_rate)
     try:
         optimizer = create_optimizer_v2(model, **opt_kwargs)
     except (ValueError, TypeError, IndexError, KeyError) as e:  # e.g. --opt-betas of the wrong length
@@ -838,6 +879,8 @@ def run(args) -> int:
                     mixup_fn.mixup_enabled = False
                 elif hasattr(loader_train, 'mixup_enabled'):
                     loader_train.mixup_enabled = False
+            if sam is not None and sam.mask is not None:
+                sparse_epoch_start(sam, epoch, num_epochs, model, loader_train, train_loss_fn, mixup_fn, args, device)
             train_metrics, num_updates = train_one_epoch(
                 epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
                 loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters)

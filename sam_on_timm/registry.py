@@ -15,8 +15,9 @@ from torch import nn
 
 from .perturbations import VARIANTS
 from .sam import MODES, SAM
+from .sparse import SPARSE_NAMES
 
-__all__ = ['SAM_OPTIMIZERS', 'sam_name', 'parse_sam_name', 'register_sam_optimizers']
+__all__ = ['SAM_OPTIMIZERS', 'SPARSE_OPTIMIZERS', 'sam_name', 'parse_sam_name', 'register_sam_optimizers']
 
 
 def sam_name(mode: str, variant: str) -> str:
@@ -27,16 +28,22 @@ def sam_name(mode: str, variant: str) -> str:
 SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MODES for v in VARIANTS}
 
 
+# sparse-perturbation baselines (sparse.py): name -> mask kind; plain SAM on every parameter, eps masked
+SPARSE_OPTIMIZERS: Dict[str, str] = {name: kind for kind, name in SPARSE_NAMES.items()}
+
+
 def parse_sam_name(opt: str) -> Tuple[str, str]:
     """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed)."""
     name = opt.lower().split('_')[-1]
+    if name in SPARSE_OPTIMIZERS:
+        return 'all', 'sam'
     if name not in SAM_OPTIMIZERS:
         raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(SAM_OPTIMIZERS)}")
     return SAM_OPTIMIZERS[name]
 
 
 def is_sam_name(opt: str) -> bool:
-    return opt.lower().split('_')[-1] in SAM_OPTIMIZERS
+    return opt.lower().split('_')[-1] in SAM_OPTIMIZERS or opt.lower().split('_')[-1] in SPARSE_OPTIMIZERS
 
 
 def register_sam_optimizers() -> List[str]:
@@ -55,6 +62,13 @@ def register_sam_optimizers() -> List[str]:
             has_betas=True,
             defaults={'variant': variant, 'mode': mode},
         )
+    for name, kind in SPARSE_OPTIMIZERS.items():
+        default_registry._optimizers[name] = OptimInfo(
+            name=name, opt_class=SAM, has_eps=True, has_momentum=True, has_betas=True,
+            description=f"SAM with a {dict(rand='fixed random', fisher='Fisher (SSAM-F)', dynamic='dynamic (SSAM-D)')[kind]} "
+                        f"mask on the perturbation",
+            defaults={'variant': 'sam', 'mode': 'all', 'sparse': kind},
+        )
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
         original = default_registry.create_optimizer
 
@@ -66,4 +80,4 @@ def register_sam_optimizers() -> List[str]:
 
         create_optimizer._sam_on_timm = True
         default_registry.create_optimizer = create_optimizer
-    return list(SAM_OPTIMIZERS)
+    return list(SAM_OPTIMIZERS) + list(SPARSE_OPTIMIZERS)

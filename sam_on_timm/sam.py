@@ -74,6 +74,12 @@ class SAM(torch.optim.Optimizer):
             norm_params: Optional[Iterable[Tensor]] = None,
             bias_params: Optional[Iterable[Tensor]] = None,
             momentum: float = 0.9,
+            sparse: Optional[str] = None,
+            sparsity: Optional[float] = None,
+            mask_seed: int = 0,
+            mask_update_epochs: int = 5,
+            fisher_samples: int = 1024,
+            drop_rate: float = 0.5,
             **base_kwargs,
     ) -> None:
         if variant not in VARIANTS:
@@ -119,6 +125,21 @@ class SAM(torch.optim.Optimizer):
         if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in self.perturbed]
+        self.mask = None   # sparse baselines (sparse.py): eps <- mask * eps
+        if sparse is None and sparsity is not None:
+            raise ValueError(f"'{name}': sparsity is an option of the sparse baselines (sam-rand, ssam-f, ssam-d)")
+        if sparse is not None:
+            from .sparse import SPARSE_NAMES, PerturbationMask
+            if sparse not in SPARSE_NAMES:
+                raise ValueError(f"unknown sparse mask '{sparse}'; valid: {', '.join(SPARSE_NAMES)}")
+            self.name = name = SPARSE_NAMES[sparse]
+            if sparsity is None and sparse == 'rand':   # the sparsity SAM-ON has on this model
+                if norm_params is None:
+                    raise ValueError(f"'{name}' needs sparsity=..., or the model to take SAM-ON's sparsity from it")
+                n_norm = sum(p.numel() for p in self.perturbed if p in set(norm_params))
+                sparsity = 1.0 - n_norm / sum(p.numel() for p in self.perturbed)
+            self.mask = PerturbationMask(sparse, self.perturbed, 0.5 if sparsity is None else sparsity, mask_seed,
+                                         mask_update_epochs, fisher_samples, drop_rate)
         self._n_groups = len(self.param_groups)
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
@@ -153,6 +174,9 @@ class SAM(torch.optim.Optimizer):
         if len(self.param_groups) == self._n_groups:
             return
         self._check_can_adopt()
+        if self.mask is not None:
+            raise ValueError(f"'{self.name}': its perturbation mask covers the parameter groups it was built with; "
+                             f"a new group cannot join it")
         new = [p for group in self.param_groups[self._n_groups:] for p in group['params'] if self._selects(p)]
         self.perturbed = self.perturbed + new   # a new list: the backup / flat buffer are keyed on it and renewed
         if self.is_bias is not None:
@@ -169,6 +193,7 @@ class SAM(torch.optim.Optimizer):
         _norm_set=None,              # the normalization / bias parameters, for add_param_group
         _bias_set=None,
         _n_groups=None,              # how many param groups P was built from (groups added later join it)
+        mask=None,                   # sparse baselines' perturbation mask (sparse.PerturbationMask)
     )
 
     # -- the algorithm ------------------------------------------------------------------------
@@ -189,6 +214,8 @@ class SAM(torch.optim.Optimizer):
         elif len(grads) != len(params):   # e.g. read before a group was added: call adopt_new_groups() first
             raise ValueError(f'{self.name}: perturb() got {len(grads)} gradients for {len(params)} perturbed tensors')
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.mask is not None:
+            self.mask.before_perturb(grads)   # ssam-d: a requested mask update, scored by this gradient
         # model.to(dtype / device / memory_format) gives P new storage: renew the backup and flat buffers
         key = (params[0].device, tuple(p.data_ptr() for p in params))
         if key != self._layout_key:
@@ -197,6 +224,9 @@ class SAM(torch.optim.Optimizer):
         eps, eps_norm, skipped = compute_eps(
             self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable, flat=self._flat)
+        if self.mask is not None:
+            eps_norm = self.mask.apply(eps)
+            skipped = torch.maximum(skipped, (eps_norm == 0).to(skipped.dtype))
         if self._backup is None:
             # once: later steps copy into these buffers. A plain clone, not torch._foreach_clone (absent
             # from torch 2.11) nor x * 1.0 (not bit-exact when denormals are flushed)
@@ -289,10 +319,18 @@ class SAM(torch.optim.Optimizer):
 
     # -- state --------------------------------------------------------------------------------
     def state_dict(self) -> Dict:
-        """The base optimizer's state (momentum buffers, step counts, param groups)."""
-        return self.base_optimizer.state_dict()
+        """The base optimizer's state (momentum buffers, step counts, param groups); a sparse mask under 'sam_mask'."""
+        state = self.base_optimizer.state_dict()
+        if self.mask is not None:
+            state['sam_mask'] = self.mask.state_dict()
+        return state
 
     def load_state_dict(self, state_dict: Dict) -> None:
+        if self.mask is not None:
+            if 'sam_mask' not in state_dict:
+                raise ValueError(f"'{self.name}': the optimizer state holds no perturbation mask")
+            self.mask.load_state_dict(state_dict['sam_mask'])
+        state_dict = {k: v for k, v in state_dict.items() if k != 'sam_mask'}
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state

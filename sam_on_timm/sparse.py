@@ -1,0 +1,188 @@
+"""Sparse-perturbation baselines of the paper (Section 5.1, Appendix B.3): a 0/1 mask on eps.
+
+    eps = rho * g / ||g||_2 over the whole perturbed set, then eps <- mask * eps
+
+so the perturbation has norm rho * ||mask * g|| / ||g|| <= rho, as in the public code of Mi et al. 2022
+(the mask multiplies eps after it is normalised). A fraction ``sparsity`` of the elements is left out.
+
+- ``rand`` (``sam-rand``): a fixed random mask (the paper's SAM-rand), drawn once from ``seed`` on
+  the CPU, so every rank draws the same; by default at the sparsity SAM-ON has on the same model.
+- ``fisher`` (``ssam-f``, Mi et al. 2022, "Make Sharpness-Aware Minimization Stronger: A Sparsified
+  Perturbation Approach"): the top-k elements of the empirical Fisher diagonal
+  F_i = sum_n (d loss(x_n, y_n) / d w_i)^2 over ``fisher_samples`` single samples, recomputed every
+  ``update_epochs`` epochs. Until the first computation the mask is empty (no perturbation).
+- ``dynamic`` (``ssam-d``): starts from a random mask; every ``update_epochs`` epochs it drops the
+  live elements with the smallest |g| (g: the ascent gradient of the update) and regrows as many,
+  at random, among the elements that were dead before (at most all of them); the fraction dropped is ``drop_rate * (1 + cos(pi * epoch /
+  epochs)) / 2``. The number of live elements never changes.
+
+Where this deviates from Mi et al.'s code (Mi-Peng/Sparse-SAM): the live count is
+``N - round(N * sparsity)`` exactly (their int() roundings can lose one element per update); the
+SSAM-D update uses the gradient of the update it happens in and applies to it (theirs applies from the
+next one); SSAM-F's single-sample passes leave BatchNorm running statistics untouched (theirs update
+them), and under DDP the Fisher sums and the |g| scores are summed over ranks, so that every rank
+holds the same mask. The mask and its random generator are part of the optimizer state: a resumed
+run continues with the same mask and the same draws.
+"""
+import math
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ['SPARSE_KINDS', 'SPARSE_NAMES', 'PerturbationMask', 'live_count', 'fisher_diagonal']
+
+SPARSE_KINDS = ('rand', 'fisher', 'dynamic')
+SPARSE_NAMES = {'rand': 'sam-rand', 'fisher': 'ssam-f', 'dynamic': 'ssam-d'}   # kind -> optimizer name
+
+
+def live_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` elements a mask of ``sparsity`` keeps (at least 1)."""
+    return max(1, numel - int(round(numel * sparsity)))
+
+
+def _all_reduce_sum(tensors: List[Tensor]) -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+
+
+class PerturbationMask:
+    """The 0/1 mask over the perturbed tensors of a ``SAM`` optimizer (one tensor each, their dtype)."""
+
+    def __init__(self, kind: str, params: Sequence[Tensor], sparsity: float, seed: int = 0,
+                 update_epochs: int = 5, fisher_samples: int = 1024, drop_rate: float = 0.5) -> None:
+        if kind not in SPARSE_KINDS:
+            raise ValueError(f"unknown sparse mask '{kind}'; valid: {', '.join(SPARSE_KINDS)}")
+        if not (0.0 <= sparsity < 1.0):
+            raise ValueError(f'sparsity must be in [0, 1) (the fraction of elements not perturbed), got {sparsity}')
+        if not (isinstance(update_epochs, int) and update_epochs >= 1):
+            raise ValueError(f'the mask update interval must be a positive number of epochs, got {update_epochs}')
+        if not (isinstance(fisher_samples, int) and fisher_samples >= 1):
+            raise ValueError(f'fisher_samples must be a positive integer, got {fisher_samples}')
+        if not (0.0 <= drop_rate <= 1.0):
+            raise ValueError(f'drop_rate must be in [0, 1], got {drop_rate}')
+        self.kind, self.sparsity, self.seed = kind, float(sparsity), seed
+        self.update_epochs, self.fisher_samples, self.drop_rate = update_epochs, fisher_samples, drop_rate
+        self.generator = torch.Generator().manual_seed(seed)   # CPU: the same draws on every rank
+        self.numel = sum(p.numel() for p in params)
+        self.live = live_count(self.numel, self.sparsity)
+        self.pending_drop: Optional[float] = None   # ssam-d: drop fraction of the update requested for this epoch
+        flat = torch.zeros(self.numel)
+        if kind != 'fisher':   # ssam-f: empty until its first Fisher computation
+            flat[torch.randperm(self.numel, generator=self.generator)[:self.live]] = 1.0
+        self.masks = self._split(flat, params)
+
+    @staticmethod
+    def _split(flat: Tensor, params: Sequence[Tensor]) -> List[Tensor]:
+        out, i = [], 0
+        for p in params:
+            out.append(flat[i:i + p.numel()].view(p.shape).to(device=p.device, dtype=p.dtype))
+            i += p.numel()
+        return out
+
+    def _flat(self) -> Tensor:
+        return torch.cat([m.detach().reshape(-1).float().cpu() for m in self.masks])
+
+    def density(self) -> float:
+        """Fraction of elements perturbed."""
+        return float(sum(m.sum().item() for m in self.masks)) / self.numel
+
+    # -- applying ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def apply(self, eps: List[Tensor]) -> Tensor:
+        """eps <- mask * eps in place; returns the new ||eps||_2."""
+        masks = [m if m.device == e.device else m.to(e.device) for m, e in zip(self.masks, eps)]
+        torch._foreach_mul_(eps, masks)
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
+
+    # -- updates --------------------------------------------------------------------------------------
+    def epoch_start(self, epoch: int, epochs: int, fisher: Optional[Callable[[], Tuple[List[Tensor], int]]] = None) -> bool:
+        """Called at the start of every epoch; returns whether the mask changes in it.
+
+        ``fisher``: for ``ssam-f``, a function returning the Fisher sums of the perturbed tensors (and the
+        number of samples they cover), e.g. ``lambda: fisher_diagonal(...)``.
+        """
+        if self.kind == 'rand' or epoch % self.update_epochs:
+            return False
+        if self.kind == 'fisher':
+            if fisher is None:
+                raise ValueError('ssam-f needs samples for its Fisher mask: pass fisher=...')
+            self.set_fisher_mask(fisher()[0])
+        else:   # the drop fraction decays with a cosine over the run
+            self.pending_drop = self.drop_rate * (1 + math.cos(math.pi * epoch / max(1, epochs))) / 2
+        return True
+
+    @torch.no_grad()
+    def set_fisher_mask(self, fisher: Sequence[Tensor]) -> None:
+        """Keep the ``live`` elements with the largest Fisher value (sums over ranks first)."""
+        fisher = [f.detach().float().clone() for f in fisher]
+        _all_reduce_sum(fisher)
+        flat_f = torch.cat([f.reshape(-1).cpu() for f in fisher])
+        flat = torch.zeros(self.numel)
+        flat[torch.topk(flat_f, self.live, sorted=False).indices] = 1.0
+        self.masks = self._split(flat, self.masks)
+
+    @torch.no_grad()
+    def before_perturb(self, grads: Sequence[Tensor]) -> None:
+        """ssam-d: a requested drop-and-regrow, scored by the update's ascent gradient |g| (summed over ranks)."""
+        if self.pending_drop is None:
+            return
+        scores = [g.detach().abs().float() for g in grads]
+        _all_reduce_sum(scores)
+        score = torch.cat([s.reshape(-1).cpu() for s in scores])
+        mask = self._flat().bool()
+        alive, dead = mask.nonzero().squeeze(1), (~mask).nonzero().squeeze(1)
+        n_drop = min(int(self.live * self.pending_drop), dead.numel())   # regrown among the dead of before
+        keep = alive[torch.topk(score[alive], self.live - n_drop, sorted=False).indices]   # the largest |g| stay
+        grow = dead[torch.randperm(dead.numel(), generator=self.generator)[:n_drop]]
+        flat = torch.zeros(self.numel)
+        flat[keep] = 1.0
+        flat[grow] = 1.0
+        self.masks = self._split(flat, self.masks)
+        self.pending_drop = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def state_dict(self) -> Dict:
+        """Plain tensors and numbers (loads with ``torch.load(weights_only=True)``)."""
+        return {'kind': self.kind, 'sparsity': self.sparsity, 'seed': self.seed, 'live': self.live,
+                'mask': self._flat().bool(), 'generator': self.generator.get_state(),
+                'pending_drop': self.pending_drop}
+
+    def load_state_dict(self, state: Dict) -> None:
+        if state['kind'] != self.kind or state['mask'].numel() != self.numel:
+            raise ValueError(f"the checkpoint's mask ({state['kind']}, {state['mask'].numel()} elements) does not fit "
+                             f"this optimizer ({self.kind}, {self.numel} elements)")
+        self.sparsity, self.seed, self.live = state['sparsity'], state['seed'], state['live']
+        self.masks = self._split(state['mask'].float(), self.masks)
+        self.generator.set_state(state['generator'])
+        self.pending_drop = state['pending_drop']
+
+
+def fisher_diagonal(model: nn.Module, params: Sequence[Tensor], batches: Iterable[Tuple[Tensor, Tensor]],
+                    loss_fn: Callable[[Tensor, Tensor], Tensor], num_samples: int) -> Tuple[List[Tensor], int]:
+    """Empirical Fisher diagonal sum_n g_n^2 of ``params``, g_n the gradient of the loss of sample n alone,
+    over the first ``num_samples`` samples of ``batches``, each passed through the model alone, in the
+    model's current (training) mode, as in Mi et al.'s code. Running statistics of norm layers are left
+    as they are."""
+    from .train_step import frozen_bn_stats
+    fisher = [torch.zeros_like(p) for p in params]
+    n = 0
+    with frozen_bn_stats(model), torch.enable_grad():
+        for x, y in batches:
+            for i in range(x.shape[0]):
+                if n >= num_samples:
+                    return fisher, n
+                try:
+                    out = model(x[i:i + 1])
+                except ValueError as e:   # BatchNorm in training mode over a 1x1 map of one sample
+                    raise ValueError(f'ssam-f: one sample cannot pass the model in training mode ({e}); use a larger '
+                                     f'input size') from None
+                loss = loss_fn(out, y[i:i + 1])
+                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+                for f, g in zip(fisher, grads):
+                    if g is not None:
+                        f.addcmul_(g, g)
+                n += 1
+    return fisher, n
