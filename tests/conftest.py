@@ -39,3 +39,13 @@ def fused(request, monkeypatch):
     monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
     monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """In-process train.py runs with one intra-op thread: on a small shared CPU two OpenMP threads fighting
+    another process run many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -43,7 +43,7 @@ def final_params(path):
 
 # --- --fix-norm / --train-only-norm --------------------------------------------------------------------
 @pytest.mark.parametrize('opt', ['sgd', 'sam'])
-def test_fix_norm_keeps_gamma_one_beta_zero(image_folder, tmp_path, opt):
+def test_fix_norm_keeps_gamma_one_beta_zero(image_folder, tmp_path, opt, one_thread):
     init, before = initial_checkpoint(tmp_path)
     assert run(image_folder, tmp_path, '--opt', opt, '--experiment', 'f', '--fix-norm', '--epochs', '1',
                '--initial-checkpoint', init) == 0
@@ -59,7 +59,7 @@ def test_fix_norm_keeps_gamma_one_beta_zero(image_folder, tmp_path, opt):
 
 
 @pytest.mark.parametrize('opt', ['sgd', 'sam'])
-def test_train_only_norm_changes_only_norm_parameters(image_folder, tmp_path, opt):
+def test_train_only_norm_changes_only_norm_parameters(image_folder, tmp_path, opt, one_thread):
     init, before = initial_checkpoint(tmp_path)
     assert run(image_folder, tmp_path, '--opt', opt, '--experiment', 't', '--train-only-norm', '--epochs', '1',
                '--initial-checkpoint', init) == 0
@@ -105,7 +105,7 @@ def test_parse_epoch_window():
     assert in_window(3, (3, 5)) and not in_window(5, (3, 5)) and not in_window(2, (3, 5))
 
 
-def test_plain_steps_of_a_sam_optimizer_equal_sgd_and_share_its_state():
+def test_plain_steps_of_a_sam_optimizer_equal_sgd_and_share_its_state(one_thread):
     """sam_step=False is the base optimizer's step on the base state: the same weights and momentum as
     timm's sgd; switching SAM on then continues from that momentum."""
     from timm.optim import create_optimizer_v2
@@ -143,7 +143,7 @@ def _equal_states(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_sam_epochs_sgd_outside_sam_inside_and_exact_resume(image_folder, tmp_path):
+def test_sam_epochs_sgd_outside_sam_inside_and_exact_resume(image_folder, tmp_path, one_thread):
     def run(image_folder, out, *extra):   # 2 updates per epoch, no validation: six short runs
         return train.main(['--data-dir', image_folder, '--output', str(out), *BASE, '-b', '8', '--val-split', '',
                            *extra])

@@ -192,14 +192,6 @@ def test_cifar_recipe_set_is_complete():
     assert files == sorted(EXPECTED_RECIPES) and len(files) == 65
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize('recipe', sorted(EXPECTED_RECIPES))
 def test_cifar_recipe_values_and_two_updates(recipe, image_folder, tmp_path, one_thread):
     """The recipe passes train.py's validation with the paper's values, then trains two updates on generated

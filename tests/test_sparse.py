@@ -1,0 +1,225 @@
+"""Sparse-perturbation baselines: sam-rand, ssam-f, ssam-d (the paper's Section 5.1 / Appendix B.3)."""
+import io
+import math
+import os
+import sys
+import tempfile
+
+import pytest
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import sam_on_timm
+import train
+from sam_on_timm.sparse import PerturbationMask, fisher_diagonal, live_count
+from timm.optim import create_optimizer_v2
+
+
+def mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3)).to(dtype)
+
+
+def grads_of(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 6, generator=g, dtype=next(model.parameters()).dtype), torch.randint(0, 3, (8,), generator=g)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_sam_rand_perturbs_exactly_the_masked_elements_at_the_asked_sparsity():
+    model = mlp(torch.float64)
+    opt = create_optimizer_v2(model, opt='sam-rand', lr=0.1, rho=0.3, sparsity=0.8)
+    n = sum(p.numel() for p in model.parameters())
+    masks = [m.bool() for m in opt.mask.masks]
+    assert sum(int(m.sum()) for m in masks) == n - round(0.8 * n)
+    g = grads_of(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.first_step()
+    g_norm = math.sqrt(sum(float((x ** 2).sum()) for x in g))
+    for p, w, m, gi in zip(model.parameters(), before, masks, g):
+        eps = p.detach() - w
+        assert torch.equal(eps != 0, m & (gi != 0))   # exactly the masked elements moved
+        # eps = rho * mask * g / ||g|| (the norm over the whole set, then masked: Mi et al.'s formula)
+        torch.testing.assert_close(eps, torch.where(m, 0.3 * gi / g_norm, torch.zeros_like(gi)), rtol=1e-9, atol=1e-15)
+    opt.second_step()
+    for p, w in zip(model.parameters(), before):   # restored, then the base step took the descent gradient
+        assert not torch.equal(p.detach(), w)
+
+
+def test_sam_rand_default_sparsity_is_sam_ons():
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=2)
+    opt = create_optimizer_v2(model, opt='sam-rand', lr=0.1)
+    n = sum(p.numel() for p in model.parameters())
+    n_norm = sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    assert opt.mask.sparsity == pytest.approx(1 - n_norm / n, abs=1e-12)
+    assert sum(int(m.sum()) for m in opt.mask.masks) == n - round(n * (1 - n_norm / n)) == n_norm
+    assert opt.name == 'sam-rand' and opt.state_dict()['sam_mask']['mask'].dtype == torch.bool
+
+
+def test_masks_are_seeded_and_restored_with_the_optimizer_state():
+    model = mlp()
+    a = create_optimizer_v2(model, opt='sam-rand', lr=0.1, sparsity=0.5, mask_seed=3)
+    b = create_optimizer_v2(model, opt='sam-rand', lr=0.1, sparsity=0.5, mask_seed=3)
+    c = create_optimizer_v2(model, opt='sam-rand', lr=0.1, sparsity=0.5, mask_seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.mask.masks, b.mask.masks))
+    assert not all(torch.equal(x, y) for x, y in zip(a.mask.masks, c.mask.masks))
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    c.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(torch.equal(x, y) for x, y in zip(a.mask.masks, c.mask.masks))
+    d = create_optimizer_v2(model, opt='ssam-d', lr=0.1)
+    with pytest.raises(ValueError, match='does not fit'):
+        d.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match='no perturbation mask'):
+        d.load_state_dict(create_optimizer_v2(model, opt='sam', lr=0.1).state_dict())
+
+
+def test_bad_sparse_input():
+    model = mlp()
+    for kwargs, words in ((dict(sparsity=1.0), 'sparsity must be in'), (dict(sparsity=float('nan')), 'sparsity must be'),
+                          (dict(mask_update_epochs=0), 'update interval'), (dict(drop_rate=2.0), 'drop_rate')):
+        with pytest.raises(ValueError, match=words):
+            create_optimizer_v2(model, opt='ssam-d', lr=0.1, **kwargs)
+    with pytest.raises(ValueError, match='sparsity is an option of the sparse baselines'):
+        create_optimizer_v2(model, opt='sam', lr=0.1, sparsity=0.5)
+    with pytest.raises(ValueError, match='SAM-ON'):   # bare parameters: no model to take SAM-ON's sparsity from
+        sam_on_timm.SAM(model.parameters(), sparse='rand')
+
+
+# --- ssam-f ---------------------------------------------------------------------------------------------
+def gn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, 3)).double()
+
+
+def test_ssam_f_mask_is_the_top_k_of_an_independent_empirical_fisher(one_thread):
+    model = gn_model()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (10,), generator=g)
+    # reference: per-sample gradients with torch.func, summed squares, float64
+    from torch.func import functional_call, grad, vmap
+    params = dict(model.named_parameters())
+
+    def loss(p, xi, yi):
+        return nn.functional.cross_entropy(functional_call(model, p, (xi[None],)), yi[None])
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x[:7], y[:7])   # num_samples = 7
+    ref = torch.cat([(per_sample[k] ** 2).sum(0).reshape(-1) for k in params])
+
+    opt = create_optimizer_v2(model, opt='ssam-f', lr=0.1, sparsity=0.6, mask_update_epochs=2, fisher_samples=7)
+    assert opt.mask.density() == 0.0   # empty until the first Fisher computation
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    fisher, n = fisher_diagonal(model, opt.perturbed, batches, nn.functional.cross_entropy, 7)
+    assert n == 7
+    torch.testing.assert_close(torch.cat([f.reshape(-1) for f in fisher]), ref, rtol=1e-10, atol=1e-14)
+    calls = []
+
+    def fisher_fn():
+        calls.append(1)
+        return fisher_diagonal(model, opt.perturbed, batches, nn.functional.cross_entropy, 7)
+
+    assert [opt.mask.epoch_start(e, 10, fisher_fn) for e in range(5)] == [True, False, True, False, True]
+    assert len(calls) == 3
+    mask = torch.cat([m.reshape(-1) for m in opt.mask.masks]).bool()
+    k = live_count(ref.numel(), 0.6)
+    assert int(mask.sum()) == k == ref.numel() - round(0.6 * ref.numel())
+    assert ref[mask].min() >= ref[~mask].max()   # the k largest Fisher values (ties broken either way)
+
+
+# --- ssam-d ---------------------------------------------------------------------------------------------
+def test_ssam_d_keeps_its_sparsity_and_drops_the_smallest_gradients():
+    model = mlp()
+    opt = create_optimizer_v2(model, opt='ssam-d', lr=0.1, sparsity=0.7, mask_update_epochs=1, drop_rate=0.5, rho=0.1)
+    n = sum(p.numel() for p in model.parameters())
+    live = n - round(0.7 * n)
+    flat = lambda: torch.cat([m.reshape(-1) for m in opt.mask.masks]).bool()   # noqa: E731
+    assert int(flat().sum()) == live
+    epochs = 4
+    for epoch in range(epochs):
+        before = flat()
+        assert opt.mask.epoch_start(epoch, epochs)
+        g = grads_of(model, seed=10 + epoch)
+        score = torch.cat([x.abs().reshape(-1) for x in g])
+        opt.first_step()   # the update happens here, scored by this gradient
+        opt.second_step(zero_grad=True)
+        after = flat()
+        assert int(after.sum()) == live   # sparsity kept exactly
+        n_drop = int(live * 0.5 * (1 + math.cos(math.pi * epoch / epochs)) / 2)
+        dropped, grown = before & ~after, after & ~before
+        assert int(dropped.sum()) == int(grown.sum()) == n_drop
+        if n_drop:
+            assert score[dropped].max() <= score[before & after].min()   # the smallest |g| of the live ones go
+    assert opt.mask.pending_drop is None
+
+
+# --- distributed: the same mask on every rank ------------------------------------------------------------
+def _rank_main(rank, world, init_file, out_dir):
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world)
+    try:
+        model = mlp()
+        rand = create_optimizer_v2(model, opt='sam-rand', lr=0.1, sparsity=0.9, mask_seed=7)
+        dyn = create_optimizer_v2(model, opt='ssam-d', lr=0.1, sparsity=0.5, mask_seed=7, mask_update_epochs=1)
+        fish = create_optimizer_v2(model, opt='ssam-f', lr=0.1, sparsity=0.5)
+        g = grads_of(model, seed=100 + rank)   # each rank its own gradient
+        dyn.mask.epoch_start(0, 10)
+        dyn.first_step()
+        dyn.restore()
+        fish.mask.set_fisher_mask([x * x for x in g])
+        torch.save({'rand': rand.mask.state_dict()['mask'], 'dyn': dyn.mask.state_dict()['mask'],
+                    'fish': fish.mask.state_dict()['mask'], 'g': g}, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == 'win32',
+                    reason='needs torch.distributed gloo')
+def test_masks_are_identical_on_two_gloo_ranks(tmp_path):
+    init_file = tempfile.mktemp(dir=tmp_path)
+    mp.spawn(_rank_main, args=(2, init_file, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2))
+    assert not all(torch.equal(a, b) for a, b in zip(r0['g'], r1['g']))   # the ranks saw different gradients
+    for key in ('rand', 'dyn', 'fish'):
+        assert torch.equal(r0[key], r1[key]), key
+    # ssam-f: the top half of the Fisher summed over both ranks
+    f = torch.cat([(a * a + b * b).reshape(-1) for a, b in zip(r0['g'], r1['g'])])
+    assert f[r0['fish']].min() >= f[~r0['fish']].max() and int(r0['fish'].sum()) == f.numel() - round(0.5 * f.numel())
+
+
+# --- train.py ---------------------------------------------------------------------------------------------
+BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '8', '--device', 'cpu', '--workers',
+        '0', '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--val-split', '', '--log-interval', '1']
+
+
+def test_sam_rand_resume_keeps_the_mask(image_folder, tmp_path, one_thread):
+    """A resumed sam-rand run continues with the checkpoint's mask (the resumed run is given another
+    seed, which would draw another mask) and ends where the uninterrupted run ends."""
+    def run(*extra):
+        return train.main(['--data-dir', image_folder, '--output', str(tmp_path), *BASE, '--opt', 'sam-rand',
+                           '--sam-sparsity', '0.5', *extra])
+    assert run('--experiment', 'full', '--seed', '3') == 0
+    assert run('--experiment', 'part', '--seed', '3', '--stop-epoch', '1') == 0
+    assert run('--experiment', 'part', '--seed', '4', '--resume', str(tmp_path / 'part' / 'last.pth.tar')) == 0
+    full, part = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True) for e in ('full', 'part'))
+    assert torch.equal(full['optimizer']['sam_mask']['mask'], part['optimizer']['sam_mask']['mask'])
+    assert all(torch.equal(full['state_dict'][k], part['state_dict'][k]) for k in full['state_dict'])
+
+
+def test_train_script_sparse_flags(image_folder, tmp_path, capsys):
+    base = ['--data-dir', image_folder, '--output', str(tmp_path), *BASE, '--experiment', 'x']
+    for extra in (['--opt', 'sam', '--sam-sparsity', '0.5'], ['--opt', 'ssam-f', '--sam-sparsity', '1'],
+                  ['--opt', 'ssam-d', '--sam-mask-update', '0']):
+        assert train.main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ('--sam-sparsity' in err[0] or '--sam-mask-update' in err[0]), err
+    # ssam-f on a model whose last BatchNorm sees a 1x1 map: one sample cannot pass it, one clear line
+    assert train.main(base + ['--opt', 'ssam-f', '--ssam-fisher-samples', '2']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'ssam-f: one sample cannot pass' in err[0]
