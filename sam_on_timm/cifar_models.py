@@ -4,6 +4,7 @@
 
 | name | architecture | parameters (10 / 100 classes) |
 |---|---|---|
+| ``cifar_resnet18`` | ResNet-18, CIFAR variant (paper Figure 3): 4 stages x 2 basic blocks, 64-512 channels | 11.17M / 11.22M |
 | ``cifar_resnet56`` | ResNet-56 (He et al. 2016, Section 4.2): 3 stages x 9 basic blocks, 16/32/64 channels | 0.856M / 0.862M |
 | ``cifar_resnext29_32x4d`` | ResNeXt-29 (Xie et al. 2017), cardinality 32, 4 channels per group in the first stage | 4.78M / 4.87M |
 | ``cifar_wrn28_10`` | WideResNet-28-10 (Zagoruyko & Komodakis 2016), pre-activation blocks | 36.48M / 36.54M |
@@ -93,7 +94,8 @@ class Bottleneck(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3x3 stem at 32 px, three stages (stride 1, 2, 2) of ``depth`` blocks, global average pool, linear head.
+    """3x3 stem at 32 px, one stage per entry of ``widths`` (stride 1, then 2) of ``depth`` blocks each, global
+    average pool, linear head.
 
     ``preact``: the stem has no BatchNorm; a BatchNorm + ReLU over the last stage's output precedes the pool.
     """
@@ -117,7 +119,8 @@ class CifarResNet(nn.Module):
                 blocks.append(block(cin, planes, 2 if i > 0 and j == 0 else 1, groups, base_width))
                 cin = planes * block.expansion
             stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
+        self.layer1, self.layer2, self.layer3 = stages[:3]
+        self.layer4 = stages[3] if len(stages) > 3 else nn.Identity()   # ResNet-18's fourth stage
         self.final_norm = nn.BatchNorm2d(cin) if preact else nn.Identity()
         self.final_act = nn.ReLU(inplace=True) if preact else nn.Identity()
         self.num_features = cin
@@ -140,7 +143,7 @@ class CifarResNet(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.final_act(self.final_norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -159,6 +162,7 @@ def _cfg(first_conv: str = 'conv1', classifier: str = 'fc', **kwargs) -> dict:
 
 default_cfgs = generate_default_cfgs({
     'cifar_resnet56': _cfg(),
+    'cifar_resnet18': _cfg(),
     'cifar_resnext29_32x4d': _cfg(),
     'cifar_wrn28_10': _cfg(),
     'cifar_vit_tiny_patch4': _cfg(first_conv='patch_embed.proj', classifier='head'),
@@ -178,6 +182,14 @@ def _vit(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-56 for CIFAR (He et al. 2016): 6n+2 layers with n = 9, 16/32/64 channels."""
     return _resnet('cifar_resnet56', pretrained, block=BasicBlock, depth=9, widths=[16, 32, 64], stem_width=16, **kwargs)
+
+
+@register_model
+def cifar_resnet18(pretrained: bool = False, **kwargs) -> CifarResNet:
+    """ResNet-18 for CIFAR (the widely used CIFAR variant of He et al.'s ImageNet ResNet-18: 3x3 stem, no
+    max-pool): 4 stages x 2 basic blocks, 64/128/256/512 channels."""
+    return _resnet('cifar_resnet18', pretrained, block=BasicBlock, depth=2, widths=[64, 128, 256, 512], stem_width=64,
+                   **kwargs)
 
 
 @register_model
@@ -206,5 +218,5 @@ def cifar_vit_small_patch4(pretrained: bool = False, **kwargs) -> VisionTransfor
     return _vit('cifar_vit_small_patch4', pretrained, embed_dim=384, depth=12, num_heads=6, **kwargs)
 
 
-CIFAR_MODELS = ('cifar_resnet56', 'cifar_resnext29_32x4d', 'cifar_wrn28_10', 'cifar_vit_tiny_patch4',
+CIFAR_MODELS = ('cifar_resnet18', 'cifar_resnet56', 'cifar_resnext29_32x4d', 'cifar_wrn28_10', 'cifar_vit_tiny_patch4',
                 'cifar_vit_small_patch4')

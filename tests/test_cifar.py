@@ -22,13 +22,13 @@ def conv(cin, cout, k, groups=1):
     return cin // groups * cout * k * k
 
 
-def resnet56(c):      # He et al. 2016: 3 stages x 9 basic blocks, 1x1 conv + BN where the shape changes
-    n, cin = conv(3, 16, 3) + 32, 16
-    for w in (16, 32, 64):
-        for _ in range(9):
+def basic_resnet(c, widths, depth):   # 3x3 stem + BN, basic blocks, 1x1 conv + BN where the shape changes
+    n, cin = conv(3, widths[0], 3) + 2 * widths[0], widths[0]
+    for w in widths:
+        for _ in range(depth):
             n += conv(cin, w, 3) + 2 * w + conv(w, w, 3) + 2 * w + (conv(cin, w, 1) + 2 * w if cin != w else 0)
             cin = w
-    return n + 64 * c + c
+    return n + cin * c + c
 
 
 def wrn28_10(c):      # pre-activation blocks, bare 1x1 shortcut conv, BN + ReLU before the pool
@@ -57,7 +57,8 @@ def vit(d, c, depth=12, tokens=65):   # 4x4 patches of 32x32: 64 tokens + the cl
 
 
 EXPECTED = {   # name -> (parameter count for c classes, published size in millions for CIFAR-10, tolerance)
-    'cifar_resnet56': (resnet56, 0.86, 0.005),           # 0.85M with the parameter-free shortcut of He et al.
+    'cifar_resnet56': (lambda c: basic_resnet(c, (16, 32, 64), 9), 0.86, 0.005),   # He et al.'s 0.85M: option-A shortcut
+    'cifar_resnet18': (lambda c: basic_resnet(c, (64, 128, 256, 512), 2), 11.17, 0.005),
     'cifar_resnext29_32x4d': (resnext29_32x4d, 4.78, 0.005),
     'cifar_wrn28_10': (wrn28_10, 36.5, 0.05),             # Zagoruyko & Komodakis 2016, Table 1
     'cifar_vit_tiny_patch4': (lambda c: vit(192, c), 5.36, 0.005),
