@@ -543,8 +543,9 @@ def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn,
     except ValueError as e:
         raise UsageError(str(e)) from None
     if updated and args.rank == 0:
-        _logger.info(f'{sam.name}: mask updated at epoch {epoch}' + (
-            '' if sam.mask.kind == 'dynamic' else f', {100 * sam.mask.density():.4f}% of the parameters perturbed'))
+        _logger.info(f'{sam.name}: mask drop-and-regrow at the first SAM update of epoch {epoch}' if sam.mask.kind ==
+                     'dynamic' else f'{sam.name}: Fisher mask of epoch {epoch}, {100 * sam.mask.density():.4f}% of the '
+                                    f'parameters perturbed')
 
 
 def _first_line(e: BaseException) -> str:

@@ -136,7 +136,8 @@ class SAM(torch.optim.Optimizer):
             if sparsity is None and sparse == 'rand':   # the sparsity SAM-ON has on this model
                 if norm_params is None:
                     raise ValueError(f"'{name}' needs sparsity=..., or the model to take SAM-ON's sparsity from it")
-                n_norm = sum(p.numel() for p in self.perturbed if p in set(norm_params))
+                norm = set(norm_params)
+                n_norm = sum(p.numel() for p in self.perturbed if p in norm)
                 sparsity = 1.0 - n_norm / sum(p.numel() for p in self.perturbed)
             self.mask = PerturbationMask(sparse, self.perturbed, 0.5 if sparsity is None else sparsity, mask_seed,
                                          mask_update_epochs, fisher_samples, drop_rate)

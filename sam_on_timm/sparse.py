@@ -163,26 +163,37 @@ class PerturbationMask:
 def fisher_diagonal(model: nn.Module, params: Sequence[Tensor], batches: Iterable[Tuple[Tensor, Tensor]],
                     loss_fn: Callable[[Tensor, Tensor], Tensor], num_samples: int) -> Tuple[List[Tensor], int]:
     """Empirical Fisher diagonal sum_n g_n^2 of ``params``, g_n the gradient of the loss of sample n alone,
-    over the first ``num_samples`` samples of ``batches``, each passed through the model alone, in the
-    model's current (training) mode, as in Mi et al.'s code. Running statistics of norm layers are left
-    as they are."""
+    over the first ``num_samples`` samples of ``batches``, each passed through the model alone in training
+    mode, as in Mi et al.'s code. Running statistics of norm layers are left as they are, and the model's
+    mode is restored afterwards."""
     from .train_step import frozen_bn_stats
     fisher = [torch.zeros_like(p) for p in params]
-    n = 0
-    with frozen_bn_stats(model), torch.enable_grad():
-        for x, y in batches:
-            for i in range(x.shape[0]):
-                if n >= num_samples:
-                    return fisher, n
-                try:
-                    out = model(x[i:i + 1])
-                except ValueError as e:   # BatchNorm in training mode over a 1x1 map of one sample
-                    raise ValueError(f'ssam-f: one sample cannot pass the model in training mode ({e}); use a larger '
-                                     f'input size') from None
-                loss = loss_fn(out, y[i:i + 1])
-                grads = torch.autograd.grad(loss, list(params), allow_unused=True)
-                for f, g in zip(fisher, grads):
-                    if g is not None:
-                        f.addcmul_(g, g)
-                n += 1
+    was_training = model.training
+    model.train()
+    try:
+        with frozen_bn_stats(model), torch.enable_grad():
+            n = _accumulate_fisher(model, params, batches, loss_fn, num_samples, fisher)
+    finally:
+        model.train(was_training)
     return fisher, n
+
+
+def _accumulate_fisher(model: nn.Module, params: Sequence[Tensor], batches: Iterable[Tuple[Tensor, Tensor]],
+                       loss_fn: Callable[[Tensor, Tensor], Tensor], num_samples: int, fisher: List[Tensor]) -> int:
+    """fisher += g_n^2 for the first ``num_samples`` single samples of ``batches``; returns how many it used."""
+    n = 0
+    for x, y in batches:
+        for i in range(x.shape[0]):
+            if n >= num_samples:
+                return n
+            try:
+                out = model(x[i:i + 1])
+            except ValueError as e:   # BatchNorm in training mode over a 1x1 map of one sample
+                raise ValueError(f'ssam-f: one sample cannot pass the model in training mode ({e}); use a larger '
+                                 f'input size') from None
+            grads = torch.autograd.grad(loss_fn(out, y[i:i + 1]), list(params), allow_unused=True)
+            for f, g in zip(fisher, grads):
+                if g is not None:
+                    f.addcmul_(g, g)
+            n += 1
+    return n

@@ -31,7 +31,7 @@ def grads_of(model, seed=1):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_sam_rand_perturbs_exactly_the_masked_elements_at_the_asked_sparsity():
+def test_sam_rand_perturbs_exactly_the_masked_elements_at_the_asked_sparsity(fused):
     model = mlp(torch.float64)
     opt = create_optimizer_v2(model, opt='sam-rand', lr=0.1, rho=0.3, sparsity=0.8)
     n = sum(p.numel() for p in model.parameters())
@@ -40,6 +40,7 @@ def test_sam_rand_perturbs_exactly_the_masked_elements_at_the_asked_sparsity():
     g = grads_of(model)
     before = [p.detach().clone() for p in model.parameters()]
     opt.first_step()
+    assert (opt._flat is not None) is fused   # both code paths: per tensor, and the flat buffer CUDA takes
     g_norm = math.sqrt(sum(float((x ** 2).sum()) for x in g))
     for p, w, m, gi in zip(model.parameters(), before, masks, g):
         eps = p.detach() - w
@@ -117,8 +118,9 @@ def test_ssam_f_mask_is_the_top_k_of_an_independent_empirical_fisher(one_thread)
     opt = create_optimizer_v2(model, opt='ssam-f', lr=0.1, sparsity=0.6, mask_update_epochs=2, fisher_samples=7)
     assert opt.mask.density() == 0.0   # empty until the first Fisher computation
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    model.eval()   # as after a validation pass: the Fisher passes run in training mode, the mode is put back
     fisher, n = fisher_diagonal(model, opt.perturbed, batches, nn.functional.cross_entropy, 7)
-    assert n == 7
+    assert n == 7 and not model.training
     torch.testing.assert_close(torch.cat([f.reshape(-1) for f in fisher]), ref, rtol=1e-10, atol=1e-14)
     calls = []
 
