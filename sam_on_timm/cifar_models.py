@@ -156,8 +156,8 @@ class CifarResNet(nn.Module):
 
 def _cfg(first_conv: str = 'conv1', classifier: str = 'fc', **kwargs) -> dict:
     return dict(url='', num_classes=10, input_size=(3, 32, 32), pool_size=None, crop_pct=1.0,
-                interpolation='bilinear', mean=CIFAR_MEAN_STD['cifar10'][0], std=CIFAR_MEAN_STD['cifar10'][1], first_conv=first_conv,
-                classifier=classifier, license='apache-2.0', **kwargs)
+                interpolation='bilinear', mean=CIFAR_MEAN_STD['cifar10'][0], std=CIFAR_MEAN_STD['cifar10'][1],
+                first_conv=first_conv, classifier=classifier, **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
@@ -181,7 +181,8 @@ def _vit(variant: str, pretrained: bool, **kwargs) -> VisionTransformer:
 @register_model
 def cifar_resnet56(pretrained: bool = False, **kwargs) -> CifarResNet:
     """ResNet-56 for CIFAR (He et al. 2016): 6n+2 layers with n = 9, 16/32/64 channels."""
-    return _resnet('cifar_resnet56', pretrained, block=BasicBlock, depth=9, widths=[16, 32, 64], stem_width=16, **kwargs)
+    return _resnet('cifar_resnet56', pretrained, block=BasicBlock, depth=9, widths=[16, 32, 64], stem_width=16,
+                   **kwargs)
 
 
 @register_model

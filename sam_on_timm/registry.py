@@ -62,11 +62,11 @@ def register_sam_optimizers() -> List[str]:
             has_betas=True,
             defaults={'variant': variant, 'mode': mode},
         )
+    masks = dict(rand='a fixed random', fisher='a Fisher (SSAM-F)', dynamic='a dynamic (SSAM-D)')
     for name, kind in SPARSE_OPTIMIZERS.items():
         default_registry._optimizers[name] = OptimInfo(
             name=name, opt_class=SAM, has_eps=True, has_momentum=True, has_betas=True,
-            description=f"SAM with a {dict(rand='fixed random', fisher='Fisher (SSAM-F)', dynamic='dynamic (SSAM-D)')[kind]} "
-                        f"mask on the perturbation",
+            description=f'SAM with {masks[kind]} mask on the perturbation',
             defaults={'variant': 'sam', 'mode': 'all', 'sparse': kind},
         )
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
