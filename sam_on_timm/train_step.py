@@ -12,6 +12,7 @@ then clip (descent gradient), base step. Plain optimizers take the same path wit
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
 """
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,9 @@ __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn
            'train_step', 'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
+
+# the SAM optimizers whose first update has passed the ascent-reach check (_check_ascent_reach)
+_ascent_reach_checked: 'weakref.WeakSet[SAM]' = weakref.WeakSet()
 
 
 @dataclass
@@ -165,7 +169,7 @@ def train_step(
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
+                check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad and trainable is sam.perturbed:
                     grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
                                                      materialize_grads=not check))
@@ -227,7 +231,7 @@ def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:
             f'tensors that the descent pass reaches; reentrant activation checkpointing (use_reentrant=True, '
             f'TIMM_REENTRANT_CKPT=1) hides them from torch.autograd.grad: use non-reentrant checkpointing '
             f"(timm's default, timm.layers.set_reentrant_ckpt(False)) or none")
-    sam.ascent_reach_checked = True
+    _ascent_reach_checked.add(sam)
 
 
 def _clip(parameters, value: float, mode: str) -> None:
