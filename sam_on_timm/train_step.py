@@ -107,6 +107,8 @@ def requires_grad_off(params: Iterable[Tensor]):
     even when the block raises.
     """
     off = [p for p in params if p.requires_grad]
+    if off:
+        _guard_requires_grad()
     for p in off:
         p.requires_grad_(False)
     try:
@@ -114,6 +116,21 @@ def requires_grad_off(params: Iterable[Tensor]):
     finally:
         for p in off:
             p.requires_grad_(True)
+
+
+def _guard_requires_grad() -> None:
+    """Make torch.compile'd graphs notice the flags that ``requires_grad_off`` switches.
+
+    Dynamo skips the guards of a tensor held in a module dict whose version tag is unchanged
+    (``skip_tensor_guards_with_matching_dict_tags``); ``requires_grad_()`` changes no tag, so torch
+    versions without a requires_grad check on that fast path (2.11 among them) reuse the lean ascent
+    graph for the descent and compute no weight gradient there. With the skip off, every parameter's
+    guard, requires_grad included, is checked: the descent recompiles once, as it should. Set before
+    the first compiled forward (the first ``train_step``), it costs a guard check per parameter per call.
+    """
+    config = getattr(getattr(torch, '_dynamo', None), 'config', None)
+    if getattr(config, 'skip_tensor_guards_with_matching_dict_tags', False):
+        config.skip_tensor_guards_with_matching_dict_tags = False
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:

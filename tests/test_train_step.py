@@ -473,3 +473,17 @@ def test_group_added_through_lookahead_takes_part_in_the_next_step(path):
     assert len(find_sam(opt_b).perturbed) == len(find_sam(opt_a).perturbed) == 4
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_lean_ascent_keeps_dynamo_checking_requires_grad(monkeypatch):
+    """torch versions whose dynamo skips the guards of module-dict tensors with unchanged dict tags
+    (2.11 among them) would reuse the lean ascent graph for the descent, which then computes no weight
+    gradient. The step switches that skip off before its first ascent, and only when it switches flags."""
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, 'skip_tensor_guards_with_matching_dict_tags', True)
+    x, y = data()
+    model = small_net().double()
+    train_step(model, create_optimizer_v2(model, 'sam', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
+    assert torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags   # SAM-all switches no flag
+    train_step(model, create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
+    assert not torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags
