@@ -13,13 +13,16 @@ so the perturbation has norm rho * ||mask * g|| / ||g|| <= rho, as in the public
   ``update_epochs`` epochs. Until the first computation the mask is empty (no perturbation).
 - ``dynamic`` (``ssam-d``): starts from a random mask; every ``update_epochs`` epochs it drops the
   live elements with the smallest |g| (g: the ascent gradient of the update) and regrows as many,
-  at random, among the elements that were dead before (at most all of them); the fraction dropped is ``drop_rate * (1 + cos(pi * epoch /
-  epochs)) / 2``. The number of live elements never changes.
+  at random, among the elements that were dead before (at most all of them); the fraction dropped is
+  ``drop_rate * (1 + cos(pi * epoch / epochs)) / 2``. The number of live elements never changes.
 
-Where this deviates from Mi et al.'s code (Mi-Peng/Sparse-SAM): the live count is
-``N - round(N * sparsity)`` exactly (their int() roundings can lose one element per update); the
-SSAM-D update uses the gradient of the update it happens in and applies to it (theirs applies from the
-next one); SSAM-F's single-sample passes leave BatchNorm running statistics untouched (theirs update
+Defaults as in Mi et al.'s code (github.com/Mi-Peng/Sparse-Sharpness-Aware-Minimization): masks updated
+every 5 epochs, 1024 Fisher samples, drop rate 0.5, death by |g| and random growth; sparsity 0.5, their
+paper's recommendation (their code's default is 0.2). Where this deviates from that code: the live
+count is ``N - round(N * sparsity)`` exactly (their int() roundings can lose one element per update);
+a mask update happens before the first update of its epoch and applies to it (theirs after that
+update's ascent, so that SSAM-F's first update is unperturbed and SSAM-D's new mask starts with the
+second); SSAM-F's single-sample passes leave BatchNorm running statistics untouched (theirs update
 them), and under DDP the Fisher sums and the |g| scores are summed over ranks, so that every rank
 holds the same mask. The mask and its random generator are part of the optimizer state: a resumed
 run continues with the same mask and the same draws.
@@ -98,7 +101,8 @@ class PerturbationMask:
         return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(eps)))
 
     # -- updates --------------------------------------------------------------------------------------
-    def epoch_start(self, epoch: int, epochs: int, fisher: Optional[Callable[[], Tuple[List[Tensor], int]]] = None) -> bool:
+    def epoch_start(self, epoch: int, epochs: int,
+                    fisher: Optional[Callable[[], Tuple[List[Tensor], int]]] = None) -> bool:
         """Called at the start of every epoch; returns whether the mask changes in it.
 
         ``fisher``: for ``ssam-f``, a function returning the Fisher sums of the perturbed tensors (and the
