@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ImageNet-style training with timm, plus SAM and SAM-ON.
 
-Same command line and YAML ``-c`` keys as timm's train.py (the subset listed in the README), plus
+Same command line and YAML ``-c`` keys as timm's train.py (differences: docs/differences.md), plus
 the SAM flags. ``--opt`` takes any timm optimizer name, so SGD baselines run from here too:
 
     python train.py -c hparams/demo/sam-on.yaml
