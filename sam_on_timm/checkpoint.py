@@ -5,14 +5,20 @@ The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer`
 rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
 ``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
+import contextlib
+import copy
+import math
+import os
 import random
-from typing import Any, Dict, List, Optional
+import shutil
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau']
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau',
+           'load_optimizer_state', 'state_dict_mismatch']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -93,12 +99,55 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
                 setattr(plateau, key, saved[key])
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str, Any], load=None) -> None:
+    """``optimizer.load_state_dict(state_dict)`` (or ``load(state_dict)``), refused when the state was saved
+    by an optimizer of another kind: ValueError, and the optimizer keeps its state.
+
+    torch checks only the number of groups and parameters, then replaces each group's settings with
+    the saved ones: an AdamW state loaded into momentum SGD loses ``momentum`` and fails with a
+    KeyError at the first step (and the other way round ``betas``). A setting this optimizer has
+    that the loaded groups lack (after the optimizer's own fill-in of settings newer than the file)
+    marks another kind.
+    """
+    load = optimizer.load_state_dict if load is None else load
+    before = [set(group) for group in optimizer.param_groups]
+    kept = copy.deepcopy(optimizer.state_dict())
+    load(state_dict)
+    lost = sorted(set().union(*(b - set(g) for b, g in zip(before, optimizer.param_groups))))
+    if lost:
+        load(kept)
+        raise ValueError(f"the optimizer state was saved by another kind of optimizer than this "
+                         f"{type(optimizer).__name__} (its parameter groups lack {', '.join(lost)}); "
+                         f"load the weights without it (train.py: --no-resume-opt)")
+
+
+def state_dict_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any], shown: int = 3) -> Optional[str]:
+    """Why ``state_dict`` does not fit ``model`` (the first missing, unexpected and reshaped keys), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
+                if k in state_dict and hasattr(state_dict[k], 'shape') and state_dict[k].shape != own[k].shape]
+    parts = []
+    for what, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('other shapes', reshaped)):
+        if keys:
+            more = f' (+{len(keys) - shown} more)' if len(keys) > shown else ''
+            parts.append(f"{what} {', '.join(keys[:shown])}{more}")
+        if len(parts) == 2:
+            break
+    return '; '.join(parts) or None
+
+
 class RngCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver (history, best, last) writing the RNG states too.
 
     ``rng_states``: one ``get_rng_state()`` per rank (set by the training loop before each save,
     gathered from all ranks); ``rng_state`` in the file is rank 0's, ``rng_states`` all of them.
     ``scheduler_state``: ``plateau_state(lr_scheduler)``, set by the loop too.
+
+    A write that fails (a full disk) leaves no partial file: ``last`` and the kept checkpoints stay
+    as they were, the half-written file is removed, and the OSError names the epoch. A metric that
+    is not finite is refused (ValueError): timm ranks with ``<`` / ``>``, which NaN would win.
     """
     rng_states = None
     scheduler_state = None
@@ -126,4 +175,40 @@ class RngCheckpointSaver(CheckpointSaver):
             state['metric'] = metric
         if self.scheduler_state is not None:
             state['lr_scheduler'] = self.scheduler_state
-        torch.save(state, save_path)
+        try:
+            torch.save(state, save_path)
+        except BaseException:   # a full disk, Ctrl-C: no partial tmp file
+            _remove(save_path)
+            raise
+
+    def save_checkpoint(self, epoch, metric=None):
+        if metric is not None and not math.isfinite(metric):
+            raise ValueError(f'epoch {epoch}: the metric is {metric}, not finite: not saved (it would rank as best)')
+        try:
+            return super().save_checkpoint(epoch, metric)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the checkpoint of epoch {epoch} into '{self.checkpoint_dir}' "
+                                   f"({e.strerror or e}); the checkpoints already there are intact") from None
+
+    def _duplicate(self, src, dst):
+        """``dst`` becomes a copy of ``src`` (a hard link where possible) under a temporary name, then
+        replaces ``dst`` in one step: a failed copy leaves ``dst`` as it was (timm removes it first)."""
+        part = dst + '.part'
+        _remove(part)
+        try:
+            if self.can_hardlink:
+                try:
+                    os.link(src, part)
+                except (OSError, NotImplementedError):
+                    self.can_hardlink = False
+            if not self.can_hardlink:
+                shutil.copy2(src, part)
+            os.replace(part, dst)
+        except BaseException:
+            _remove(part)
+            raise
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)

@@ -13,6 +13,8 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_variant
+
 __all__ = ['Variant', 'VARIANTS', 'FlatSet', 'flat_ok', 'scaling', 'compute_eps']
 
 
@@ -70,7 +72,8 @@ def scaling(
         torch._foreach_add_(t, 1.0)
         torch._foreach_rsqrt_(t)
         return t
-    raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    check_variant(variant)
+    raise NotImplementedError(f"variant '{variant}' has no scaling T")
 
 
 # CUDA runs a foreach op as one fused kernel only if, at every index, the operands share shape and
@@ -198,8 +201,7 @@ def compute_eps(
     ``flat``: a ``FlatSet`` of ``params`` to compute in (SAM keeps one); on CUDA, sets that ``flat_ok``
     accepts get a fresh one otherwise. eps is then the FlatSet's views (valid until its next use).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    check_variant(variant)
     grads = list(grads)
     t = scaling(variant, params, grads, eta, is_bias)
     if flat is None and flat_ok(params):
