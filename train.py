@@ -410,7 +410,6 @@ def validate_args(args) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
-    check_splits(args)
     check_output_writable(args)
 
 
@@ -700,7 +699,7 @@ def run(args) -> int:
             prepare_demo_data(args.demo_data, args.data_dir)
         if args.distributed:
             torch.distributed.barrier()
-        check_splits(args)   # the demo folder exists only now
+    check_splits(args)   # (after the demo data is written)
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
     if device.type == 'cuda':   # as timm's train.py: TF32 matmuls, autotuned convs (fixed input shapes)
         torch.backends.cuda.matmul.allow_tf32 = True

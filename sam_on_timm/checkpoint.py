@@ -112,10 +112,18 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str,
     load = optimizer.load_state_dict if load is None else load
     before = [set(group) for group in optimizer.param_groups]
     kept = copy.deepcopy(optimizer.state_dict())
-    load(state_dict)
-    lost = sorted(set().union(*(b - set(g) for b, g in zip(before, optimizer.param_groups))))
-    if lost:
+    failed = None
+    try:
+        load(state_dict)
+        after = optimizer.param_groups
+    except (KeyError, TypeError) as e:   # the optimizer's own fill-in met state of another kind (Adam: no 'step')
+        failed, after = e, state_dict.get('param_groups', [])
+    lost = sorted(set().union(*(b - set(g) for b, g in zip(before, after))))
+    if failed is not None or lost:
         load(kept)
+    if failed is not None and not lost:
+        raise failed
+    if lost:
         raise ValueError(f"the optimizer state was saved by another kind of optimizer than this "
                          f"{type(optimizer).__name__} (its parameter groups lack {', '.join(lost)}); "
                          f"load the weights without it (train.py: --no-resume-opt)")

@@ -12,6 +12,8 @@ import math
 import numbers
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 __all__ = ['RANGES', 'check_number', 'check_arg', 'check_sam_m', 'check_variant', 'check_base_opt',
            'check_optimizer_args']
 
@@ -41,7 +43,10 @@ def _interval(low, high, low_open, high_open) -> str:
 
 def check_number(value: Any, name: str, low: Optional[float] = None, high: Optional[float] = None,
                  low_open: bool = False, high_open: bool = False) -> None:
-    """``value`` is a finite real number (not a bool) within the interval; else ValueError."""
+    """``value`` is a finite real number (not a bool; a one-element tensor counts) within the interval;
+    else ValueError."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:   # torch optimizers take a tensor lr
+        value = value.item()
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -55,7 +60,8 @@ def check_number(value: Any, name: str, low: Optional[float] = None, high: Optio
 def check_arg(key: str, value: Any, name: Optional[str] = None) -> None:
     """``value`` of the argument ``key`` of ``RANGES`` (each element of a list or tuple) is in its range."""
     for v in value if isinstance(value, (list, tuple)) else (value,):
-        check_number(v, name or key, *RANGES[key])
+        if v is not None:   # (e.g. Adafactor's betas hold a None)
+            check_number(v, name or key, *RANGES[key])
 
 
 def check_sam_m(m: Any, batch: int, name: str = 'm', batch_name: str = 'the per-GPU batch size') -> None:
@@ -86,7 +92,8 @@ def check_base_opt(base_opt: Any, name: str = 'base_opt') -> None:
 
 
 def check_optimizer_args(kwargs: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> None:
-    """The base optimizer's numbers among ``kwargs`` (lr, momentum, weight_decay, eps, betas; None: not given)."""
+    """The base optimizer's numbers among ``kwargs`` or a param group (lr, momentum, weight_decay, eps, betas;
+    None: not given)."""
     for key in ('lr', 'momentum', 'weight_decay', 'eps', 'betas'):
         if kwargs.get(key) is not None:
             check_arg(key, kwargs[key], (names or {}).get(key, key))

@@ -107,6 +107,8 @@ class SAM(torch.optim.Optimizer):
         super().__init__(params, {})
         from timm.optim import create_optimizer_v2  # late import: timm's factory imports optimizers lazily
         self.base_optimizer = create_optimizer_v2(self.param_groups, opt=base_opt, momentum=momentum, **base_kwargs)
+        for group in self.base_optimizer.param_groups:   # timm's factory puts weight decay in the groups
+            check_optimizer_args(group)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = self.base_optimizer.defaults
         self.state = self.base_optimizer.state
