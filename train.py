@@ -300,7 +300,8 @@ OPTION_RANGES = {
     'color_jitter_prob': _PROB, 'grayscale_prob': _PROB, 'gaussian_blur_prob': _PROB,
     'warmup_epochs': (0, None, False, False), 'cooldown_epochs': (0, None, False, False),
     'patience_epochs': (0, None, False, False), 'lr_cycle_limit': (0, None, False, False),
-    'lr_base_size': (0, None, True, False), 'recount': (0, None, False, False), 'mixup_off_epoch': (0, None, False, False),
+    'lr_base_size': (0, None, True, False), 'recount': (0, None, False, False),
+    'mixup_off_epoch': (0, None, False, False),
     'num_classes': (1, None, False, False), 'in_chans': (1, None, False, False),
     'validation_batch_size': (1, None, False, False), 'decay_milestones': (0, None, False, False),
 }
@@ -486,13 +487,11 @@ def check_output_dir(args, output_dir: str) -> None:
                          f"--experiment, or --resume {os.path.join(output_dir, newest)}")
     summary = os.path.join(output_dir, 'summary.csv')
     partial = os.path.isfile(os.path.join(output_dir, 'tmp.pth.tar'))
-    if (os.path.isfile(summary) or partial) and not ckpts and not resuming_here:
-        raise UsageError(f"output folder '{output_dir}' holds a run that stopped before its first checkpoint was "
-                         f"complete (nothing to resume): remove the folder, or choose another --experiment")
+    if (os.path.isfile(summary) or partial) and not resuming_here:   # and no complete checkpoint
+        raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv or tmp.pth.tar "
+                         f"but no complete checkpoint (it stopped before its first save completed; nothing to "
+                         f"resume): remove the folder, or choose another --experiment")
     if os.path.isfile(summary):
-        if not resuming_here:
-            raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv: choose another "
-                             f"--experiment, or remove the folder")
         with open(summary) as f:
             header = f.readline().strip().split(',')
         for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', bool(args.model_ema and args.val_split), 'eval_ema_top1')):
@@ -984,8 +983,8 @@ def run(args) -> int:
                 metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]
             bad = [k for k, v in eval_metrics.items() if not math.isfinite(v)]
             if bad:   # never saved, never ranked (NaN would win timm's comparisons)
-                raise TrainingDiverged(f"validation after epoch {epoch}: {', '.join(bad)} not finite: the run diverged; "
-                                       f"the checkpoints are those of the epochs before")
+                raise TrainingDiverged(f"validation after epoch {epoch}: {', '.join(bad)} not finite: the run "
+                                       f"diverged; the checkpoints are those of the epochs before")
             if args.rank == 0 and eval_metrics:
                 _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
                              f'top5 {eval_metrics["top5"]:.2f}')

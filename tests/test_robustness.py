@@ -14,8 +14,8 @@ from sam_on_timm import SAM, checks, is_sam_name, parse_sam_name
 from sam_on_timm.checkpoint import RngCheckpointSaver, load_optimizer_state, state_dict_mismatch
 from sam_on_timm.registry import split_opt_name
 
-BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0',
-        '--epochs', '1', '--warmup-epochs', '0', '--lr', '0.05', '--log-interval', '2', '--seed', '3']
+BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu',
+        '--workers', '0', '--epochs', '1', '--warmup-epochs', '0', '--lr', '0.05', '--log-interval', '2', '--seed', '3']
 
 
 def run(image_folder, out, *extra):
@@ -53,24 +53,28 @@ def test_a_diverging_run_stops_in_its_first_non_finite_epoch(image_folder, tmp_p
     assert '--result' not in out   # no epoch completed
 
 
-def test_a_non_finite_metric_never_ranks_as_best(image_folder, tmp_path, capsys, monkeypatch):
-    """--eval-metric loss with a NaN validation in epoch 1: the run stops before saving it, model_best
-    stays epoch 0 (finite), and --result lists epoch 0 as valid JSON."""
+@pytest.mark.parametrize('nan_epoch', [0, 1])
+def test_a_non_finite_metric_never_ranks_as_best(image_folder, tmp_path, capsys, monkeypatch, nan_epoch):
+    """--eval-metric loss with a NaN validation: the run stops before saving that epoch. timm would keep
+    a first-epoch NaN as best for ever (every comparison with NaN is False)."""
     real = train.validate
     calls = []
 
-    def nan_in_epoch_1(*a, **k):
+    def nan_once(*a, **k):
         metrics = real(*a, **k)
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == nan_epoch + 1:
             metrics['loss'] = float('nan')
         return metrics
 
-    monkeypatch.setattr(train, 'validate', nan_in_epoch_1)
+    monkeypatch.setattr(train, 'validate', nan_once)
     assert run(image_folder, tmp_path, '--experiment', 'm', '--epochs', '3', '--eval-metric', 'loss') == 1
     out, err = capsys.readouterr()
-    assert err.strip().splitlines()[-1] == ('train.py: error: validation after epoch 1: loss not finite: the run '
-                                            'diverged; the checkpoints are those of the epochs before')
+    assert err.strip().splitlines()[-1] == (f'train.py: error: validation after epoch {nan_epoch}: loss not finite: '
+                                            f'the run diverged; the checkpoints are those of the epochs before')
+    if nan_epoch == 0:
+        assert not (tmp_path / 'm' / 'model_best.pth.tar').exists() and '--result' not in out
+        return
     best = torch.load(tmp_path / 'm' / 'model_best.pth.tar', weights_only=True)
     assert best['epoch'] == 0 and math.isfinite(best['metric'])
     assert torch.load(tmp_path / 'm' / 'last.pth.tar', weights_only=True)['epoch'] == 0
@@ -308,8 +312,9 @@ def test_a_run_killed_in_its_first_save_tells_how_to_recover(image_folder, tmp_p
     (d / 'tmp.pth.tar').write_bytes(b'PK\x03\x04 half')
     assert run(image_folder, tmp_path, '--experiment', 'k') == 2
     line = last_error(capsys)
-    assert line == (f"train.py: error: output folder '{d}' holds a run that stopped before its first checkpoint was "
-                    f"complete (nothing to resume): remove the folder, or choose another --experiment")
+    assert line == (f"train.py: error: output folder '{d}' already holds another run's summary.csv or tmp.pth.tar "
+                    f"but no complete checkpoint (it stopped before its first save completed; nothing to resume): "
+                    f"remove the folder, or choose another --experiment")
     # a kept epoch checkpoint without last.pth.tar: the pointer names a file that exists
     (d / 'checkpoint-0.pth.tar').write_bytes(b'x')
     assert run(image_folder, tmp_path, '--experiment', 'k') == 2
@@ -381,7 +386,8 @@ def test_messages_say_what_is_wrong(image_folder, tmp_path, capsys):
     torch.save({'state_dict': vit.state_dict(), 'epoch': 0, 'arch': 'test_vit'}, tmp_path / 'vit.pth.tar')
     assert run(image_folder, tmp_path, '--experiment', 'x', '--resume', str(tmp_path / 'vit.pth.tar')) == 2
     line = last_error(capsys)
-    assert "the weights are of another model ('test_vit'): missing keys conv1.0.weight, conv1.1.weight, conv1.1.bias (+89 more); " in line, line
+    assert ("the weights are of another model ('test_vit'): missing keys conv1.0.weight, conv1.1.weight, "
+            "conv1.1.bias (+89 more); ") in line, line
     assert 'unexpected keys cls_token, pos_embed, patch_embed.proj.weight (+' in line
     assert not (tmp_path / 'x').exists()
 
