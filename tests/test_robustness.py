@@ -83,6 +83,20 @@ def test_a_non_finite_metric_never_ranks_as_best(image_folder, tmp_path, capsys,
     assert [r['epoch'] for r in result] == [0]
 
 
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason='needs torch.distributed gloo')
+def test_a_diverging_ddp_run_stops_on_every_rank(tmp_path):
+    """Both ranks see the all-reduced sums, so both stop at the same step: no rank waits for ever."""
+    import subprocess
+    from tests.test_distributed import _launch_cmd, _launcher_env
+    cmd = _launch_cmd(tmp_path, '-b', '4', '--epochs', '2', '--lr', '1e30', '--experiment', 'd')
+    r = subprocess.run(cmd, cwd=tmp_path, env=_launcher_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith('train.py: error: the training loss is not')]
+    assert len(lines) == 2 and all('in epoch 0, ' in line for line in lines), r.stderr[-3000:]
+    assert not (tmp_path / 'out' / 'd' / 'last.pth.tar').exists()
+
+
 def test_the_saver_refuses_a_non_finite_metric(tmp_path):
     model = torch.nn.Linear(2, 2)
     saver = RngCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path),
@@ -324,7 +338,7 @@ def test_a_run_killed_in_its_first_save_tells_how_to_recover(image_folder, tmp_p
 # ---------------------------------------------------------------------------------------------
 # resume layout
 # ---------------------------------------------------------------------------------------------
-def _stepped(opt_name, **kw):
+def _stepped(opt_name, with_model=False, **kw):
     model = timm.create_model('test_resnet', num_classes=2)
     opt = timm.optim.create_optimizer_v2(model, opt_name, lr=0.1, **kw)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
@@ -334,7 +348,7 @@ def _stepped(opt_name, **kw):
         opt.second_step()
     else:
         opt.step()
-    return opt
+    return (model, opt) if with_model else opt
 
 
 @pytest.mark.parametrize('saved,loaded,lacks', [
@@ -359,8 +373,11 @@ def test_an_optimizer_state_of_another_kind_is_refused(saved, loaded, lacks):
 
 
 def test_train_py_refuses_another_optimizer_layout_both_ways(image_folder, tmp_path, capsys):
-    assert run(image_folder, tmp_path, '--experiment', 'a', '--opt', 'sam', '--sam-base', 'adamw') == 0
-    assert run(image_folder, tmp_path, '--experiment', 's', '--opt', 'sam', '--sam-base', 'momentum') == 0
+    for src, base in (('a', 'adamw'), ('s', 'momentum')):   # what train.py --opt sam --sam-base BASE saves
+        model, opt = _stepped('sam', with_model=True, base_opt=base, weight_decay=1e-4)
+        (tmp_path / src).mkdir()
+        RngCheckpointSaver(model, opt, checkpoint_dir=str(tmp_path / src), recovery_dir=str(tmp_path / src)
+                           ).save_checkpoint(0, metric=50.0)
     for src, base in (('a', 'momentum'), ('s', 'adamw')):
         assert run(image_folder, tmp_path, '--experiment', f'{src}2', '--opt', 'sam', '--sam-base', base,
                    '--epochs', '2', '--resume', str(tmp_path / src / 'last.pth.tar')) == 2
