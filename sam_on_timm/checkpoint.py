@@ -5,12 +5,14 @@ The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer`
 rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
 ``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
+import argparse
 import contextlib
 import copy
 import math
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
@@ -18,7 +20,8 @@ import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
 __all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau',
-           'load_optimizer_state', 'state_dict_mismatch']
+           'Resumed', 'load_resume', 'resume_rng', 'resume_saver', 'read_checkpoint', 'load_optimizer_state',
+           'state_dict_mismatch']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -217,6 +220,105 @@ class RngCheckpointSaver(CheckpointSaver):
             raise
 
 
+
+
+@dataclass
+class Resumed:
+    """What ``load_resume`` took from a checkpoint besides the weights and optimizer it loaded."""
+    checkpoint: Optional[Dict[str, Any]] = None   # the file (None: weights only); EMA weights cleaned
+    epoch: Optional[int] = None                   # the first epoch to train (None: the file has no epoch)
+    lrs: Optional[List[float]] = field(default=None)   # the resumed optimizer's lrs (None: not resumed)
+
+
+def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                loss_scaler=None, opt_name: str = '') -> Resumed:
+    """Load a checkpoint to resume from into ``model``, ``optimizer`` (None: a fresh optimizer) and
+    ``loss_scaler``.
+
+    Also reads checkpoints of timm's own train.py (``args`` as a Namespace, DDP's ``module.`` prefix)
+    and bare weights (training starts at epoch 0, as timm's ``resume_checkpoint``). Raises on a file
+    that is not a checkpoint of this model; an optimizer state of another layout is a ValueError that
+    names ``--no-resume-opt``.
+    """
+    from timm.models import clean_state_dict
+    checkpoint = read_checkpoint(path)
+    if 'state_dict' not in checkpoint:   # weights only, as timm's resume_checkpoint: from epoch 0
+        _load_weights(model, clean_state_dict(checkpoint))
+        return Resumed()
+    resumed = Resumed(checkpoint=checkpoint)
+    _load_weights(model, clean_state_dict(checkpoint['state_dict']), checkpoint.get('arch'))
+    if optimizer is not None and 'optimizer' in checkpoint:
+        try:   # refused when saved by another kind of optimizer
+            load_optimizer_state(optimizer, checkpoint['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'its optimizer state does not fit --opt {opt_name} ({_first_line(e)}); '
+                             f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
+        resumed.lrs = [group['lr'] for group in optimizer.param_groups]
+        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    if 'state_dict_ema' in checkpoint:
+        checkpoint['state_dict_ema'] = clean_state_dict(checkpoint['state_dict_ema'])
+    resumed.epoch = checkpoint['epoch'] + 1 if 'epoch' in checkpoint else None
+    return resumed
+
+
+def resume_rng(checkpoint: Dict[str, Any], rank: int, world_size: int) -> Optional[str]:
+    """Continue this rank's random streams exactly where the checkpoint left them.
+
+    Returns None when done, else what the file holds instead (another number of ranks, or no RNG
+    states): the caller reseeds, and the data order differs from an uninterrupted run.
+    """
+    states = checkpoint.get('rng_states') or [checkpoint.get('rng_state')]
+    if len(states) == world_size and all(s is not None for s in states):
+        set_rng_state(states[rank])
+        return None
+    return f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
+
+
+def resume_saver(saver: CheckpointSaver, checkpoint: Optional[Dict[str, Any]], path: str, output_dir: str) -> None:
+    """The saver's history (best and recent checkpoints) from a checkpoint of the same run folder."""
+    if checkpoint is not None and 'saver' in checkpoint and hasattr(saver, 'load_state_dict') and \
+            os.path.abspath(os.path.dirname(path)) == os.path.abspath(output_dir):
+        saver.load_state_dict(checkpoint['saver'])
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.remove(path)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict a checkpoint file holds (timm's ``args`` Namespace allowed; weights-only load), or a
+    ValueError that says what the file is instead."""
+    import pickle
+    import zipfile
+    with open(path, 'rb') as f:
+        legacy = f.read(1) == b'\x80'   # a pickle (protocol 2+): torch.save's format before 1.6
+    if not legacy and not zipfile.is_zipfile(path):
+        raise ValueError("not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            raise ValueError('the file holds Python objects other than tensors and plain values, which a safe '
+                             '(weights-only) load refuses') from None
+        raise ValueError('not a PyTorch checkpoint (torch.load cannot read it)') from None
+    except (RuntimeError, KeyError, EOFError) as e:   # a truncated or foreign file
+        raise ValueError(f'not a PyTorch checkpoint (torch.load cannot read it: {type(e).__name__})') from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'the file holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)')
+    return checkpoint
+
+
+def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """Strict load; the weights of another model name its first mismatched keys."""
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch:
+        raise ValueError(f"the weights are of another model{f' ({arch!r})' if arch else ''}: {mismatch}")
+    model.load_state_dict(state_dict)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -397,8 +397,8 @@ def test_messages_say_what_is_wrong(image_folder, tmp_path, capsys):
     text = tmp_path / 'notes.txt'
     text.write_text('101\nnot a checkpoint\n')
     assert run(image_folder, tmp_path, '--experiment', 'x', '--resume', str(text)) == 2
-    assert last_error(capsys) == (f"train.py: error: --resume '{text}' is not a PyTorch checkpoint (neither "
-                                  f"torch.save's zip format nor a pickle)")
+    assert last_error(capsys) == (f"train.py: error: --resume '{text}' cannot be loaded into this run: not a "
+                                  f"PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
     vit = timm.create_model('test_vit', num_classes=2)
     torch.save({'state_dict': vit.state_dict(), 'epoch': 0, 'arch': 'test_vit'}, tmp_path / 'vit.pth.tar')
     assert run(image_folder, tmp_path, '--experiment', 'x', '--resume', str(tmp_path / 'vit.pth.tar')) == 2
