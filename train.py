@@ -13,6 +13,7 @@ data, model, schedule, EMA, AMP, checkpoints and logging around it.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -30,6 +31,11 @@ _logger = logging.getLogger('train')
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss or a validation metric is not finite: the run stops (one line, exit code 1)
+    before the epoch is saved, so no checkpoint holds non-finite weights and nothing NaN ranks as best."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +311,8 @@ def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
+        if os.path.isdir(args_config.config):
+            raise UsageError(f"config file '{args_config.config}' is a folder: pass a YAML file")
         if not os.path.isfile(args_config.config):
             raise UsageError(f"config file '{args_config.config}' does not exist")
         with open(args_config.config) as f:
@@ -316,6 +324,8 @@ def parse_args(argv=None):
         if not isinstance(cfg, dict):
             raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
         actions = {a.dest: a for a in parser._actions}
+        # a YAML null (timm's args.yaml writes one for every option left unset) means the flag's default
+        cfg = {k: v for k, v in cfg.items() if v is not None or k not in actions}
         for key, value in cfg.items():
             if key not in actions:
                 raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
@@ -335,30 +345,86 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
 
+# train.py's options whose rule is the library's (sam_on_timm.checks.RANGES): option -> the library's name
+LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_frac', 'lr': 'lr', 'momentum': 'momentum',
+                  'weight_decay': 'weight_decay', 'opt_eps': 'eps', 'opt_betas': 'betas', 'clip_grad': 'clip_grad'}
+SAM_ONLY = ('rho', 'sam_eta', 'sam_ascent_frac')   # ignored (with a warning) by other optimizers
+_PROB = (0, 1, False, False)
+# the ranges of train.py's own numeric options: option -> (low, high, low excluded, high excluded).
+# Every float option is also checked to be finite, whether it is listed here or not.
+OPTION_RANGES = {
+    'drop': (0, 1, False, True), 'drop_path': (0, 1, False, True), 'smoothing': (0, 1, False, True),
+    'mixup': (0, None, False, False), 'cutmix': (0, None, False, False), 'cutmix_minmax': (0, 1, False, False),
+    'model_ema_decay': _PROB, 'lr_base': (0, None, True, False), 'warmup_lr': (0, None, False, False),
+    'min_lr': (0, None, False, False), 'lr_noise': (0, None, False, False), 'lr_noise_pct': _PROB,
+    'lr_noise_std': (0, None, False, False), 'lr_cycle_mul': (0, None, True, False),
+    'lr_cycle_decay': (0, None, True, False), 'lr_k_decay': (0, None, True, False), 'decay_rate': (0, 1, True, False),
+    'decay_epochs': (0, None, True, False), 'lr_stable_timescale': (0, None, True, False),
+    'layer_decay': (0, None, True, False), 'layer_decay_min_scale': (0, None, False, False),
+    'layer_decay_no_opt_scale': (0, None, False, False), 'crop_pct': (0, None, True, False),
+    'std': (0, None, True, False), 'scale': (0, 1, True, False), 'ratio': (0, None, True, False),
+    'color_jitter': (0, None, False, False),
+    'hflip': _PROB, 'vflip': _PROB, 'reprob': _PROB, 'mixup_prob': _PROB, 'mixup_switch_prob': _PROB,
+    'color_jitter_prob': _PROB, 'grayscale_prob': _PROB, 'gaussian_blur_prob': _PROB,
+    'warmup_epochs': (0, None, False, False), 'cooldown_epochs': (0, None, False, False),
+    'patience_epochs': (0, None, False, False), 'lr_cycle_limit': (0, None, False, False),
+    'lr_base_size': (0, None, True, False), 'recount': (0, None, False, False),
+    'mixup_off_epoch': (0, None, False, False),
+    'num_classes': (1, None, False, False), 'in_chans': (1, None, False, False),
+    'validation_batch_size': (1, None, False, False), 'decay_milestones': (0, None, False, False),
+}
+
+
+def flag_name(dest: str) -> str:
+    return '--' + dest.replace('_', '-')
+
+
+def check_numbers(args) -> None:
+    """Every float option is finite, and every option with a range is in it (ValueError naming the flag)."""
+    from sam_on_timm.checks import check_arg, check_number
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        dest = action.dest
+        if dest in LIBRARY_RANGES and (args.is_sam or dest not in SAM_ONLY):
+            check_arg(LIBRARY_RANGES[dest], [v for v in values if v is not None], flag_name(dest))
+        elif dest in OPTION_RANGES:
+            for v in values:
+                if v is not None:
+                    check_number(v, flag_name(dest), *OPTION_RANGES[dest])
+        elif action.type is float:
+            for v in values:
+                if v is not None:
+                    check_number(v, flag_name(dest))
+    for dest in ('scale', 'ratio', 'cutmix_minmax'):   # (min, max) pairs
+        v = getattr(args, dest)
+        if v is not None and len(v) == 2 and v[0] > v[1]:
+            raise ValueError(f'{flag_name(dest)} is a (min, max) pair: got {v[0]} > {v[1]}')
+
 
 def validate_args(args) -> None:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
+    from sam_on_timm.checks import check_base_opt, check_sam_m
+    from sam_on_timm.registry import split_opt_name
     from timm.optim import list_optimizers
-    opt_name = args.opt.lower().split('_')[-1]
+    try:
+        opt_name = split_opt_name(args.opt)[1]
+    except ValueError:
+        opt_name = None
     if opt_name not in list_optimizers():
         raise UsageError(f"unknown --opt '{args.opt}'; SAM names: {', '.join(sam_on_timm.SAM_OPTIMIZERS)}; "
                          f"or any timm optimizer (timm.optim.list_optimizers(), e.g. sgd, adamw)")
     args.is_sam = sam_on_timm.is_sam_name(args.opt)
-    if args.is_sam:
-        if not args.rho > 0:
-            raise UsageError(f'--rho must be > 0, got {args.rho}')
-        if args.sam_eta is not None and not args.sam_eta >= 0:
-            raise UsageError(f'--sam-eta must be >= 0, got {args.sam_eta}')
-        if not 0 < args.sam_ascent_frac <= 1:
-            raise UsageError(f'--sam-ascent-frac must be in (0, 1], got {args.sam_ascent_frac}')
-        base = args.sam_base.lower()
-        if base.split('_')[-1] not in list_optimizers() or sam_on_timm.is_sam_name(base):   # lookahead_ prefix too
-            raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
-                             f"(e.g. sgd, momentum, adamw)")
-    if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):
-        raise UsageError(f'--sam-m {args.sam_m} must be a positive divisor of the per-GPU batch size -b {args.batch_size}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise UsageError('-b/--batch-size and --grad-accum-steps must be positive')
+    try:   # the rules are the library's: its one-line ValueError is this script's error
+        if args.is_sam:
+            check_base_opt(args.sam_base, '--sam-base')
+        if args.sam_m is not None:
+            check_sam_m(args.sam_m, args.batch_size, '--sam-m', 'the per-GPU batch size -b')
+        check_numbers(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
         raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
     if args.clip_mode not in ('norm', 'value', 'agc'):
@@ -382,12 +448,14 @@ def validate_args(args) -> None:
             raise UsageError(f"--data-dir '{args.data_dir}' is a file: pass a folder or an image .tar (timm's ImageTar)")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"data directory '{args.data_dir}' does not exist")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume checkpoint '{args.resume}' does not exist")
-    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
-        raise UsageError(f"--initial-checkpoint '{args.initial_checkpoint}' does not exist")
-    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
-        raise UsageError(f"--pretrained-path '{args.pretrained_path}' does not exist")
+    for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        path = getattr(args, dest)
+        if path and os.path.isdir(path):
+            last = os.path.join(path, 'last.pth.tar')
+            raise UsageError(f"{flag_name(dest)} '{path}' is a folder: pass a checkpoint file"
+                             + (f" (e.g. {last})" if os.path.isfile(last) else ''))
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag_name(dest)} checkpoint '{path}' does not exist")
     if args.stop_epoch is not None and args.stop_epoch <= 0:
         raise UsageError(f'--stop-epoch must be positive, got {args.stop_epoch}')
     if args.epochs <= 0:
@@ -405,13 +473,6 @@ def validate_args(args) -> None:
         raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
     if args.start_epoch is not None and args.start_epoch < 0:
         raise UsageError(f'--start-epoch must be >= 0, got {args.start_epoch}')
-    if args.model_ema and not 0 <= args.model_ema_decay <= 1:
-        raise UsageError(f'--model-ema-decay must be in [0, 1] (e.g. 0.9998), got {args.model_ema_decay}')
-    for flag in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob', 'grayscale_prob',
-                 'gaussian_blur_prob'):
-        p = getattr(args, flag)
-        if p is not None and not 0 <= p <= 1:
-            raise UsageError(f"--{flag.replace('_', '-')} is a probability: it must be in [0, 1], got {p}")
     if args.eval_metric not in EVAL_METRICS:
         raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
     validate_timm_options(args)
@@ -419,6 +480,51 @@ def validate_args(args) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
+    check_output_writable(args)
+
+
+def check_output_writable(args) -> None:
+    """The output folder can be written (rank 0, the one writer): checked before the model and the data are
+    built. The nearest existing folder on the way gets a temporary file, removed at once."""
+    if int(os.environ.get('RANK', '0')) != 0:
+        return
+    import tempfile
+    target = os.path.abspath(os.path.join(args.output or './output/train', args.experiment or ''))
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UsageError(f"--output / --experiment: '{existing}' is a file, so '{target}' cannot be a folder")
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"the output folder '{target}' cannot be written ('{existing}': {e.strerror or e}): "
+                         f"pass a writable --output") from None
+
+
+def check_splits(args) -> None:
+    """An ImageFolder's --train-split / --val-split names a subfolder of --data-dir (or one of timm's
+    synonyms for it: train / training, val / valid / validation / eval / evaluation).
+
+    timm falls back to the data root itself when none exists, so a typo would train (and validate) on
+    every image under it, the validation images included. Here that is an error listing the folders
+    found: a deliberate difference from timm. An empty --train-split reads the root itself."""
+    if '/' in args.dataset and args.dataset.split('/')[0] not in ('', 'folder', 'imagefolder'):
+        return   # torch/, hfds/, wds/ ...: the dataset's own split names, checked by its reader
+    if not args.data_dir or not os.path.isdir(args.data_dir):
+        return   # an image .tar: no split folders
+    synonyms = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+    found = sorted(d for d in os.listdir(args.data_dir) if os.path.isdir(os.path.join(args.data_dir, d)))
+    for dest in ('train_split', 'val_split'):
+        split = getattr(args, dest)
+        if not split:
+            continue   # train: the root itself; validation: none
+        name = split.split('[')[0]
+        candidates = next((s for s in synonyms if name in s), (name,))
+        if not any(os.path.isdir(os.path.join(args.data_dir, c)) for c in (name,) + candidates):
+            raise UsageError(f"{flag_name(dest)} '{split}': no such folder in '{args.data_dir}' (folders found: "
+                             f"{', '.join(found[:10]) or 'none'}{' ...' if len(found) > 10 else ''})")
 
 
 MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
@@ -426,13 +532,7 @@ MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
 
 def validate_timm_options(args) -> None:
     """Checks of the options timm's train.py has beyond the core ones (losses, splits, KD, loaders)."""
-    import math
-    for flag in ('bce_target_thresh', 'bce_pos_weight', 'bn_momentum', 'bn_eps', 'drop_block', 'head_init_scale',
-                 'head_init_bias', 'kd_temperature', 'distill_loss_weight', 'task_loss_weight', 'epoch_repeats',
-                 'aug_repeats'):
-        v = getattr(args, flag)
-        if v is not None and not math.isfinite(v):
-            raise UsageError(f"--{flag.replace('_', '-')} must be a finite number, got {v}")
+    # (every float option is finite, and in its range where it has one: check_numbers)
     if args.drop_connect is not None:
         raise UsageError('--drop-connect is deprecated in timm (its train.py ignores it): use --drop-path')
     if args.aug_splits == 1 or args.aug_splits < 0:
@@ -532,16 +632,21 @@ def check_output_dir(args, output_dir: str) -> None:
     """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it."""
     if not os.path.isdir(output_dir):
         return
-    has_ckpt = any(f.endswith('.pth.tar') for f in os.listdir(output_dir))
+    # tmp.pth.tar (and a *.part copy) is a write that never completed: not a checkpoint to resume from
+    ckpts = [f for f in os.listdir(output_dir) if f.endswith('.pth.tar') and f != 'tmp.pth.tar']
     resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
-    if has_ckpt and not resuming_here:
+    if ckpts and not resuming_here:
+        newest = 'last.pth.tar' if 'last.pth.tar' in ckpts else max(
+            ckpts, key=lambda f: os.path.getmtime(os.path.join(output_dir, f)))
         raise UsageError(f"output folder '{output_dir}' already holds checkpoints of another run: choose another "
-                         f"--experiment, or --resume {os.path.join(output_dir, 'last.pth.tar')}")
+                         f"--experiment, or --resume {os.path.join(output_dir, newest)}")
     summary = os.path.join(output_dir, 'summary.csv')
+    partial = os.path.isfile(os.path.join(output_dir, 'tmp.pth.tar'))
+    if (os.path.isfile(summary) or partial) and not resuming_here:   # and no complete checkpoint
+        raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv or tmp.pth.tar "
+                         f"but no complete checkpoint (it stopped before its first save completed; nothing to "
+                         f"resume): remove the folder, or choose another --experiment")
     if os.path.isfile(summary):
-        if not resuming_here:   # a run that stopped before its first checkpoint
-            raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv: choose another "
-                             f"--experiment, or remove the folder")
         with open(summary) as f:
             header = f.readline().strip().split(',')
         ema = bool(args.model_ema and not args.model_ema_force_cpu and args.val_split)
@@ -550,6 +655,23 @@ def check_output_dir(args, output_dir: str) -> None:
                 raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {'with' if column in header else 'without'} "
                                  f"{what} columns and this run has {'none' if not flag else 'them'}: resume with the run's "
                                  f"--opt / --model-ema, or pass another --experiment")
+
+
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the rows of epochs >= ``start_epoch`` from a resumed run's summary.csv (rewritten whole, then
+    renamed): an epoch whose checkpoint was never written (a full disk, a kill) is trained again, and
+    its row is written again, once."""
+    import csv
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    with open(path + '.tmp', 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + '.tmp', path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,6 +684,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     last_idx = len(loader) - 1
     model.train()
     sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
+    first_bad = torch.full((), -1, device=device)
     chunks, t0, n_img = [], time.time(), 0
     teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's logits, once per chunk
     m = None if args.sam_m is None else args.sam_m * (args.aug_splits or 1)   # rows of a chunk
@@ -600,11 +723,14 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                                                          (stats.ascent_loss / scale if stats.ascent_loss is not None
                                                           else None, stats.eps_norm, stats.skipped)), zero + 1])
         sums = row if sums is None else sums + row
+        # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
+        first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
         if batch_idx == last_idx or (num_updates % args.log_interval == 0):
             shown = sums
             if args.distributed:   # every rank: the line shows all ranks' running averages, as upstream's does
                 shown = sums.clone()
                 torch.distributed.all_reduce(shown)
+            stop_if_diverged(shown, first_bad, epoch, batch_idx, len(loader))
             if args.rank == 0:
                 s = (shown / shown[4]).tolist()
                 lr = optimizer.param_groups[0]['lr']
@@ -642,6 +768,18 @@ class ScaledLoss:
 
     def __call__(self, output, target):
         return self.loss_fn(output, target) * self.scale
+
+
+def stop_if_diverged(sums, first_bad, epoch: int, batch_idx: int, n_batches: int) -> None:
+    """Raise TrainingDiverged when the running sums (loss, ascent loss, ...; all ranks' under DDP, so that
+    every rank stops together) are not finite, naming the first non-finite step this rank saw."""
+    if bool(torch.isfinite(sums).all()):
+        return
+    step = int(first_bad.item())
+    where = f'step {step}' if step > 0 else f'a step up to {batch_idx + 1} (on another rank)'
+    raise TrainingDiverged(f'the training loss is not finite in epoch {epoch}, {where} of {n_batches}: the run '
+                           f'diverged (try a lower --lr, --clip-grad, or --amp-dtype bfloat16); the checkpoints are '
+                           f'those of the epochs before')
 
 
 @torch.no_grad()
@@ -689,6 +827,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:   # before or after the epoch loop (which handles its own): no traceback
         print('train.py: interrupted', file=sys.stderr)
         return 130
+    except OSError as e:   # a full disk, a folder that became read-only: the file and the reason, no traceback
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,6 +881,7 @@ def setup_device(args) -> torch.device:
             prepare_demo_data(args.demo_data, args.data_dir)
         if args.distributed:
             torch.distributed.barrier()
+    check_splits(args)   # (after the demo data is written)
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
     if device.type == 'cuda':   # as timm's train.py: TF32 matmuls, autotuned convs (fixed input shapes)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1122,6 +1264,7 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump(as_given, f)
+    trim_summary(os.path.join(output_dir, 'summary.csv'), schedule.start_epoch)
     saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
@@ -1158,7 +1301,7 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
     lr_scheduler, decreasing = schedule.lr_scheduler, schedule.decreasing
     loader_train, loader_eval, mixup_fn = data.loader_train, data.loader_eval, data.mixup_fn
     num_updates = schedule.start_epoch * schedule.updates_per_epoch
-    best_metric, interrupted, epoch, results = None, False, schedule.start_epoch, []
+    best_metric, interrupted, diverged, epoch, results = None, False, None, schedule.start_epoch, []
     try:
         for epoch in range(schedule.start_epoch, schedule.end_epoch):
             if hasattr(data.dataset_train, 'set_epoch'):
@@ -1192,6 +1335,10 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
                     eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
                 # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
                 metric = eval_metrics[('ema_' if ema_validated else '') + args.eval_metric]
+            bad = [k for k, v in eval_metrics.items() if not math.isfinite(v)]
+            if bad:   # never saved, never ranked (NaN would win timm's comparisons)
+                raise TrainingDiverged(f"validation after epoch {epoch}: {', '.join(bad)} not finite: the run "
+                                       f"diverged; the checkpoints are those of the epochs before")
             if args.rank == 0 and eval_metrics:
                 _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
                              f'top5 {eval_metrics["top5"]:.2f}')
@@ -1218,13 +1365,18 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
     except KeyboardInterrupt:   # as timm's train.py: no traceback (checkpoints are replaced atomically)
         interrupted = True
         _logger.warning(f'interrupted in epoch {epoch}: the checkpoints are those of the epochs completed before it')
+    except TrainingDiverged as e:   # the completed epochs are reported below, then the one line
+        diverged = str(e)
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
     if results and args.rank == 0:   # as timm's script: the 10 best epochs, best last, for tools that parse stdout
         ranked = sorted(results, key=lambda r: r['metric'], reverse=decreasing)
-        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4, allow_nan=False)}')
     if args.distributed and not interrupted:
         torch.distributed.destroy_process_group()
+    if diverged:
+        print(f'train.py: error: {diverged}', file=sys.stderr)
+        return 1
     return 130 if interrupted else 0
 
 

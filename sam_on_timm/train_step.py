@@ -19,6 +19,7 @@ from typing import Callable, ContextManager, Iterable, List, Optional, Sequence,
 import torch
 from torch import Tensor, nn
 
+from .checks import check_arg, check_sam_m
 from .norm_params import is_norm_module
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
@@ -59,8 +60,7 @@ def split_chunks(x: Tensor, y: Tensor, m: Optional[int], splits: int = 1) -> Lis
     n = x.shape[0]
     if m is None or m == n:
         return [(x, y)]
-    if m <= 0 or n % m:
-        raise ValueError(f'--sam-m {m} must be a positive divisor of the per-GPU batch size {n}')
+    check_sam_m(m, n)
     if splits == 1:
         return list(zip(x.split(m), y.split(m)))
     if m % splits:
@@ -171,8 +171,9 @@ def train_step(
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
-    if not 0.0 < ascent_frac <= 1.0:
-        raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
+    check_arg('ascent_frac', ascent_frac)
+    if clip_grad is not None:
+        check_arg('clip_grad', clip_grad)
     sam = find_sam(optimizer)
     if sam is not None and getattr(model, 'static_graph', False):
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '

@@ -300,8 +300,8 @@ def test_config_file_and_flags(image_folder, tmp_path):
 
 BAD_INPUTS = [
     (['--opt', 'sam-on-layer2'], "unknown --opt 'sam-on-layer2'"),
-    (['--opt', 'sam', '--rho', '0'], '--rho must be > 0'),
-    (['--opt', 'sam', '--rho', '-0.1'], '--rho must be > 0'),
+    (['--opt', 'sam', '--rho', '0'], '--rho must be a finite number > 0, got'),
+    (['--opt', 'sam', '--rho', '-0.1'], '--rho must be a finite number > 0, got'),
     (['--opt', 'sam', '--sam-m', '3'], '--sam-m 3 must be a positive divisor of the per-GPU batch size -b 4'),
     (['--opt', 'sam-on', '--model', 'test_nfnet'], 'no normalization layers'),
     (['--opt', 'sam', '--sam-base', 'sam-on'], "unknown --sam-base 'sam-on'"),
@@ -321,10 +321,10 @@ BAD_INPUTS = [
     (['--dataset', 'torch/foo'], "cannot read the data (--dataset 'torch/foo'"),
     (['--class-map', '/nonexistent/map.txt'], 'Cannot locate specified class map file'),
     (['--start-epoch', '-1'], '--start-epoch must be >= 0, got -1'),
-    (['--grayscale-prob', '1.5'], '--grayscale-prob is a probability: it must be in [0, 1], got 1.5'),
-    (['--hflip', '-0.5'], '--hflip is a probability: it must be in [0, 1], got -0.5'),
+    (['--grayscale-prob', '1.5'], '--grayscale-prob must be a finite number in [0, 1], got 1.5'),
+    (['--hflip', '-0.5'], '--hflip must be a finite number in [0, 1], got -0.5'),
     (['--gaussian-blur-prob', '0.5', '--img-size', '8'], '--gaussian-blur-prob needs images of at least 12 px'),
-    (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be in [0, 1] (e.g. 0.9998), got 2.0'),
+    (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be a finite number in [0, 1], got 2.0'),
     (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
 ] + ([(['--device', 'cuda'], '--device cuda: CUDA is not available on this machine; use --device cpu')]
@@ -361,7 +361,7 @@ def test_subprocess_error_has_no_traceback(image_folder, tmp_path):
                         '--opt', 'sam', '--rho', '0', '--output', str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2
-    assert p.stderr.strip().splitlines()[-1] == 'train.py: error: --rho must be > 0, got 0.0'
+    assert p.stderr.strip().splitlines()[-1] == 'train.py: error: --rho must be a finite number > 0, got 0.0'
     assert 'Traceback' not in p.stderr
 
 
@@ -425,7 +425,8 @@ def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
                            (['--sched', 'nosuch'], "--sched 'nosuch'"),
                            (['--sched', 'plateau', '--sched-on-updates'],
                             "--sched 'plateau': Plateau LR only supports step per epoch"),
-                           (['--resume', readme], f"--resume '{readme}' cannot be loaded"),
+                           (['--resume', readme],
+                            f"--resume '{readme}' cannot be loaded into this run: not a PyTorch checkpoint"),
                            (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'"),
                            (['--num-classes', '1'], 'the training data has 2 classes but the model head has 1')):
         assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
