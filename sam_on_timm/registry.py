@@ -17,7 +17,11 @@ from .perturbations import VARIANTS
 from .sam import MODES, SAM
 from .sparse import SPARSE_NAMES
 
-__all__ = ['SAM_OPTIMIZERS', 'SPARSE_OPTIMIZERS', 'sam_name', 'parse_sam_name', 'register_sam_optimizers']
+__all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'parse_sam_name', 'is_sam_name',
+           'register_sam_optimizers', 'SPARSE_OPTIMIZERS']
+
+# the prefixes timm's factory understands before an optimizer name ('lookahead_sgd')
+OPT_PREFIXES = ('lookahead',)
 
 
 def sam_name(mode: str, variant: str) -> str:
@@ -32,9 +36,23 @@ SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MO
 SPARSE_OPTIMIZERS: Dict[str, str] = {name: kind for kind, name in SPARSE_NAMES.items()}
 
 
+def split_opt_name(opt: str) -> Tuple[str, str]:
+    """``(prefix, name)`` of an optimizer name as timm's factory reads it: lower case, the part after the
+    last '_' names the optimizer, the rest is a prefix ('' or 'lookahead'). timm itself ignores any
+    other prefix; this is refused here (ValueError), so that a typo such as 'lookahed_sgd' is not
+    silently plain SGD."""
+    if not isinstance(opt, str) or not opt:
+        raise ValueError(f'an optimizer name must be a non-empty string, got {opt!r}')
+    prefix, _, name = opt.lower().rpartition('_')
+    if prefix not in ('',) + OPT_PREFIXES:
+        raise ValueError(f"optimizer name '{opt}': unknown prefix '{prefix}_' (valid: {', '.join(OPT_PREFIXES)})")
+    return prefix, name
+
+
 def parse_sam_name(opt: str) -> Tuple[str, str]:
-    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed)."""
-    name = opt.lower().split('_')[-1]
+    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed); ValueError for any
+    other name. The one definition of what counts as a SAM name."""
+    name = split_opt_name(opt)[1]
     if name in SPARSE_OPTIMIZERS:
         return 'all', 'sam'
     if name not in SAM_OPTIMIZERS:
@@ -43,7 +61,12 @@ def parse_sam_name(opt: str) -> Tuple[str, str]:
 
 
 def is_sam_name(opt: str) -> bool:
-    return opt.lower().split('_')[-1] in SAM_OPTIMIZERS or opt.lower().split('_')[-1] in SPARSE_OPTIMIZERS
+    """Whether ``parse_sam_name`` accepts ``opt``."""
+    try:
+        parse_sam_name(opt)
+    except ValueError:
+        return False
+    return True
 
 
 def register_sam_optimizers() -> List[str]:

@@ -154,10 +154,14 @@ class PerturbationMask:
                 'mask': self._flat().bool(), 'generator': self.generator.get_state(),
                 'pending_drop': self.pending_drop}
 
-    def load_state_dict(self, state: Dict) -> None:
+    def check_state(self, state: Dict) -> None:
+        """ValueError unless ``state`` is a mask of this kind over as many elements."""
         if state['kind'] != self.kind or state['mask'].numel() != self.numel:
             raise ValueError(f"the checkpoint's mask ({state['kind']}, {state['mask'].numel()} elements) does not fit "
                              f"this optimizer ({self.kind}, {self.numel} elements)")
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.check_state(state)
         self.sparsity, self.seed, self.live = state['sparsity'], state['seed'], state['live']
         self.masks = self._split(state['mask'].float(), self.masks)
         self.generator.set_state(state['generator'])
