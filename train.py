@@ -802,10 +802,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     sums = sums.tolist()
     n = sums[4]
     metrics = OrderedDict(loss=sums[0] / n)
-    if args.is_sam:   # an epoch outside --sam-epochs has no ascent: its ascent loss and sharpness are NaN
-        nan = float('nan')
-        metrics.update(ascent_loss=sums[1] / n if sam_step else nan, descent_loss=sums[0] / n,
-                       sharpness=(sums[0] - sums[1]) / n if sam_step else nan,
+    if args.is_sam:   # an epoch outside --sam-epochs has no ascent: no ascent loss, no sharpness (empty cells)
+        metrics.update(ascent_loss=sums[1] / n if sam_step else None, descent_loss=sums[0] / n,
+                       sharpness=(sums[0] - sums[1]) / n if sam_step else None,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
 
