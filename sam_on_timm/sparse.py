@@ -33,6 +33,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .checks import check_number
+
 __all__ = ['SPARSE_KINDS', 'SPARSE_NAMES', 'PerturbationMask', 'live_count', 'fisher_diagonal']
 
 SPARSE_KINDS = ('rand', 'fisher', 'dynamic')
@@ -58,14 +60,12 @@ class PerturbationMask:
                  update_epochs: int = 5, fisher_samples: int = 1024, drop_rate: float = 0.5) -> None:
         if kind not in SPARSE_KINDS:
             raise ValueError(f"unknown sparse mask '{kind}'; valid: {', '.join(SPARSE_KINDS)}")
-        if not (0.0 <= sparsity < 1.0):
-            raise ValueError(f'sparsity must be in [0, 1) (the fraction of elements not perturbed), got {sparsity}')
+        check_number(sparsity, 'sparsity', 0, 1, False, True)   # the fraction of elements not perturbed
         if not (isinstance(update_epochs, int) and update_epochs >= 1):
             raise ValueError(f'the mask update interval must be a positive number of epochs, got {update_epochs}')
         if not (isinstance(fisher_samples, int) and fisher_samples >= 1):
             raise ValueError(f'fisher_samples must be a positive integer, got {fisher_samples}')
-        if not (0.0 <= drop_rate <= 1.0):
-            raise ValueError(f'drop_rate must be in [0, 1], got {drop_rate}')
+        check_number(drop_rate, 'drop_rate', 0, 1)
         self.kind, self.sparsity, self.seed = kind, float(sparsity), seed
         self.update_epochs, self.fisher_samples, self.drop_rate = update_epochs, fisher_samples, drop_rate
         self.generator = torch.Generator().manual_seed(seed)   # CPU: the same draws on every rank

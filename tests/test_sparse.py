@@ -84,7 +84,8 @@ def test_masks_are_seeded_and_restored_with_the_optimizer_state():
 
 def test_bad_sparse_input():
     model = mlp()
-    for kwargs, words in ((dict(sparsity=1.0), 'sparsity must be in'), (dict(sparsity=float('nan')), 'sparsity must be'),
+    for kwargs, words in ((dict(sparsity=1.0), r'sparsity must be a finite number in \[0, 1\), got 1.0'),
+                          (dict(sparsity=float('nan')), 'sparsity must be a finite number'),
                           (dict(mask_update_epochs=0), 'update interval'), (dict(drop_rate=2.0), 'drop_rate')):
         with pytest.raises(ValueError, match=words):
             create_optimizer_v2(model, opt='ssam-d', lr=0.1, **kwargs)
