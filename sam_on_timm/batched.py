@@ -88,7 +88,8 @@ def _affine(y: Tensor, w: Optional[Tensor], b: Optional[Tensor], k: int, r: int,
         v = v * shaped(w)
     if b is not None:
         v = v + shaped(b)
-    return v.reshape(y.shape)
+    # autocast: the norm's own dtype (a float32 parameter would promote a bfloat16 output)
+    return v.reshape(y.shape).to(y.dtype)
 
 
 def _batch_norm_forward(mod: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
