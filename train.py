@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='which passes update BatchNorm running statistics')
     g.add_argument('--sam-ascent-frac', type=float, default=1.0,
                    help='ascent on this fraction of each chunk (cost lever, deviates from the paper if < 1)')
+    g.add_argument('--sam-chunks', type=str, default='auto', choices=('auto', 'batched', 'sequential'),
+                   help='--sam-m chunks of a batch: all in one ascent and one descent pass (batched, ghost '
+                        'normalization), one pass pair each (sequential), or batched where possible (auto)')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
@@ -414,7 +417,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             continue
         stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
-                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac)
+                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
+                           chunk_path=args.sam_chunks_path, chunks_per_pass=args.batch_size // (args.sam_m or args.batch_size))
         chunks = []
         num_updates += 1
         if model_ema is not None:
@@ -496,7 +500,7 @@ def run(args) -> int:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
     from sam_on_timm.checkpoint import (RngCheckpointSaver, get_rng_state, plateau_state, resume_plateau,
                                         set_rng_state)
-    from sam_on_timm.train_step import ascent_samples, find_sam
+    from sam_on_timm.train_step import ascent_samples, choose_chunk_path, find_sam
     from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -594,6 +598,11 @@ def run(args) -> int:
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
+    args.sam_chunks_path, why = choose_chunk_path(model, optimizer, [m] * (args.batch_size // m), args.sam_chunks)
+    if args.sam_chunks == 'batched' and args.sam_chunks_path != 'batched':
+        raise UsageError(f'--sam-chunks batched: the chunks cannot share one pass: {why}; use --sam-chunks auto')
+    if args.rank == 0 and args.batch_size > m:
+        _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})')
 
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:

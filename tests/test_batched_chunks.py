@@ -281,3 +281,28 @@ def test_two_gloo_ranks(tmp_path):
     for k in ranks[0]['batched']:   # one all-reduce per update: the replicas stay identical
         if k.startswith('model.') and 'running' not in k and 'num_batches' not in k:
             assert torch.equal(ranks[0]['batched'][k], ranks[1]['batched'][k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: --sam-chunks
+# ---------------------------------------------------------------------------------------------
+def test_train_script_flag_logs_the_choice_and_both_paths_train_alike(image_folder, tmp_path, caplog, capsys):
+    import logging
+    import train
+    base = ['--data-dir', image_folder, '--output', str(tmp_path), '--model', 'test_resnet', '--num-classes', '2',
+            '--img-size', '16', '-b', '8', '--sam-m', '4', '--device', 'cpu', '--workers', '0', '--epochs', '1',
+            '--warmup-epochs', '0', '--lr', '0.05', '--seed', '3', '--opt', 'sam-on', '--rho', '0.05']
+    caplog.set_level(logging.INFO)
+    for path in ('batched', 'sequential'):
+        assert train.main([*base, '--experiment', path, '--sam-chunks', path]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('--sam-m chunks')]
+    assert lines == ['--sam-m chunks: batched (2 chunks of 4 per pass (ghost normalization))',
+                     '--sam-m chunks: sequential (forced)']
+    wa, wb = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True)['state_dict'] for e in ('batched', 'sequential'))
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) < 1e-5
+    capsys.readouterr()
+    assert train.main([*base, '--experiment', 'bad', '--opt', 'sam', '--sam-chunks', 'batched']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'Traceback' not in '\n'.join(err)
+    assert err[-1].endswith('--sam-chunks batched: the chunks cannot share one pass: 17 perturbed tensors are not '
+                            'affine parameters of a normalization layer (SAM-ON perturbs only those); use --sam-chunks auto')
