@@ -95,14 +95,17 @@ def state_of(model, opt, logged):
 
 
 def assert_same(a, b, rtol=RTOL):
-    """Each tensor of ``a`` equals its twin in ``b`` to ``rtol`` relative to the tensor's largest entry,
-    or to 1e-3 for tensors below it: a conv bias before a norm layer has a gradient that is 0 in exact
-    arithmetic, so its momentum buffer holds rounding noise (1e-16) that no relative test can compare."""
+    """Each tensor of ``a`` equals its twin in ``b`` to ``rtol`` relative: ||a - b|| <= rtol ||b||, with
+    ||b|| taken as at least 1e-2 (a conv bias before a norm layer has a gradient that is 0 in exact
+    arithmetic, so its momentum buffer holds rounding noise that no relative test can compare; other
+    near-zero gradients, of norm 1e-3, lose digits to cancellation alike).
+    For scale: reversing the sample order inside each chunk, a rounding-only change, moves the
+    sequential path of the test_resnet cases by 1e-11 to 2.5e-11 (largest entry, relative)."""
     assert a.keys() == b.keys()
     for k in a:
         x, y = a[k].double(), b[k].double()
-        scale = max(y.abs().max().item(), 1e-3)
-        assert (x - y).abs().max().item() <= rtol * scale, (k, (x - y).abs().max().item() / scale)
+        scale = max(y.norm().item(), 1e-2)
+        assert (x - y).norm().item() <= rtol * scale, (k, (x - y).norm().item() / scale)
 
 
 def compare(model, opt_name, updates, rtol=RTOL, **kwargs):
@@ -141,7 +144,7 @@ def test_bn_update_ascent_keeps_its_meaning():
 def test_ascent_fraction_and_chunks_per_pass():
     """The ascent on the first half of each chunk; 4 chunks in 2 batched passes (gradient accumulation)."""
     model = make_model('mixed')
-    compare(model, 'sam-on', batches(m=8, n=32), RTOL_MIXED, ascent_frac=0.5)
+    compare(model, 'sam-on', batches(m=8), RTOL_MIXED, ascent_frac=0.5)
     compare(model, 'sam-on', batches(), RTOL_MIXED, chunks_per_pass=2)
 
 
@@ -255,17 +258,21 @@ def _rank_worker(rank, world, init_file, out_dir):
     dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
         from torch.nn.parallel import DistributedDataParallel as DDP
         result = {}
         for path in ('sequential', 'batched'):
             model = make_model('resnet')
             opt = create_optimizer_v2(model, 'sam-on', lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.5)
-            ddp = DDP(model, device_ids=None)
+            ddp = DDP(model, device_ids=None, bucket_cap_mb=100)   # one bucket: one hook call per all-reduce
+            calls = []
+            ddp.register_comm_hook(calls, lambda state, bucket: state.append(1) or allreduce_hook(None, bucket))
             logged = []
             for chunks in batches(img=16, seed=10 + rank):   # every rank its own data
                 s = train_step(ddp, opt, chunks, F.cross_entropy, chunk_path=path)
                 logged.append(torch.stack([s.loss, s.ascent_loss, s.eps_norm, s.skipped]).double())
             result[path] = state_of(model, opt, logged)
+            result[path]['allreduce'] = torch.tensor(len(calls))
         torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
     finally:
         dist.destroy_process_group()
@@ -278,6 +285,7 @@ def test_two_gloo_ranks(tmp_path):
     ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
     for r in ranks:   # every rank: batched equals sequential (BN running statistics: each rank's own)
         assert_same(r['batched'], r['sequential'])
+        assert int(r['batched']['allreduce']) == 3   # one gradient all-reduce per update
     for k in ranks[0]['batched']:   # one all-reduce per update: the replicas stay identical
         if k.startswith('model.') and 'running' not in k and 'num_batches' not in k:
             assert torch.equal(ranks[0]['batched'][k], ranks[1]['batched'][k]), k
