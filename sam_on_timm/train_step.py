@@ -10,8 +10,14 @@ For each chunk of m samples of the local batch:
   4. restore: w_P = saved originals (copy)
 then clip (descent gradient), base step. Plain optimizers take the same path without 1, 2 and 4,
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
+
+That is the sequential path. The batched path (``chunk_path``; ``sam_on_timm.batched``) computes the
+same update with all chunks of a pass in one ascent and one descent pass: possible when P holds only
+affine parameters of per-channel norm layers (SAM-ON), as chunk c then differs from the others only
+in its BatchNorm batch statistics and its affine parameters gamma + eps_c, beta + eps_c.
 """
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
 
@@ -27,6 +33,9 @@ __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn
            'train_step', 'choose_chunk_path', 'BN_UPDATE_CHOICES', 'CHUNK_PATHS']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
+
+# the SAM optimizers whose first update has passed the ascent-reach check (_check_ascent_reach)
+_ascent_reach_checked: 'weakref.WeakSet[SAM]' = weakref.WeakSet()
 
 
 @dataclass
@@ -105,6 +114,8 @@ def requires_grad_off(params: Iterable[Tensor]):
     even when the block raises.
     """
     off = [p for p in params if p.requires_grad]
+    if off:
+        _guard_requires_grad()
     for p in off:
         p.requires_grad_(False)
     try:
@@ -142,6 +153,21 @@ def choose_chunk_path(model: nn.Module, optimizer: torch.optim.Optimizer, chunk_
     if reason is None:
         return 'batched', f'{per_pass} chunks of {chunk_sizes[0]} per pass (ghost normalization)'
     return 'sequential', reason
+
+
+def _guard_requires_grad() -> None:
+    """Make torch.compile'd graphs notice the flags that ``requires_grad_off`` switches.
+
+    Dynamo skips the guards of a tensor held in a module dict whose version tag is unchanged
+    (``skip_tensor_guards_with_matching_dict_tags``); ``requires_grad_()`` changes no tag, so torch
+    versions without a requires_grad check on that fast path (2.11 among them) reuse the lean ascent
+    graph for the descent and compute no weight gradient there. With the skip off, every parameter's
+    guard, requires_grad included, is checked: the descent recompiles once, as it should. Set before
+    the first compiled forward (the first ``train_step``), it costs a guard check per parameter per call.
+    """
+    config = getattr(getattr(torch, '_dynamo', None), 'config', None)
+    if getattr(config, 'skip_tensor_guards_with_matching_dict_tags', False):
+        config.skip_tensor_guards_with_matching_dict_tags = False
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
@@ -235,7 +261,7 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
+                check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad and trainable is sam.perturbed:
                     grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
                                                      materialize_grads=not check))
@@ -359,7 +385,7 @@ def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:
             f'tensors that the descent pass reaches; reentrant activation checkpointing (use_reentrant=True, '
             f'TIMM_REENTRANT_CKPT=1) hides them from torch.autograd.grad: use non-reentrant checkpointing '
             f"(timm's default, timm.layers.set_reentrant_ckpt(False)) or none")
-    sam.ascent_reach_checked = True
+    _ascent_reach_checked.add(sam)
 
 
 def _clip(parameters, value: float, mode: str) -> None:
