@@ -314,7 +314,7 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
         records, addends, check = [], {}, False
         if sam is not None:
             n = ascent_samples(m, ascent_frac)
-            check = start == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
+            check = start == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
             leaves = {p: torch.zeros((k,) + p.shape, dtype=p.dtype, device=p.device, requires_grad=True)
                       for p in (trainable or ())}
             record = {}
