@@ -480,7 +480,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
                                          num_workers=args.workers)
     keys = ['clean_loss', 'clean_ce', 'clean_correct'] + args.metrics
     values = torch.zeros(len(keys), n_batches, dtype=torch.float64)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     for i, (b, (x, y)) in enumerate(zip(mine, loader)):
         x, y = x.to(device), y.to(device)
 
@@ -506,7 +506,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
     if world > 1:
         import torch.distributed as dist
         dist.all_reduce(values)   # every batch is computed by one rank, the others hold 0: the sum is exact
-    seconds = time.time() - t0
+    seconds, cpu_seconds = time.time() - t0, time.process_time() - cpu0
     result = dict(
         model=args.model, checkpoint=os.path.abspath(args.checkpoint) if args.checkpoint else '',
         name=os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint))) if args.checkpoint else args.model,
@@ -515,7 +515,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         n_params=sum(p.numel() for p in params), rho=args.rho, p=args.p, adaptive=args.adaptive,
         normalize_logits=args.normalize_logits, n_iters=args.n_iters, n_samples=args.n_samples,
         bn_batch_stats=args.bn_batch_stats, metrics=args.metrics, world_size=world, device=str(device),
-        input_size=list(data_config['input_size']), seconds=seconds,
+        input_size=list(data_config['input_size']), seconds=seconds, cpu_seconds=cpu_seconds,
         checkpoint_metric=(ckpt or {}).get('metric'),
         clean_loss=values[0].mean().item(), clean_ce=values[1].mean().item(),
         clean_top1=100.0 * values[2].sum().item() / args.n_examples,
@@ -532,7 +532,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         print(f'{result["name"]}: {desc}; clean loss {result["clean_loss"]:.4f}, top-1 {result["clean_top1"]:.2f}%')
         for key in args.metrics:
             print(f'{key:>9} sharpness: {result["sharpness"][key]:.6f}')
-        print(f'{seconds:.1f} s on {world} process(es); wrote {out}')
+        print(f'{seconds:.1f} s wall ({cpu_seconds:.1f} s CPU on rank 0) on {world} process(es); wrote {out}')
     return result
 
 
