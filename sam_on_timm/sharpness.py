@@ -210,10 +210,7 @@ def one_step(loss_fn: Callable[[], Tensor], pert: _Perturbation,
     else:
         variant = 'elemlinf'
         scale_from = pert.w0 if ball.adaptive else [torch.ones_like(w) for w in pert.w0]
-    if ball.rho == 0:   # compute_eps asks for rho > 0 in training; here eps = 0
-        eps = [torch.zeros_like(w) for w in pert.w0]
-    else:
-        eps, _, _ = compute_eps(variant, scale_from, [t.clone() for t in g], ball.rho, 0.0)
+    eps, _, _ = compute_eps(variant, scale_from, [t.clone() for t in g], ball.rho, 0.0)
     pert.set_delta(eps)
     f, _ = _loss_and_grad(loss_fn, pert.params, False)
     return f, f0
