@@ -108,7 +108,9 @@ def load_checkpoint_model(path: str, model_name: str = '', num_classes: Optional
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
         raise UsageError(f"checkpoint '{path}' cannot be read: {str(e).splitlines()[0]}") from None
-    targs = ckpt.get('args') or {} if isinstance(ckpt, dict) else {}
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"checkpoint '{path}' holds no state dict")
+    targs = ckpt.get('args') or {}
     targs = targs if isinstance(targs, dict) else vars(targs)
     name = model_name or targs.get('model') or ckpt.get('arch', '')
     if not name:
@@ -240,6 +242,15 @@ def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"'{path}' is not a result of python -m sam_on_timm.sharpness: {e}") from None
         results.append(r)
+    setting = ('p', 'adaptive', 'rho', 'm', 'normalize_logits', 'n_examples', 'split', 'bn_batch_stats')
+    differ = [k for k in setting if len({json.dumps(r.get(k)) for r in results}) > 1]
+    if differ:
+        raise UsageError(f"the results differ in {', '.join(differ)}: sharpness is comparable only at equal "
+                         f"settings; plot them separately")
+    pairs = [(r.get('name', r.get('model', '?')), r['params']) for r in results]
+    twice = sorted({p for p in pairs if pairs.count(p) > 1})
+    if twice:
+        raise UsageError(f"two results for run '{twice[0][0]}' with --params {twice[0][1]}: pass one of them")
     runs = list(OrderedDict.fromkeys(r.get('name', r.get('model', '?')) for r in results))
     sets = list(OrderedDict.fromkeys(r['params'] for r in results))
     metrics = list(OrderedDict.fromkeys(m for r in results for m in r['sharpness']))

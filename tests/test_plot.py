@@ -104,6 +104,14 @@ def test_sharpness_plot_reads_results(tmp_path):
     assert _is_png(out)
     assert drawn['sharpness']['worst'] == {'all': {'sgd': 0.2, 'sam-on': 0.3}, 'on': {'sam-on': 0.05}}
     assert drawn['top1']['sam-on']['held-out'] == 98.0
+    # results at another radius, or twice the same run and set, are refused
+    other = json.loads(files[0].read_text())
+    other['rho'] = 0.01
+    (tmp_path / 'other.json').write_text(json.dumps(other))
+    with pytest.raises(Exception, match='differ in rho'):
+        plot_sharpness([str(files[1]), str(tmp_path / 'other.json')], str(out))
+    with pytest.raises(Exception, match="two results for run 'sgd'"):
+        plot_sharpness([str(files[0]), str(files[0])], str(out))
 
 
 def test_cli_errors_one_line(tmp_path, capsys):
