@@ -23,7 +23,9 @@ from .norm_params import is_norm_module
 __all__ = ['read_summary', 'load_checkpoint_model', 'norm_affine', 'layer_type_values', 'shared_histograms',
            'gamma_summary', 'plot_curves', 'plot_norms', 'plot_sharpness', 'main']
 
-CURVES = (('eval_top1', 'eval top-1 (%)'), ('train_loss', 'train loss'),
+# for SAM runs train_loss is the descent loss L(w + eps); the panel shows L(w) (train_ascent_loss) for them,
+# the same quantity as an SGD run's train_loss
+CURVES = (('eval_top1', 'eval top-1 (%)'), ('train_loss', 'train loss L(w)'),
           ('train_sharpness', '1-step train sharpness L(w+eps) - L(w)'), ('train_eps_norm', '||eps||_2'))
 
 
@@ -71,16 +73,19 @@ def read_summary(run_dir: str) -> Dict[str, List[float]]:
 def plot_curves(run_dirs: Sequence[str], output: str) -> Dict[str, Dict[str, List[float]]]:
     """One figure, a panel per quantity of ``CURVES``, a line per run. Returns what was drawn."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
     runs = OrderedDict((_run_name(d), read_summary(d)) for d in run_dirs)
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4))
     drawn = {}
     for ax, (col, label) in zip(axes, CURVES):
         drawn[col] = {}
         for i, (name, cols) in enumerate(runs.items()):   # a run keeps its colour in every panel
-            if col in cols and 'epoch' in cols:
-                ax.plot(cols['epoch'], cols[col], marker='o', label=name, color=f'C{i}')
-                drawn[col][name] = cols[col]
+            src = 'train_ascent_loss' if col == 'train_loss' and 'train_ascent_loss' in cols else col
+            if src in cols and 'epoch' in cols:
+                ax.plot(cols['epoch'], cols[src], marker='o', label=name, color=f'C{i}')
+                drawn[col][name] = cols[src]
         ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(label, fontsize=10)
         if not drawn[col]:
             ax.text(0.5, 0.5, 'no SAM run', ha='center', va='center', transform=ax.transAxes)

@@ -81,7 +81,7 @@ def _write_summary(folder, rows):
 
 def test_curves_draw_the_summary_columns(tmp_path):
     sgd = [dict(epoch=e, train_loss=1.0 / (e + 1), eval_loss=0.5, eval_top1=80 + e, lr=0.1) for e in range(3)]
-    sam = [dict(epoch=e, train_loss=1.2 / (e + 1), train_sharpness=0.1 * e, train_eps_norm=0.05, eval_loss=0.4,
+    sam = [dict(epoch=e, train_loss=1.2 / (e + 1), train_ascent_loss=1.1 / (e + 1), train_sharpness=0.1 * e, train_eps_norm=0.05, eval_loss=0.4,
                 eval_top1=81 + e, lr=0.1) for e in range(3)]
     _write_summary(tmp_path / 'sgd', sgd)
     _write_summary(tmp_path / 'sam', sam)
@@ -90,6 +90,8 @@ def test_curves_draw_the_summary_columns(tmp_path):
     assert _is_png(out)
     assert drawn['eval_top1'] == {'sgd': [80.0, 81.0, 82.0], 'sam': [81.0, 82.0, 83.0]}
     assert drawn['train_sharpness'] == {'sam': [0.0, 0.1, 0.2]}   # SGD logs no sharpness
+    # the unperturbed loss L(w) of both: SGD's train_loss, SAM's train_ascent_loss (its train_loss is L(w + eps))
+    assert drawn['train_loss'] == {'sgd': [1.0, 0.5, 1.0 / 3], 'sam': [1.1, 0.55, 1.1 / 3]}
 
 
 def test_sharpness_plot_reads_results(tmp_path):
