@@ -271,27 +271,30 @@ def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
     first = results[0]
     ball = (f"l{first.get('p')}{' adaptive' if first.get('adaptive') else ''}, rho {first.get('rho')}, "
             f"m {first.get('m')}{', normalized logits' if first.get('normalize_logits') else ''}")
-    fig, axes = plt.subplots(1, len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.6))
+    # a row per --params set: |P| differs by orders of magnitude between them, and so does the sharpness
+    fig, axes = plt.subplots(len(sets), len(metrics) + 1, figsize=(4.2 * (len(metrics) + 1), 3.3 * len(sets)),
+                             squeeze=False)
     x = np.arange(len(runs))
-    width = 0.8 / max(len(sets), 1)
-    for ax, m in zip(axes, metrics):
-        for i, s in enumerate(sets):
-            ax.bar(x + (i - (len(sets) - 1) / 2) * width, [table[m][s].get(n, np.nan) for n in runs], width,
-                   label=f'--params {s}')
-        ax.set_xticks(x, runs, fontsize=8)
-        ax.set_title(f'{m} sharpness', fontsize=10)
-        ax.grid(axis='y', alpha=0.3)
-    axes[0].legend(fontsize=8)
-    ax = axes[-1]
+    for row, s in zip(axes, sets):
+        for ax, m in zip(row, metrics):
+            bars = ax.bar(x, [table[m][s].get(n, np.nan) for n in runs], 0.6, color=[f'C{i}' for i in range(len(runs))])
+            ax.bar_label(bars, fmt='%.4f', fontsize=7)
+            ax.set_xticks(x, runs, fontsize=8)
+            ax.set_title(f'{m} sharpness, --params {s}', fontsize=10)
+            ax.grid(axis='y', alpha=0.3)
+        row[-1].axis('off')
+    ax = axes[0][-1]
+    ax.axis('on')
     kinds = ('held-out', 'sharpness examples')
-    for i, k in enumerate(kinds):
-        ax.bar(x + (i - 0.5) * 0.4, [top1[n][k] for n in runs], 0.4, label=k)
+    labels = ('held-out (checkpoint)', f"the {first.get('n_examples')} {first.get('split')} examples")
+    for i, (k, label) in enumerate(zip(kinds, labels)):
+        ax.bar(x + (i - 0.5) * 0.4, [top1[n][k] for n in runs], 0.4, label=label, color=f'C{7 + i}')
     vals = [v for n in runs for v in top1[n].values() if np.isfinite(v)]
     if vals:
         ax.set_ylim(max(0.0, min(vals) - 5.0), min(100.0, max(vals) + 2.0))
     ax.set_xticks(x, runs, fontsize=8)
     ax.set_title('top-1 (%)', fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc='lower right')
     ax.grid(axis='y', alpha=0.3)
     fig.suptitle(ball, fontsize=10)
     fig.tight_layout()
