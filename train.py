@@ -20,7 +20,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import torch
 import yaml
@@ -491,21 +491,42 @@ def main(argv=None) -> int:
         return 130
 
 
+# ---------------------------------------------------------------------------------------------
+# the run, step by step: device, model, optimizer, resume, data, schedule, loop
+# ---------------------------------------------------------------------------------------------
 def run(args) -> int:
-    import timm
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
-    from sam_on_timm.checkpoint import (RngCheckpointSaver, get_rng_state, plateau_state, resume_plateau,
-                                        set_rng_state)
-    from sam_on_timm.train_step import ascent_samples, find_sam
-    from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import (ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, random_seed,
-                            update_summary)
-
     as_given = given_args(args)   # before validate_args fills in computed values
     validate_args(args)
+    device = setup_device(args)
+    model, data_config = create_model(args)
+    # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
+    output_dir = output_dir_for(args)
+    check_output_dir(args, output_dir)
+    model = place_model(args, model, device)
+    optimizer = create_optimizer(args, model)
+    amp_autocast, loss_scaler = setup_amp(args, device)
+    resumed = resume(args, model, optimizer, loss_scaler)
+    model_ema = create_ema(args, model, device, resumed)
+    model, clip_parameters = wrap_model(args, model, device)
+    data = create_data(args, data_config, device)
+    schedule = create_schedule(args, optimizer, data, resumed)
+    if schedule.end_epoch <= schedule.start_epoch:   # nothing left: write nothing (args.yaml, checkpoints stay)
+        if args.rank == 0:
+            _logger.info(f'nothing to train: the run starts at epoch {schedule.start_epoch} and ends before epoch '
+                         f'{schedule.end_epoch} (--epochs {args.epochs}, --stop-epoch {args.stop_epoch})')
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+        return 0
+    saver = create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule, resumed)
+    resume_random_state(args, resumed, schedule.start_epoch)
+    return train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
+                      saver, output_dir, device)
+
+
+def setup_device(args) -> torch.device:
+    """The device (and process group under torchrun), demo data, seeds; warnings about flags that do not act."""
+    from timm.utils import init_distributed_device, random_seed
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():   # this machine, not the recipe
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     device = init_distributed_device(args)
@@ -533,7 +554,14 @@ def run(args) -> int:
     if args.is_sam and args.sync_bn:
         _logger.warning('--sync-bn shares BatchNorm statistics across ranks: the per-GPU m-sharpness of the paper '
                         'keeps them per rank (and per --sam-m chunk); drop --sync-bn to reproduce it')
+    return device
 
+
+def create_model(args):
+    """timm's model and its data config (input size, interpolation, mean / std, crop)."""
+    import timm
+    from sam_on_timm.train_step import ascent_samples
+    from timm.data import resolve_data_config
     in_chans = 3 if args.in_chans is None else args.in_chans
     if args.input_size is not None:
         in_chans = args.input_size[0]
@@ -565,17 +593,24 @@ def run(args) -> int:
         which = f'the ascent chunk has {n_ascent}' if n_ascent < m else f'a chunk has {m}'
         raise UsageError(f"'{args.model}' has BatchNorm, which needs at least 2 samples per pass: {which} "
                          f"(--sam-m / -b {m}{f', --sam-ascent-frac {args.sam_ascent_frac}' if n_ascent < m else ''})")
+    return model, data_config
 
-    # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
-    output_dir = output_dir_for(args)
-    check_output_dir(args, output_dir)
 
+def place_model(args, model, device):
+    """The model on its device and memory format; SyncBatchNorm across ranks when asked."""
+    import timm
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = timm.layers.convert_sync_batchnorm(model)
+    return model
 
+
+def create_optimizer(args, model):
+    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given."""
+    from sam_on_timm.train_step import find_sam
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
     global_batch = args.batch_size * args.world_size * args.grad_accum_steps
     if args.lr is None:
         scale = args.lr_base_scale or ('sqrt' if any(o in name.lower() for o in ('ada', 'lamb')
@@ -594,47 +629,49 @@ def run(args) -> int:
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
+    return optimizer
 
+
+def setup_amp(args, device):
+    """Autocast context and, for float16, timm's loss scaler."""
+    from timm.utils import NativeScaler
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
         if amp_dtype == torch.float16:
             loss_scaler = NativeScaler(device=device.type)
+    return amp_autocast, loss_scaler
 
-    resume_epoch, resume_state, resumed_lrs = None, None, None
-    if args.resume:
-        from timm.models import clean_state_dict
-        try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
-            if 'state_dict' not in resume_state:   # weights only, as timm's resume_checkpoint: from epoch 0
-                model.load_state_dict(clean_state_dict(resume_state))
-                resume_state = None
-                _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
-            else:
-                model.load_state_dict(clean_state_dict(resume_state['state_dict']))
-                if not args.no_resume_opt and 'optimizer' in resume_state:
-                    try:
-                        optimizer.load_state_dict(resume_state['optimizer'])
-                    except (ValueError, KeyError) as e:
-                        raise ValueError(f'its optimizer state does not fit --opt {args.opt} ({_first_line(e)}); '
-                                         f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
-                    resumed_lrs = [group['lr'] for group in optimizer.param_groups]
-                    if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
-                        loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
-                if 'state_dict_ema' in resume_state:
-                    resume_state['state_dict_ema'] = clean_state_dict(resume_state['state_dict_ema'])
-                resume_epoch = resume_state['epoch'] + 1 if 'epoch' in resume_state else None
-        except Exception as e:  # not a checkpoint, or one of another model / optimizer
-            raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
 
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
-        if resume_state is not None and 'state_dict_ema' in resume_state:
-            model_ema.module.load_state_dict(resume_state['state_dict_ema'])
+def resume(args, model, optimizer, loss_scaler):
+    """--resume: weights, optimizer (unless --no-resume-opt), scaler and epoch (see sam_on_timm.checkpoint)."""
+    from sam_on_timm.checkpoint import Resumed, load_resume
+    if not args.resume:
+        return Resumed()
+    try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
+        resumed = load_resume(args.resume, model, None if args.no_resume_opt else optimizer, loss_scaler,
+                              opt_name=args.opt)
+    except Exception as e:  # not a checkpoint, or one of another model / optimizer
+        raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
+    if resumed.checkpoint is None:
+        _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
+    return resumed
 
+
+def create_ema(args, model, device, resumed):
+    """timm's ModelEmaV3 of the bare model (its weights from the checkpoint when resuming)."""
+    from timm.utils import ModelEmaV3
+    if not args.model_ema:
+        return None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
+    if resumed.checkpoint is not None and 'state_dict_ema' in resumed.checkpoint:
+        model_ema.module.load_state_dict(resumed.checkpoint['state_dict_ema'])
+    return model_ema
+
+
+def wrap_model(args, model, device):
+    """Parameters to clip (before wrapping), then DDP and torch.compile around the model."""
     clip_parameters = None
     if args.clip_grad is not None:   # as timm's train.py: AGC leaves the classifier head (its last two tensors) out
         from timm.models import model_parameters
@@ -650,8 +687,24 @@ def run(args) -> int:
                              f'{_first_line(e)}') from None
     elif args.torchcompile_mode:
         _logger.warning(f'--torchcompile-mode {args.torchcompile_mode} has no effect without --torchcompile')
+    return model, clip_parameters
 
-    # data
+
+class Data(NamedTuple):
+    """The data side of a run: datasets, loaders, mixup and the losses."""
+    dataset_train: Any
+    loader_train: Any
+    loader_eval: Any           # None: --val-split '' (no validation)
+    mixup_active: bool
+    mixup_fn: Any              # mixup on the device batch (no prefetcher), else None
+    train_loss_fn: Any
+    validate_loss_fn: Any
+
+
+def create_data(args, data_config, device) -> Data:
+    """timm's datasets and loaders, mixup / cutmix and the training loss."""
+    from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     try:
         dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                        class_map=args.class_map, download=args.dataset_download,
@@ -715,9 +768,25 @@ def run(args) -> int:
     else:
         train_loss_fn = torch.nn.CrossEntropyLoss()
     train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
+    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn, train_loss_fn, validate_loss_fn)
 
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    decreasing = args.eval_metric == 'loss' or loader_eval is None   # no validation: the training loss ranks
+
+class Schedule(NamedTuple):
+    """The lr schedule and the epochs this run covers."""
+    lr_scheduler: Any
+    num_epochs: int            # the schedule's length
+    start_epoch: int
+    end_epoch: int             # exclusive (--stop-epoch)
+    updates_per_epoch: int
+    decreasing: bool           # the ranking metric improves downwards (loss)
+
+
+def create_schedule(args, optimizer, data: Data, resumed) -> Schedule:
+    """timm's scheduler factory, stepped to the start epoch (a plateau schedule's state from the checkpoint)."""
+    from sam_on_timm.checkpoint import resume_plateau
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    updates_per_epoch = (len(data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    decreasing = args.eval_metric == 'loss' or data.loader_eval is None   # no validation: the training loss ranks
     try:   # a plateau schedule follows the same metric in the same direction
         lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                        updates_per_epoch=updates_per_epoch)
@@ -728,8 +797,8 @@ def run(args) -> int:
     start_epoch = 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
-    elif resume_epoch is not None:
-        start_epoch = resume_epoch
+    elif resumed.epoch is not None:
+        start_epoch = resumed.epoch
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -737,55 +806,64 @@ def run(args) -> int:
             lr_scheduler.step(start_epoch)
         # a plateau schedule is not a function of the epoch: its lr and state come from the checkpoint
         # (the schedule's base lr when the optimizer was not resumed: --no-resume-opt, --start-epoch)
-        resume_plateau(lr_scheduler, start_epoch, resumed_lrs, (resume_state or {}).get('lr_scheduler'))
+        resume_plateau(lr_scheduler, start_epoch, resumed.lrs, (resumed.checkpoint or {}).get('lr_scheduler'))
     end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
-    if end_epoch <= start_epoch:   # nothing left: write nothing (the run's args.yaml and checkpoints stay as they are)
-        if args.rank == 0:
-            _logger.info(f'nothing to train: the run starts at epoch {start_epoch} and ends before epoch {end_epoch} '
-                         f'(--epochs {args.epochs}, --stop-epoch {args.stop_epoch})')
-        if args.distributed:
-            torch.distributed.destroy_process_group()
-        return 0
+    return Schedule(lr_scheduler, num_epochs, start_epoch, end_epoch, updates_per_epoch, decreasing)
 
-    saver = None
-    if args.rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(as_given, f)
-        saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
-                                   amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                   decreasing=decreasing, max_history=args.checkpoint_hist)
-        if resume_state is not None and 'saver' in resume_state and hasattr(saver, 'load_state_dict') and \
-                os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict(resume_state['saver'])
-        _logger.info(f'Scheduled epochs: {num_epochs}; running epochs {start_epoch}..{end_epoch - 1}; '
-                     f'output {output_dir}')
-    if resume_state is not None:  # continue each rank's random streams exactly where the checkpoint left them
-        states = resume_state.get('rng_states') or [resume_state.get('rng_state')]
-        if len(states) == args.world_size and all(s is not None for s in states):
-            set_rng_state(states[args.rank])
-        else:
-            held = f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
-            _logger.warning(f'the checkpoint holds {held}, this run has {args.world_size} rank(s): reseeding with '
-                            f'seed + epoch (the data order differs from an uninterrupted run)')
-            random_seed(args.seed + start_epoch, args.rank)
-    resume_state = None
 
-    num_updates = start_epoch * updates_per_epoch
-    best_metric, interrupted, epoch, results = None, False, start_epoch, []
+def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule: Schedule, resumed):
+    """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None."""
+    from sam_on_timm.checkpoint import RngCheckpointSaver, resume_saver
+    if args.rank != 0:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        yaml.safe_dump(as_given, f)
+    saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
+                               amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                               decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
+    resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
+    _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
+                 f'{schedule.end_epoch - 1}; output {output_dir}')
+    return saver
+
+
+def resume_random_state(args, resumed, start_epoch: int) -> None:
+    """Continue each rank's random streams exactly where the checkpoint left them (else reseed)."""
+    from sam_on_timm.checkpoint import resume_rng
+    from timm.utils import random_seed
+    if resumed.checkpoint is None:
+        return
+    held = resume_rng(resumed.checkpoint, args.rank, args.world_size)
+    if held is not None:
+        _logger.warning(f'the checkpoint holds {held}, this run has {args.world_size} rank(s): reseeding with '
+                        f'seed + epoch (the data order differs from an uninterrupted run)')
+        random_seed(args.seed + start_epoch, args.rank)
+    resumed.checkpoint = None   # its tensors are no longer needed
+
+
+def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data: Data,
+               schedule: Schedule, saver, output_dir, device) -> int:
+    """Train, validate, log and checkpoint each epoch; the exit code (130 when interrupted)."""
+    from sam_on_timm.checkpoint import get_rng_state, plateau_state
+    from timm.utils import distribute_bn, update_summary
+    lr_scheduler, decreasing = schedule.lr_scheduler, schedule.decreasing
+    loader_train, loader_eval, mixup_fn = data.loader_train, data.loader_eval, data.mixup_fn
+    num_updates = schedule.start_epoch * schedule.updates_per_epoch
+    best_metric, interrupted, epoch, results = None, False, schedule.start_epoch, []
     try:
-        for epoch in range(start_epoch, end_epoch):
-            if hasattr(dataset_train, 'set_epoch'):
-                dataset_train.set_epoch(epoch)
+        for epoch in range(schedule.start_epoch, schedule.end_epoch):
+            if hasattr(data.dataset_train, 'set_epoch'):
+                data.dataset_train.set_epoch(epoch)
             elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
                 loader_train.sampler.set_epoch(epoch)
-            if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if data.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
                 if mixup_fn is not None:
                     mixup_fn.mixup_enabled = False
                 elif hasattr(loader_train, 'mixup_enabled'):
                     loader_train.mixup_enabled = False
             train_metrics, num_updates = train_one_epoch(
-                epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
+                epoch, model, loader_train, optimizer, data.train_loss_fn, args, device, lr_scheduler, amp_autocast,
                 loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters)
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
@@ -793,9 +871,9 @@ def run(args) -> int:
                     distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
             eval_metrics, metric = {}, train_metrics['loss']   # no validation: ranked by the training loss
             if loader_eval is not None:
-                eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                eval_metrics = validate(model, loader_eval, data.validate_loss_fn, args, device, amp_autocast)
                 if model_ema is not None:
-                    ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                    ema_metrics = validate(model_ema, loader_eval, data.validate_loss_fn, args, device, amp_autocast)
                     eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
                 # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
                 metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]

@@ -5,14 +5,18 @@ The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer`
 rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
 ``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
+import argparse
+import os
 import random
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau']
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau',
+           'Resumed', 'load_resume', 'resume_rng', 'resume_saver']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -127,3 +131,69 @@ class RngCheckpointSaver(CheckpointSaver):
         if self.scheduler_state is not None:
             state['lr_scheduler'] = self.scheduler_state
         torch.save(state, save_path)
+
+
+@dataclass
+class Resumed:
+    """What ``load_resume`` took from a checkpoint besides the weights and optimizer it loaded."""
+    checkpoint: Optional[Dict[str, Any]] = None   # the file (None: weights only); EMA weights cleaned
+    epoch: Optional[int] = None                   # the first epoch to train (None: the file has no epoch)
+    lrs: Optional[List[float]] = field(default=None)   # the resumed optimizer's lrs (None: not resumed)
+
+
+def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                loss_scaler=None, opt_name: str = '') -> Resumed:
+    """Load a checkpoint to resume from into ``model``, ``optimizer`` (None: a fresh optimizer) and
+    ``loss_scaler``.
+
+    Also reads checkpoints of timm's own train.py (``args`` as a Namespace, DDP's ``module.`` prefix)
+    and bare weights (training starts at epoch 0, as timm's ``resume_checkpoint``). Raises on a file
+    that is not a checkpoint of this model; an optimizer state of another layout is a ValueError that
+    names ``--no-resume-opt``.
+    """
+    from timm.models import clean_state_dict
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    if 'state_dict' not in checkpoint:   # weights only, as timm's resume_checkpoint: from epoch 0
+        model.load_state_dict(clean_state_dict(checkpoint))
+        return Resumed()
+    resumed = Resumed(checkpoint=checkpoint)
+    model.load_state_dict(clean_state_dict(checkpoint['state_dict']))
+    if optimizer is not None and 'optimizer' in checkpoint:
+        try:
+            optimizer.load_state_dict(checkpoint['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'its optimizer state does not fit --opt {opt_name} ({_first_line(e)}); '
+                             f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
+        resumed.lrs = [group['lr'] for group in optimizer.param_groups]
+        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    if 'state_dict_ema' in checkpoint:
+        checkpoint['state_dict_ema'] = clean_state_dict(checkpoint['state_dict_ema'])
+    resumed.epoch = checkpoint['epoch'] + 1 if 'epoch' in checkpoint else None
+    return resumed
+
+
+def resume_rng(checkpoint: Dict[str, Any], rank: int, world_size: int) -> Optional[str]:
+    """Continue this rank's random streams exactly where the checkpoint left them.
+
+    Returns None when done, else what the file holds instead (another number of ranks, or no RNG
+    states): the caller reseeds, and the data order differs from an uninterrupted run.
+    """
+    states = checkpoint.get('rng_states') or [checkpoint.get('rng_state')]
+    if len(states) == world_size and all(s is not None for s in states):
+        set_rng_state(states[rank])
+        return None
+    return f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
+
+
+def resume_saver(saver: CheckpointSaver, checkpoint: Optional[Dict[str, Any]], path: str, output_dir: str) -> None:
+    """The saver's history (best and recent checkpoints) from a checkpoint of the same run folder."""
+    if checkpoint is not None and 'saver' in checkpoint and hasattr(saver, 'load_state_dict') and \
+            os.path.abspath(os.path.dirname(path)) == os.path.abspath(output_dir):
+        saver.load_state_dict(checkpoint['saver'])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

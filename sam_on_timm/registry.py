@@ -41,11 +41,15 @@ def is_sam_name(opt: str) -> bool:
 
 def register_sam_optimizers() -> List[str]:
     """Register the SAM names in timm's default registry (idempotent)."""
-    from timm.optim._optim_factory import OptimInfo, default_registry
+    from timm.optim import OptimInfo, list_optimizers
+    from timm.optim._optim_factory import default_registry   # timm exports its registry's methods, not the instance
+    registered = set(list_optimizers(with_description=False))
     for name, (mode, variant) in SAM_OPTIMIZERS.items():
+        if name in registered:
+            continue
         what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters (SAM-ON)',
                 'nonorm': 'all but normalization-layer parameters'}[mode]
-        default_registry._optimizers[name] = OptimInfo(
+        default_registry.register(OptimInfo(
             name=name,
             opt_class=SAM,
             description=f'{VARIANTS[variant].description}; perturbs {what}; default eta '
@@ -54,7 +58,7 @@ def register_sam_optimizers() -> List[str]:
             has_momentum=True,
             has_betas=True,
             defaults={'variant': variant, 'mode': mode},
-        )
+        ))
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
         original = default_registry.create_optimizer
 

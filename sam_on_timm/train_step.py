@@ -12,6 +12,7 @@ then clip (descent gradient), base step. Plain optimizers take the same path wit
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
 """
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,9 @@ __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn
            'train_step', 'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
+
+# the SAM optimizers whose first update has passed the ascent-reach check (_check_ascent_reach)
+_ascent_reach_checked: 'weakref.WeakSet[SAM]' = weakref.WeakSet()
 
 
 @dataclass
@@ -103,6 +107,8 @@ def requires_grad_off(params: Iterable[Tensor]):
     even when the block raises.
     """
     off = [p for p in params if p.requires_grad]
+    if off:
+        _guard_requires_grad()
     for p in off:
         p.requires_grad_(False)
     try:
@@ -110,6 +116,21 @@ def requires_grad_off(params: Iterable[Tensor]):
     finally:
         for p in off:
             p.requires_grad_(True)
+
+
+def _guard_requires_grad() -> None:
+    """Make torch.compile'd graphs notice the flags that ``requires_grad_off`` switches.
+
+    Dynamo skips the guards of a tensor held in a module dict whose version tag is unchanged
+    (``skip_tensor_guards_with_matching_dict_tags``); ``requires_grad_()`` changes no tag, so torch
+    versions without a requires_grad check on that fast path (2.11 among them) reuse the lean ascent
+    graph for the descent and compute no weight gradient there. With the skip off, every parameter's
+    guard, requires_grad included, is checked: the descent recompiles once, as it should. Set before
+    the first compiled forward (the first ``train_step``), it costs a guard check per parameter per call.
+    """
+    config = getattr(getattr(torch, '_dynamo', None), 'config', None)
+    if getattr(config, 'skip_tensor_guards_with_matching_dict_tags', False):
+        config.skip_tensor_guards_with_matching_dict_tags = False
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
@@ -165,7 +186,7 @@ def train_step(
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
+                check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad and trainable is sam.perturbed:
                     grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
                                                      materialize_grads=not check))
@@ -227,7 +248,7 @@ def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:
             f'tensors that the descent pass reaches; reentrant activation checkpointing (use_reentrant=True, '
             f'TIMM_REENTRANT_CKPT=1) hides them from torch.autograd.grad: use non-reentrant checkpointing '
             f"(timm's default, timm.layers.set_reentrant_ckpt(False)) or none")
-    sam.ascent_reach_checked = True
+    _ascent_reach_checked.add(sam)
 
 
 def _clip(parameters, value: float, mode: str) -> None:
