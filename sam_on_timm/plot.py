@@ -155,13 +155,15 @@ def layer_type_values(model: nn.Module) -> Dict[str, np.ndarray]:
             if p in seen:
                 continue
             seen.add(p)
-            groups.setdefault(f'{type(module).__name__}.{pname}', []).append(p.detach().abs().flatten().double().numpy())
+            values = p.detach().abs().flatten().double().numpy()
+            groups.setdefault(f'{type(module).__name__}.{pname}', []).append(values)
     return OrderedDict((k, np.concatenate(v)) for k, v in groups.items())
 
 
 def shared_histograms(values: Dict[str, np.ndarray], bins: int) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
     """Histograms of several runs' values on one set of bin edges (spanning all of them)."""
-    every = np.concatenate([v for v in values.values() if v.size]) if any(v.size for v in values.values()) else np.zeros(1)
+    nonempty = [v for v in values.values() if v.size]
+    every = np.concatenate(nonempty) if nonempty else np.zeros(1)
     edges = np.histogram_bin_edges(every, bins=bins)
     return edges, {k: np.histogram(v, bins=edges)[0] for k, v in values.items()}
 

@@ -81,7 +81,8 @@ def _write_summary(folder, rows):
 
 def test_curves_draw_the_summary_columns(tmp_path):
     sgd = [dict(epoch=e, train_loss=1.0 / (e + 1), eval_loss=0.5, eval_top1=80 + e, lr=0.1) for e in range(3)]
-    sam = [dict(epoch=e, train_loss=1.2 / (e + 1), train_ascent_loss=1.1 / (e + 1), train_sharpness=0.1 * e, train_eps_norm=0.05, eval_loss=0.4,
+    sam = [dict(epoch=e, train_loss=1.2 / (e + 1), train_ascent_loss=1.1 / (e + 1), train_sharpness=0.1 * e,
+                train_eps_norm=0.05, eval_loss=0.4,
                 eval_top1=81 + e, lr=0.1) for e in range(3)]
     _write_summary(tmp_path / 'sgd', sgd)
     _write_summary(tmp_path / 'sam', sam)

@@ -48,7 +48,8 @@ def _concave_case(p, adaptive, seed=0, n=40):
     if p == math.inf:   # separable: delta_i = clip(g_i / lam, +-rho t_i)
         d = torch.maximum(torch.minimum(g / lam, rho * t), -rho * t)
         best = ((g * d).sum() - 0.5 * (lam * d * d).sum()).item()
-    else:   # in u = delta / t: max (t g).u - 1/2 sum lam t^2 u^2, ||u|| <= rho; u = tg / (lam t^2 + mu), mu by bisection
+    else:   # in u = delta / t: max (t g).u - 1/2 sum lam t^2 u^2, ||u|| <= rho:
+        # u = tg / (lam t^2 + mu), the multiplier mu >= 0 by bisection
         tg = t * g
 
         def u_of(mu):
@@ -258,7 +259,8 @@ def test_apgd_checkpoints():
 def ckpt_and_data(tmp_path_factory):
     import timm
     root = tmp_path_factory.mktemp('sharp')
-    data = make_image_folder(root / 'data', n_train=18, n_val=3, classes=3, size=32)   # 2 classes: normalised CE is piecewise constant
+    # 3 classes: with 2 the normalised logits are +-1/sqrt(2) and the loss is piecewise constant
+    data = make_image_folder(root / 'data', n_train=18, n_val=3, classes=3, size=32)
     torch.manual_seed(0)
     model = timm.create_model('test_resnet', num_classes=3)
     ckpt = root / 'run' / 'last.pth.tar'
