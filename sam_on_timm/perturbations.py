@@ -14,6 +14,7 @@ from typing import Callable, List, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .checks import check_variant
 from .flat import FlatSet, flat_norm, flat_ok, match_layout, writable_in_place
 
 __all__ = ['Variant', 'VARIANTS', 'scaling', 'compute_eps']
@@ -73,7 +74,8 @@ def scaling(
         torch._foreach_add_(t, 1.0)
         torch._foreach_rsqrt_(t)
         return t
-    raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    check_variant(variant)
+    raise NotImplementedError(f"variant '{variant}' has no scaling T")
 
 
 def compute_eps(
@@ -96,8 +98,7 @@ def compute_eps(
     ``flat``: a ``FlatSet`` of ``params`` to compute in (SAM keeps one); on CUDA, sets that ``flat_ok``
     accepts get a fresh one otherwise. eps is then the FlatSet's views (valid until its next use).
     """
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+    check_variant(variant)
     grads = list(grads)
     t = scaling(variant, params, grads, eta, is_bias)
     if flat is None and flat_ok(params):

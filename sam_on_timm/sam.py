@@ -17,6 +17,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_optimizer_state
+from .checks import check_arg, check_base_opt, check_optimizer_args, check_variant
 from .norm_params import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
 from .perturbations import VARIANTS, compute_eps
@@ -77,17 +79,14 @@ class SAM(torch.optim.Optimizer):
             momentum: float = 0.9,
             **base_kwargs,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+        check_variant(variant)
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
-        if not (rho > 0):
-            raise ValueError(f'rho must be > 0, got {rho}')
+        check_arg('rho', rho)
         eta = VARIANTS[variant].default_eta if eta is None else eta
-        if not (eta >= 0):
-            raise ValueError(f'eta must be >= 0, got {eta}')
-        if not isinstance(base_opt, str) or base_opt.lower().split('_')[-1].startswith('sam'):
-            raise ValueError(f"base_opt must be a timm optimizer name that is not a SAM name, got '{base_opt}'")
+        check_arg('eta', eta)
+        check_base_opt(base_opt)
+        check_optimizer_args({'momentum': momentum, **base_kwargs})
         if model is not None:
             norm_params = norm_parameters(model) if norm_params is None else norm_params
             bias_params = bias_parameters(model) if bias_params is None else bias_params
@@ -109,6 +108,8 @@ class SAM(torch.optim.Optimizer):
         super().__init__(params, {})
         from timm.optim import create_optimizer_v2  # late import: timm's factory imports optimizers lazily
         self.base_optimizer = create_optimizer_v2(self.param_groups, opt=base_opt, momentum=momentum, **base_kwargs)
+        for group in self.base_optimizer.param_groups:   # timm's factory puts weight decay in the groups
+            check_optimizer_args(group)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = self.base_optimizer.defaults
         self.state = self.base_optimizer.state
@@ -278,7 +279,8 @@ class SAM(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: Dict) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
+        """The base optimizer's state; one saved by another kind of optimizer is refused (ValueError)."""
+        load_optimizer_state(self.base_optimizer, state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 

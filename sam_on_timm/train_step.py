@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
+from .checks import check_arg, check_sam_m
 from .norm_params import is_norm_module
 from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok
 from .sam import SAM, torch_grad_scaler, unscale_grads
@@ -56,14 +57,26 @@ def find_sam(optimizer: torch.optim.Optimizer) -> Optional[SAM]:
     return None
 
 
-def split_chunks(x: Tensor, y: Tensor, m: Optional[int]) -> List[Tuple[Tensor, Tensor]]:
-    """Cut a local batch into chunks of ``m`` samples (m-sharpness); ``m`` must divide the batch."""
+def split_chunks(x: Tensor, y: Tensor, m: Optional[int], splits: int = 1) -> List[Tuple[Tensor, Tensor]]:
+    """Cut a local batch into chunks of ``m`` rows (m-sharpness); ``m`` must divide the batch.
+
+    ``splits`` > 1: the batch is that many equal parts one after the other (timm's AugMix splits,
+    split BatchNorm); chunk j takes rows j*m/s .. (j+1)*m/s - 1 of every part, in the same layout,
+    so that each chunk keeps its splits together.
+    """
     n = x.shape[0]
     if m is None or m == n:
         return [(x, y)]
-    if m <= 0 or n % m:
-        raise ValueError(f'--sam-m {m} must be a positive divisor of the per-GPU batch size {n}')
-    return list(zip(x.split(m), y.split(m)))
+    check_sam_m(m, n)
+    if splits == 1:
+        return list(zip(x.split(m), y.split(m)))
+    if m % splits:
+        raise ValueError(f'a chunk of {m} rows cannot hold {splits} equal splits')
+    k = n // m
+
+    def regroup(t: Tensor) -> Tuple[Tensor, ...]:   # (splits, k, m / splits, ...) -> k chunks of (m, ...)
+        return t.reshape(splits, k, m // splits, *t.shape[1:]).transpose(0, 1).reshape(k, m, *t.shape[1:]).unbind(0)
+    return list(zip(regroup(x), regroup(y)))
 
 
 def ascent_samples(chunk: int, ascent_frac: float) -> int:
@@ -203,8 +216,9 @@ def train_step(
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
-    if not 0.0 < ascent_frac <= 1.0:
-        raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
+    check_arg('ascent_frac', ascent_frac)
+    if clip_grad is not None:
+        check_arg('clip_grad', clip_grad)
     sam = find_sam(optimizer)
     if sam is not None and getattr(model, 'static_graph', False):
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
