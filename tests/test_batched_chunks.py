@@ -1,7 +1,6 @@
 """The batched chunk path (all m-sharpness chunks of a pass in one forward and backward, ghost
 normalization) against the sequential one: float64 equality after 3 updates, the automatic choice,
 the lean ascent, bf16 / fp16 autocast, and 2 gloo ranks."""
-import contextlib
 import copy
 import datetime
 import os
@@ -175,7 +174,7 @@ def test_fp16_grad_scaler_matches():
     autocast = partial(torch.autocast, device_type='cpu', dtype=torch.float16)
     scalers = [torch.amp.GradScaler('cpu', init_scale=2.0 ** 10) for _ in range(2)]
     updates = batches()
-    out = [run(model, 'sam-on', path, updates, loss_scaler=s)
+    out = [run(model, 'sam-on', path, updates, loss_scaler=s, amp_autocast=autocast)
            for path, s in zip(('sequential', 'batched'), scalers)]
     assert_same(state_of(*out[1]), state_of(*out[0]), RTOL_MIXED)   # float64 model: the scaler only scales
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 10
