@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='norm layers\' gamma = 1, beta = 0, frozen (paper Appendix B.4)')
     g.add_argument('--train-only-norm', action='store_true', default=False,
                    help='freeze every parameter outside the norm layers (paper Appendix B.5, Table 13)')
+    g.add_argument('--sam-chunks', type=str, default='auto', choices=('auto', 'batched', 'sequential'),
+                   help='--sam-m chunks of a batch: all in one ascent and one descent pass (batched, ghost '
+                        'normalization), one pass pair each (sequential), or batched where possible (auto)')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
@@ -760,7 +763,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
         stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
-                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac, sam_step=sam_step)
+                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
+                           chunk_path=args.sam_chunks_path, chunks_per_pass=args.batch_size // (args.sam_m or args.batch_size),
+                           sam_step=sam_step)
         chunks = []
         num_updates += 1
         if model_ema is not None:
@@ -1069,8 +1074,9 @@ def place_model(args, model, device):
 
 
 def create_optimizer(args, model):
-    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given."""
-    from sam_on_timm.train_step import find_sam
+    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given;
+    the --sam-m chunk path (--sam-chunks), logged once."""
+    from sam_on_timm.train_step import choose_chunk_path, find_sam
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     global_batch = batch_size_reference(args) * args.world_size * args.grad_accum_steps
     if args.lr is None:
@@ -1093,6 +1099,12 @@ def create_optimizer(args, model):
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
+    m = args.sam_m or args.batch_size
+    args.sam_chunks_path, why = choose_chunk_path(model, optimizer, [m] * (args.batch_size // m), args.sam_chunks)
+    if args.sam_chunks == 'batched' and args.sam_chunks_path != 'batched':
+        raise UsageError(f'--sam-chunks batched: the chunks cannot share one pass: {why}; use --sam-chunks auto')
+    if args.rank == 0 and args.batch_size > m:
+        _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})')
     return optimizer
 
 
