@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='which passes update BatchNorm running statistics')
     g.add_argument('--sam-ascent-frac', type=float, default=1.0,
                    help='ascent on this fraction of each chunk (cost lever, deviates from the paper if < 1)')
+    g.add_argument('--sam-chunks', type=str, default='auto', choices=('auto', 'batched', 'sequential'),
+                   help='--sam-m chunks of a batch: all in one ascent and one descent pass (batched, ghost '
+                        'normalization), one pass pair each (sequential), or batched where possible (auto)')
 
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
@@ -583,8 +586,20 @@ def validate_timm_options(args) -> None:
     if args.naflex_loader:
         raise UsageError('--naflex-loader is not supported by this script (the SAM chunks would cut NaFlex '
                          'patch batches); use timm\'s loader')
-    if args.train_img_sizes is not None:
-        raise UsageError('--train-img-sizes (scheduled resolution) is not supported by this script yet')
+    if args.train_img_sizes is not None:   # timm's scheduled resolution: batch sizes vary per update
+        sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
+        if len(sizes) != len(args.train_img_sizes) or min(sizes) <= 0 or min(args.train_img_sizes) <= 0:
+            raise UsageError('--train-batch-sizes takes one positive batch size per --train-img-sizes entry')
+        if args.aug_splits:
+            raise UsageError('--train-img-sizes cannot be combined with --aug-splits (timm\'s loader refuses it)')
+        if args.grad_accum_steps > 1:
+            raise UsageError('--train-img-sizes with --grad-accum-steps > 1: an update would mix batches of '
+                             'different sizes; use --grad-accum-steps 1')
+        if args.sam_m is not None and any(b % args.sam_m for b in sizes):
+            raise UsageError(f'--sam-m {args.sam_m} must divide every scheduled batch size ({sizes}): the chunk size '
+                             f'stays m while the batch size varies')
+    elif args.train_batch_sizes is not None:
+        raise UsageError('--train-batch-sizes needs --train-img-sizes (scheduled resolution)')
     if args.log_wandb:
         try:
             import wandb  # noqa: F401
@@ -693,9 +708,14 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         n_img += x.shape[0] // (args.aug_splits or 1)
         if (batch_idx + 1) % accum and batch_idx != last_idx:
             continue
-        stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+        scale = 1.0   # --variable-batch-loss-scale: the update's loss scaled by (batch / average batch)^p, as timm
+        if args.train_img_sizes is not None and args.variable_batch_loss_scale != 'none':
+            scale = (x.shape[0] / batch_size_reference(args)) ** (0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.)
+        step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
+        stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
-                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac)
+                           bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
+                           chunk_path=args.sam_chunks_path, chunks_per_pass=args.batch_size // (args.sam_m or args.batch_size))
         chunks = []
         num_updates += 1
         if model_ema is not None:
@@ -703,8 +723,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if args.synchronize_step and device.type in ('cuda', 'npu'):
             getattr(torch, device.type).synchronize()
         zero = torch.zeros((), device=stats.loss.device)
-        row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
-                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
+        row = torch.stack([stats.loss.float() / scale, *(zero if v is None else v.float() for v in
+                                                         (stats.ascent_loss / scale if stats.ascent_loss is not None
+                                                          else None, stats.eps_norm, stats.skipped)), zero + 1])
         sums = row if sums is None else sums + row
         # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
         first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
@@ -740,6 +761,17 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         metrics.update(ascent_loss=sums[1] / n, descent_loss=sums[0] / n, sharpness=(sums[0] - sums[1]) / n,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
+
+
+class ScaledLoss:
+    """``scale * loss_fn(output, target)``: --variable-batch-loss-scale. Both SAM passes take it; the
+    perturbation is normalized, so only the descent gradient changes."""
+
+    def __init__(self, loss_fn, scale: float):
+        self.loss_fn, self.scale = loss_fn, scale
+
+    def __call__(self, output, target):
+        return self.loss_fn(output, target) * self.scale
 
 
 def stop_if_diverged(sums, first_bad, epoch: int, batch_idx: int, n_batches: int) -> None:
@@ -926,7 +958,8 @@ def create_model(args):
         model = timm.layers.convert_splitbn_model(model, args.batch_splits)
 
     # chunks of one sample cannot be normalised by BatchNorm in training mode (it fails mid-epoch)
-    m = (args.sam_m or args.batch_size) * (args.aug_splits or 1) // (args.batch_splits if args.split_bn else 1)
+    smallest_batch = min(args.train_batch_sizes or [args.batch_size])
+    m = (args.sam_m or smallest_batch) * (args.aug_splits or 1) // (args.batch_splits if args.split_bn else 1)
     n_ascent = ascent_samples(m, args.sam_ascent_frac) if args.is_sam else m
     if min(m, n_ascent) < 2 and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
         which = f'the ascent chunk has {n_ascent}' if n_ascent < m else f'a chunk has {m}'
@@ -951,10 +984,11 @@ def place_model(args, model, device):
 
 
 def create_optimizer(args, model):
-    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given."""
-    from sam_on_timm.train_step import find_sam
+    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given;
+    the --sam-m chunk path (--sam-chunks), logged once."""
+    from sam_on_timm.train_step import choose_chunk_path, find_sam
     from timm.optim import create_optimizer_v2, optimizer_kwargs
-    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+    global_batch = batch_size_reference(args) * args.world_size * args.grad_accum_steps
     if args.lr is None:
         scale = args.lr_base_scale or ('sqrt' if any(o in name.lower() for o in ('ada', 'lamb')
                                                      for name in (args.opt, args.sam_base if args.is_sam else '')) else 'linear')
@@ -972,7 +1006,31 @@ def create_optimizer(args, model):
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
+    m = args.sam_m or args.batch_size
+    args.sam_chunks_path, why = choose_chunk_path(model, optimizer, [m] * (args.batch_size // m), args.sam_chunks)
+    if args.sam_chunks == 'batched' and args.sam_chunks_path != 'batched':
+        raise UsageError(f'--sam-chunks batched: the chunks cannot share one pass: {why}; use --sam-chunks auto')
+    if args.rank == 0 and args.batch_size > m:
+        _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})')
     return optimizer
+
+
+def batch_size_reference(args) -> float:
+    """The per-rank batch size the lr and the loss scale refer to: -b, or with --train-img-sizes the
+    policy-average scheduled batch size (timm's ScheduledBatchSampler computes it)."""
+    if args.train_img_sizes is None:
+        return args.batch_size
+    from timm.data.scheduled_sampler import ScheduledBatchSampler
+    sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
+    try:
+        return ScheduledBatchSampler(
+            range(1), batch_sizes=sizes, choice_weights=args.train_size_probs, num_batches=1,
+            choice_schedule=args.train_size_schedule,
+            schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            schedule_spread=args.train_size_schedule_spread, schedule_random_mix=args.train_size_random_mix,
+        ).average_batch_size
+    except (ValueError, TypeError) as e:
+        raise UsageError(f'--train-img-sizes / --train-batch-sizes / --train-size-*: {_first_line(e)}') from None
 
 
 def setup_amp(args, device):
@@ -1095,6 +1153,12 @@ def create_data(args, data_config, device) -> Data:
             train_crop_mode=args.train_crop_mode, num_aug_splits=args.aug_splits, worker_seeding=args.worker_seeding,
             num_aug_repeats=args.aug_repeats if args.distributed else 0, img_dtype=img_dtype,
             use_multi_epochs_loader=args.use_multi_epochs_loader, scale=args.scale,
+            input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
+            batch_choice_weights=args.train_size_probs, batch_choice_seed=args.seed,
+            batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix, num_batches=args.train_batches_per_epoch,
             ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
             color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
             gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, mean=data_config['mean'],
@@ -1253,6 +1317,8 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
         for epoch in range(schedule.start_epoch, schedule.end_epoch):
             if hasattr(data.dataset_train, 'set_epoch'):
                 data.dataset_train.set_epoch(epoch)
+            elif hasattr(getattr(loader_train, 'loader', loader_train).batch_sampler, 'set_epoch'):
+                getattr(loader_train, 'loader', loader_train).batch_sampler.set_epoch(epoch)   # scheduled batches
             elif hasattr(loader_train.sampler, 'set_epoch'):   # DistributedSampler, RepeatAugSampler
                 loader_train.sampler.set_epoch(epoch)
             if data.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:

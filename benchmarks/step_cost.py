@@ -14,6 +14,15 @@ batch 256, ResNet-50 at batch 64, five optimizers, then SGD vs SAM-ON at ``--sam
     # train_step always takes the lean ascent (eager and compiled), so a "SAM-ON, all grads in
     # ascent" column is not measured here.
 
+Chunked rows (m-sharpness): an entry ``NAME@mM[:PATH]`` of ``--opts`` cuts the batch into chunks of M
+samples for that row only, run on PATH (``auto``, ``batched``: all chunks in one ascent and one
+descent pass with ghost normalization, or ``sequential``: one pass pair per chunk; default
+``--chunk-path``); ``x 1 chunk`` is the row's median over the plain ``NAME`` row's. The batched path's
+table (resnet18, 32 px, batch 128, one thread; targets <= 1.15x one chunk)::
+
+    python benchmarks/step_cost.py --device cpu --batch-size 128 --threads 1 --rounds 3 --steps 10 \
+        --opts sgd,sgd@m16:sequential,sgd@m16:batched,sam-on,sam-on@m16:sequential,sam-on@m16:batched
+
 CPU table (this project's targets: resnet18, 32 px, batch 32, fp32; SAM-ON <= 0.80x SAM-all,
 SAM-all <= 2.20x SGD)::
 
@@ -101,6 +110,8 @@ def parse_args(argv=None):
     p.add_argument('--sam-m', type=int, default=None, help='m-sharpness chunk size (default: whole batch)')
     p.add_argument('--sam-ascent-frac', type=float, default=1.0, help='ascent on the first F of each chunk')
     p.add_argument('--sam-bn-update', choices=('both', 'ascent'), default='both')
+    p.add_argument('--chunk-path', choices=('auto', 'batched', 'sequential'), default='auto',
+                   help='how the chunks of one update run (train_step chunk_path); NAME@mM:PATH overrides')
     p.add_argument('--rho', type=float, default=0.05)
     p.add_argument('--lr', type=float, default=0.05)
     p.add_argument('--weight-decay', type=float, default=1e-4)
@@ -121,6 +132,11 @@ def parse_args(argv=None):
         p.error('--opts is empty')
     if len(set(args.opt_list)) != len(args.opt_list):
         p.error('--opts lists an optimizer twice')
+    for o in args.opt_list:
+        try:
+            parse_entry(o, args)
+        except ValueError as e:
+            p.error(str(e))
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         p.error('--steps and --rounds must be >= 1, --warmup >= 0')
     from sam_on_timm.checks import check_arg
@@ -133,6 +149,20 @@ def parse_args(argv=None):
     return args
 
 
+def parse_entry(entry, args):
+    """``NAME[@mM][:PATH]`` -> (optimizer name, chunk size or None, chunk path)."""
+    name, _, path = entry.partition(':')
+    name, _, m = name.partition('@')
+    path = path or args.chunk_path
+    if path not in ('auto', 'batched', 'sequential'):
+        raise ValueError(f"--opts entry '{entry}': the chunk path must be auto, batched or sequential")
+    if m:
+        if not (m.startswith('m') and m[1:].isdigit() and int(m[1:]) > 0 and args.batch_size % int(m[1:]) == 0):
+            raise ValueError(f"--opts entry '{entry}': '@{m}' must be @mM with M a divisor of --batch-size")
+        return name, int(m[1:]), path
+    return name, args.sam_m, path
+
+
 class Runner:
     """One optimizer's model, optimizer, scaler and data; ``step()`` times one ``train_step``."""
 
@@ -142,6 +172,7 @@ class Runner:
         from sam_on_timm import is_sam_name
         from sam_on_timm.train_step import find_sam, split_chunks
         self.args, self.name, self.device = args, opt_name, device
+        opt_name, sam_m, self.chunk_path = parse_entry(opt_name, args)
         self.cuda = device.type == 'cuda'
 
         torch.manual_seed(args.seed)
@@ -158,7 +189,7 @@ class Runner:
         self.model = torch.compile(model) if args.compile else model
 
         x, y = synthetic_batch(args, device)
-        self.chunks = split_chunks(x, y, args.sam_m)
+        self.chunks = split_chunks(x, y, sam_m)
         self.loss_fn = torch.nn.CrossEntropyLoss().to(device)
         self.amp_autocast, self.scaler = contextlib.nullcontext, None
         if args.amp_dtype != 'float32':
@@ -175,7 +206,8 @@ class Runner:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         stats = train_step(self.model, self.optimizer, self.chunks, self.loss_fn, amp_autocast=self.amp_autocast,
-                           loss_scaler=self.scaler, bn_update=a.sam_bn_update, ascent_frac=a.sam_ascent_frac)
+                           loss_scaler=self.scaler, bn_update=a.sam_bn_update, ascent_frac=a.sam_ascent_frac,
+                           chunk_path=self.chunk_path)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         ms = (time.perf_counter() - t0) * 1e3
@@ -322,15 +354,20 @@ def make_rows(args, samples, losses, peaks, busy=None):
     rows = []
     for o in args.opt_list:
         s = samples[o]
+        _, sam_m, path = parse_entry(o, args)
         rows.append(dict(opt=o, ms_median=statistics.median(s), ms_min=min(s), ms_max=max(s),
                          peak_mem_mb=peaks.get(o), ratio_sgd=None, ratio_sgd_min=None, ratio_sam=None,
-                         n_samples=len(s),
-                         loss_last=losses.get(o), **meta))
+                         ratio_one_chunk=None, n_samples=len(s),
+                         loss_last=losses.get(o), **dict(meta, sam_m=sam_m, chunk_path=path)))
     sgd = next((r for r in rows if r['opt'] == 'sgd'), None)
     if sgd is not None:
         for r in rows:
             r['ratio_sgd'] = r['ms_median'] / sgd['ms_median']
             r['ratio_sgd_min'] = r['ms_min'] / sgd['ms_min']
+    for r in rows:
+        plain = next((q for q in rows if q['opt'] == r['opt'].split('@')[0]), None)
+        if plain is not None and '@' in r['opt']:
+            r['ratio_one_chunk'] = r['ms_median'] / plain['ms_median']
     sam = next((r for r in rows if r['opt'] == 'sam'), None)
     if sam is not None:
         for r in rows:
@@ -384,13 +421,14 @@ def format_table(args, rows):
             f" ({rows[0]['n_samples']} samples/opt: {args.rounds} x {args.steps}, {args.schedule})"
             f"{busy}")
     lines = [head,
-             f"| {'opt':<18} | {'ms median':>9} | {'ms min':>8} | {'ms max':>8} | {'peak MB':>8} | "
-             f"{'x SGD':>6} | {'x SGD (min)':>11} | {'x SAM':>6} |",
-             f"|{'-' * 20}|{'-' * 10}:|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|{'-' * 12}:|{'-' * 7}:|"]
+             f"| {'opt':<25} | {'ms median':>9} | {'ms min':>8} | {'ms max':>8} | {'peak MB':>8} | "
+             f"{'x SGD':>6} | {'x SGD (min)':>11} | {'x SAM':>6} | {'x 1 chunk':>9} |",
+             f"|{'-' * 27}|{'-' * 10}:|{'-' * 9}:|{'-' * 9}:|{'-' * 9}:|{'-' * 7}:|{'-' * 12}:|{'-' * 7}:|{'-' * 10}:|"]
     for r in rows:
-        lines.append(f"| {r['opt']:<18} | {r['ms_median']:>9.1f} | {r['ms_min']:>8.1f} | {r['ms_max']:>8.1f} | "
+        lines.append(f"| {r['opt']:<25} | {r['ms_median']:>9.1f} | {r['ms_min']:>8.1f} | {r['ms_max']:>8.1f} | "
                      f"{f(r['peak_mem_mb'], '8.1f'):>8} | {f(r['ratio_sgd'], '6.2f'):>6} | "
-                     f"{f(r['ratio_sgd_min'], '11.2f'):>11} | {f(r['ratio_sam'], '6.2f'):>6} |")
+                     f"{f(r['ratio_sgd_min'], '11.2f'):>11} | {f(r['ratio_sam'], '6.2f'):>6} | "
+                     f"{f(r['ratio_one_chunk'], '9.2f'):>9} |")
     return '\n'.join(lines)
 
 

@@ -10,6 +10,11 @@ For each chunk of m samples of the local batch:
   4. restore: w_P = saved originals (copy)
 then clip (descent gradient), base step. Plain optimizers take the same path without 1, 2 and 4,
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
+
+That is the sequential path. The batched path (``chunk_path``; ``sam_on_timm.batched``) computes the
+same update with all chunks of a pass in one ascent and one descent pass: possible when P holds only
+affine parameters of per-channel norm layers (SAM-ON), as chunk c then differs from the others only
+in its BatchNorm batch statistics and its affine parameters gamma + eps_c, beta + eps_c.
 """
 import contextlib
 import weakref
@@ -19,12 +24,14 @@ from typing import Callable, ContextManager, Iterable, List, Optional, Sequence,
 import torch
 from torch import Tensor, nn
 
+from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
 from .norm_params import is_norm_module
+from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn_stats', 'requires_grad_off',
-           'train_step', 'BN_UPDATE_CHOICES']
+           'train_step', 'choose_chunk_path', 'BN_UPDATE_CHOICES', 'CHUNK_PATHS']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
 
@@ -131,6 +138,36 @@ def requires_grad_off(params: Iterable[Tensor]):
             p.requires_grad_(True)
 
 
+def choose_chunk_path(model: nn.Module, optimizer: torch.optim.Optimizer, chunk_sizes: Sequence[int],
+                      chunk_path: str = 'auto', per_pass: Optional[int] = None) -> Tuple[str, str]:
+    """('batched' or 'sequential', why) for an update over chunks of ``chunk_sizes`` samples, with
+    ``per_pass`` chunks (default: all) sharing a batched pass.
+
+    Batched needs at least 2 chunks per pass, equal chunks, a model whose normalization layers
+    ``sam_on_timm.batched`` handles (BatchNorm, timm's BatchNormAct2d, LayerNorm, LayerNorm2d,
+    GroupNorm, RMSNorm) and, for SAM, a perturbed set made only of their affine parameters (SAM-ON).
+    'auto' takes it where these hold; 'sequential' always the sequential path; 'batched' reports why
+    not (the caller raises).
+    """
+    if chunk_path not in CHUNK_PATHS:
+        raise ValueError(f"chunk_path must be one of {', '.join(CHUNK_PATHS)}, got '{chunk_path}'")
+    if chunk_path == 'sequential':
+        return 'sequential', 'forced'
+    per_pass = len(chunk_sizes) if per_pass is None else per_pass
+    sam = find_sam(optimizer)
+    if per_pass < 2:
+        reason = 'one chunk per pass'
+    elif len(chunk_sizes) % per_pass or len(set(chunk_sizes)) > 1:
+        reason = 'the chunks differ in size'
+    elif sam is not None and sam.variant not in VARIANTS:
+        reason = f"unknown variant '{sam.variant}'"
+    else:
+        reason = unbatchable_reason(model, sam.perturbed if sam is not None else ())
+    if reason is None:
+        return 'batched', f'{per_pass} chunks of {chunk_sizes[0]} per pass (ghost normalization)'
+    return 'sequential', reason
+
+
 def _guard_requires_grad() -> None:
     """Make torch.compile'd graphs notice the flags that ``requires_grad_off`` switches.
 
@@ -162,12 +199,20 @@ def train_step(
         clip_parameters: Optional[Iterable[Tensor]] = None,
         bn_update: str = 'both',
         ascent_frac: float = 1.0,
+        chunk_path: str = 'auto',
+        chunks_per_pass: Optional[int] = None,
 ) -> StepStats:
     """One optimizer update over ``chunks`` (see module docstring); the weights end unperturbed.
 
     ``loss_scaler``: timm ``NativeScaler`` or ``torch.amp.GradScaler`` for float16 (None for fp32 / bf16).
     ``bn_update``: 'both' (ascent and descent passes update BN running stats) or 'ascent'.
     ``ascent_frac``: the ascent uses the first fraction of each chunk (1.0 = the paper's algorithm).
+    ``chunk_path``: 'sequential' (one ascent and one descent pass per chunk), 'batched' (all chunks of a
+    pass in one ascent and one descent pass, ghost normalization: ``sam_on_timm.batched``; a ValueError
+    where the model or the optimizer does not allow it) or 'auto' (batched where allowed, see
+    ``choose_chunk_path``). ``chunks_per_pass``: how many consecutive chunks share a batched pass
+    (default all; ``train.py`` gives the chunks of one micro-batch, so ``--grad-accum-steps`` keeps
+    its memory saving).
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
@@ -190,8 +235,38 @@ def train_step(
         trainable = sam.perturbed
         if not all(p.requires_grad for p in trainable):
             trainable = [p for p in trainable if p.requires_grad]
-    loss_sum = ascent_sum = eps_sum = skipped = None
+    per_pass = k if chunks_per_pass is None else chunks_per_pass
+    path, reason = choose_chunk_path(model, optimizer, [x.shape[0] for x, _ in chunks], chunk_path, per_pass)
+    if path == 'sequential' and chunk_path == 'batched':
+        raise ValueError(f'the chunks cannot share one pass: {reason}')
+    run = _batched_chunks if path == 'batched' else _sequential_chunks
+    loss_sum, ascent_sum, eps_sum, skipped = run(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update,
+                                                 ascent_frac, others, trainable, per_pass)
 
+    if clip_parameters is None and clip_grad is not None:
+        clip_parameters = [p for g in optimizer.param_groups for p in g['params']]
+    if scaler is not None:
+        if clip_grad is not None:
+            scaler.unscale_(optimizer)   # once per update, descent gradient only
+            _clip(clip_parameters, clip_grad, clip_mode)
+        scaler.step(optimizer)           # a skipped step still leaves w restored (done above)
+        scaler.update()
+    else:
+        if clip_grad is not None:
+            _clip(clip_parameters, clip_grad, clip_mode)
+        optimizer.step()
+
+    stats = StepStats(loss=loss_sum / k)
+    if sam is not None:
+        stats.ascent_loss, stats.eps_norm, stats.skipped = ascent_sum / k, eps_sum / k, skipped
+    return stats
+
+
+def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
+                       trainable, per_pass):
+    """Each chunk its own ascent and descent pass, one after the other (module docstring, steps 1-4)."""
+    k = len(chunks)
+    loss_sum = ascent_sum = eps_sum = skipped = None
     for i, (x, y) in enumerate(chunks):
         last = i == k - 1
         if sam is not None:
@@ -228,24 +303,86 @@ def train_step(
             if check:
                 _check_ascent_reach(sam, missing)
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return loss_sum, ascent_sum, eps_sum, skipped
 
-    if clip_parameters is None and clip_grad is not None:
-        clip_parameters = [p for g in optimizer.param_groups for p in g['params']]
-    if scaler is not None:
-        if clip_grad is not None:
-            scaler.unscale_(optimizer)   # once per update, descent gradient only
-            _clip(clip_parameters, clip_grad, clip_mode)
-        scaler.step(optimizer)           # a skipped step still leaves w restored (done above)
-        scaler.update()
-    else:
-        if clip_grad is not None:
-            _clip(clip_parameters, clip_grad, clip_mode)
-        optimizer.step()
 
-    stats = StepStats(loss=loss_sum / k)
-    if sam is not None:
-        stats.ascent_loss, stats.eps_norm, stats.skipped = ascent_sum / k, eps_sum / k, skipped
-    return stats
+def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
+                    trainable, per_pass):
+    """The same update, ``per_pass`` chunks at a time in one ascent and one descent pass.
+
+    Chunk c's ascent gradient is the gradient w.r.t. row c of a zero addend ``E_p`` of shape
+    ``(k, *p.shape)`` to every p in P (``sam_on_timm.batched``); its eps is ``compute_eps`` of that
+    row alone, exactly as the sequential path computes it; the descent runs with ``p + eps_c`` for
+    chunk c and backpropagates ``sum_c L_c / K`` (K chunks in the update). P itself is never written.
+    """
+    k_all = len(chunks)
+    loss_sum = ascent_sum = eps_sum = skipped = None
+    flat = None
+    if sam is not None and flat_ok(sam.perturbed):   # CUDA: eps in one working buffer, copied out per chunk
+        flat = FlatSet(sam.perturbed)
+    for start in range(0, k_all, per_pass):
+        group = chunks[start:start + per_pass]
+        k, m = len(group), group[0][0].shape[0]
+        last = start + k == k_all
+        x, ys = interleave([c[0] for c in group]), [c[1] for c in group]
+        records, addends, check = [], {}, False
+        if sam is not None:
+            n = ascent_samples(m, ascent_frac)
+            check = start == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
+            leaves = {p: torch.zeros((k,) + p.shape, dtype=p.dtype, device=p.device, requires_grad=True)
+                      for p in (trainable or ())}
+            record = {}
+            with _no_sync(model, True), requires_grad_off(others), \
+                    ghost_norms(model, k, n * k, leaves, detach=True, record=record):
+                with amp_autocast():
+                    out = model(x[:n * k])   # interleaved: the first n samples of every chunk
+                    ascent_losses = [loss_fn(chunk_rows(out, k, c), y[:n]) for c, y in enumerate(ys)]
+                total = torch.stack(ascent_losses).sum()
+                scaled = scaler.scale(total) if scaler is not None else total
+                rows = {}
+                if scaled.requires_grad and leaves:
+                    rows = dict(zip(leaves, torch.autograd.grad(scaled, list(leaves.values()), allow_unused=True,
+                                                                materialize_grads=not check)))
+            records.append(record)
+            missing = [j for j, p in enumerate(sam.perturbed) if rows.get(p) is None]
+            eps_rows = [torch.empty((k,) + p.shape, dtype=p.dtype, device=p.device) for p in sam.perturbed]
+            with torch.no_grad():
+                for c in range(k):
+                    grads = [torch.zeros_like(p) if rows.get(p) is None else rows[p][c] for p in sam.perturbed]
+                    found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
+                    eps, eps_norm, skip = compute_eps(sam.variant, sam.perturbed, grads, sam.rho, sam.eta,
+                                                      sam.is_bias, found_inf=found_inf, grads_writable=True, flat=flat)
+                    torch._foreach_copy_([e[c] for e in eps_rows], list(eps))
+                    _count_perturbation(sam, eps_norm, skip)
+                    ascent_sum = _acc(ascent_sum, ascent_losses[c].detach())
+                    eps_sum, skipped = _acc(eps_sum, eps_norm), _acc(skipped, skip)
+            addends = dict(zip(sam.perturbed, eps_rows))
+
+        record = {}
+        with _no_sync(model, not last), frozen_bn_stats(model, sam is not None and bn_update == 'ascent'), \
+                ghost_norms(model, k, m * k, addends, record=record):
+            with amp_autocast():
+                out = model(x)
+                losses = [loss_fn(chunk_rows(out, k, c), y) for c, y in enumerate(ys)]
+            descent = torch.stack([loss / k_all for loss in losses]).sum()
+            (scaler.scale(descent) if scaler is not None else descent).backward()
+        records.append(record)
+        apply_running_stats(records, k)   # ascent then descent of chunk 0, then of chunk 1, ...
+        if check:
+            _check_ascent_reach(sam, missing)
+        for loss in losses:
+            loss_sum = _acc(loss_sum, loss.detach())
+    return loss_sum, ascent_sum, eps_sum, skipped
+
+
+def _acc(total: Optional[Tensor], value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def _count_perturbation(sam: SAM, eps_norm: Tensor, skip: Tensor) -> None:
+    """What ``SAM.perturb`` records of a perturbation: the last ||eps||, skipped flag and the running count."""
+    sam.last_eps_norm, sam.last_skipped = eps_norm, skip
+    sam.skipped_count = skip.float() if sam.skipped_count is None else sam.skipped_count + skip
 
 
 def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:

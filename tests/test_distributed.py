@@ -108,7 +108,8 @@ def _ddp_run(name, rank):
         x, y = _global_batch(step)
         x, y = x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]
         before = dict(counts)
-        train_step(ddp, optimizer, split_chunks(x, y, B // k), F.cross_entropy)
+        # sequential: the eps log hooks SAM.perturb (the batched path: tests/test_batched_chunks.py)
+        train_step(ddp, optimizer, split_chunks(x, y, B // k), F.cross_entropy, chunk_path='sequential')
         out['allreduce'].append(counts['allreduce'] - before['allreduce'])
         out['broadcast'].append(counts['broadcast'] - before['broadcast'])
         out['grads'].append(_clone(p.grad for p in model.parameters()))   # the averaged descent gradient
@@ -136,7 +137,7 @@ def _reference_run(name):
     out = {}
     for step, k in enumerate(CHUNKS):
         x, y = _global_batch(step)
-        train_step(model, optimizer, split_chunks(x, y, B // k), F.cross_entropy)
+        train_step(model, optimizer, split_chunks(x, y, B // k), F.cross_entropy, chunk_path='sequential')
         if step == CHUNKS.index(2) - 1:
             out['params_one_chunk'] = _clone(model.parameters())
     out['params'] = _clone(model.parameters())

@@ -279,6 +279,8 @@ def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
     (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model'),
     (['--kd-model-name', 'test_resnet', '--kd-distill-type', 'feature'], 'distills logits only'),
     (['--naflex-loader'], '--naflex-loader is not supported'),
+    (['--train-img-sizes', '16', '24', '--train-batch-sizes', '8', '6', '--sam-m', '4'], 'must divide every scheduled'),
+    (['--train-img-sizes', '16', '--grad-accum-steps', '2'], 'use --grad-accum-steps 1'),
     (['--worker-seeding', 'none'], "--worker-seeding must be 'all' or 'part'"),
     (['--bce-target-thresh', 'nan'], '--bce-target-thresh must be a finite number'),
     (['--val-interval', '0'], '--val-interval must be >= 1'),
@@ -354,3 +356,28 @@ def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
         assert got == expected, (rank, got, expected)
         seen.append(set(got))
     assert seen[0] & seen[1]   # an image's repeats go to both ranks
+
+
+def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeypatch):
+    """--train-img-sizes / --train-batch-sizes: batches of 8 at 16 px and 4 at 24 px; --sam-m 4 cuts every
+    batch into chunks of 4; --variable-batch-loss-scale linear scales each update's loss by batch / 6
+    (6: the policy-average batch size)."""
+    import sam_on_timm.train_step as ts
+    steps, step = [], ts.train_step
+
+    def recording_step(model, optimizer, chunks, loss_fn, *a, **k):
+        out, y = torch.zeros(2, 16), torch.tensor([0, 1])
+        steps.append(([tuple(x.shape) for x, _ in chunks], (loss_fn(out, y) / torch.nn.functional.cross_entropy(
+            out, y)).item()))
+        return step(model, optimizer, chunks, loss_fn, *a, **k)
+
+    monkeypatch.setattr(ts, 'train_step', recording_step)
+    assert run(data16, tmp_path, '--experiment', 'vb', '--train-img-sizes', '16', '24', '--train-batch-sizes', '8',
+               '4', '--sam-m', '4', '--variable-batch-loss-scale', 'linear', '--smoothing', '0',
+               '--train-batches-per-epoch', '4', '--epochs', '2') == 0
+    assert len(steps) == 8
+    for shapes, scale in steps:
+        assert len(set(shapes)) == 1 and shapes[0][0] == 4 and shapes[0][2] in (16, 24)
+        batch = 4 * len(shapes)
+        assert batch == (8 if shapes[0][2] == 16 else 4) and scale == pytest.approx(batch / 6)
+    assert {s[0][0][2] for s in steps} == {16, 24}

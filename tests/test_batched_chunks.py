@@ -1,0 +1,315 @@
+"""The batched chunk path (all m-sharpness chunks of a pass in one forward and backward, ghost
+normalization) against the sequential one: float64 equality after 3 updates, the automatic choice,
+the lean ascent, bf16 / fp16 autocast, and 2 gloo ranks."""
+import copy
+import datetime
+import os
+import sys
+from functools import partial
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import sam_on_timm  # noqa: F401  (registers the names)
+import timm
+from sam_on_timm.batched import ghost_norms
+from sam_on_timm.train_step import choose_chunk_path, find_sam, split_chunks, train_step
+from timm.layers import BatchNormAct2d, GroupNorm1, LayerNorm2d
+from timm.optim import create_optimizer_v2
+
+RTOL = 1e-12
+# MixedNet (8 channels, 4 samples per BatchNorm chunk) is ill-conditioned: reversing the sample order
+# within each chunk, a rounding-only change, moves the sequential path's state by 7e-12 relative
+# after 3 updates. The timm models agree to 1e-12.
+RTOL_MIXED = 1e-10
+NUM_CLASSES = 3
+
+
+class MixedNet(nn.Module):
+    """Every norm type the batched path handles: BatchNorm2d (cumulative-average momentum in one
+    layer), timm's BatchNormAct2d, GroupNorm, GroupNorm1, LayerNorm2d, LayerNorm, RMSNorm, and a
+    BatchNorm1d on (N, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), BatchNormAct2d(8),
+            nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.GELU(), GroupNorm1(8),
+            nn.Conv2d(8, 8, 3, padding=1), LayerNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                  nn.Linear(8, 8), nn.RMSNorm(8), nn.Linear(8, NUM_CLASSES))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def make_model(name):
+    torch.manual_seed(0)
+    if name == 'resnet':      # BatchNorm ResNet
+        model = timm.create_model('test_resnet', num_classes=NUM_CLASSES)
+    elif name == 'vit':       # LayerNorm ViT
+        model = timm.create_model('test_vit', num_classes=NUM_CLASSES, img_size=16, patch_size=8, depth=1)
+    elif name == 'convnext':  # LayerNorm2d (stem, downsampling) and LayerNorm (blocks)
+        model = timm.create_model('convnext_atto', num_classes=NUM_CLASSES, depths=(1, 1, 1, 1), dims=(8, 16, 16, 16))
+    else:
+        model = MixedNet()
+    return model.double().train()
+
+
+def batches(n_updates=3, n=16, m=4, img=8, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [split_chunks(torch.randn(n, 3, img, img, generator=g, dtype=dtype),
+                         torch.randint(0, NUM_CLASSES, (n,), generator=g), m) for _ in range(n_updates)]
+
+
+def run(model, opt_name, path, updates, lr=0.1, rho=0.5, **kwargs):
+    """3 updates of train_step on a copy of ``model``: (model, optimizer, logged metrics per update)."""
+    model = copy.deepcopy(model)
+    opt = create_optimizer_v2(model, opt_name, lr=lr, momentum=0.9, weight_decay=1e-2,
+                              **({'rho': rho} if 'sam' in opt_name else {}))
+    logged = []
+    for chunks in updates:
+        s = train_step(model, opt, chunks, F.cross_entropy, chunk_path=path, **kwargs)
+        logged.append(torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in
+                                   (s.loss, s.ascent_loss, s.eps_norm, s.skipped) if v is not None]))
+    return model, opt, logged
+
+
+def state_of(model, opt, logged):
+    """Everything the two paths must agree on, by name."""
+    out = {f'model.{k}': v for k, v in model.state_dict().items()}
+    for i, st in opt.state_dict()['state'].items():
+        out.update({f'opt.{i}.{k}': v for k, v in st.items() if torch.is_tensor(v)})
+    out.update({f'logged.{i}': v for i, v in enumerate(logged)})
+    sam = find_sam(opt)
+    if sam is not None:
+        out['sam.skipped_count'] = sam.skipped_count
+        out['sam.last_eps_norm'] = sam.last_eps_norm
+    return out
+
+
+def assert_same(a, b, rtol=RTOL):
+    """Each tensor of ``a`` equals its twin in ``b`` to ``rtol`` relative: ||a - b|| <= rtol ||b||, with
+    ||b|| taken as at least 1e-2 (a conv bias before a norm layer has a gradient that is 0 in exact
+    arithmetic, so its momentum buffer holds rounding noise that no relative test can compare; other
+    near-zero gradients, of norm 1e-3, lose digits to cancellation alike).
+    For scale: reversing the sample order inside each chunk, a rounding-only change, moves the
+    sequential path of the test_resnet cases by 1e-11 to 2.5e-11 (largest entry, relative)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k].double(), b[k].double()
+        scale = max(y.norm().item(), 1e-2)
+        assert (x - y).norm().item() <= rtol * scale, (k, (x - y).norm().item() / scale)
+
+
+def compare(model, opt_name, updates, rtol=RTOL, **kwargs):
+    seq = run(model, opt_name, 'sequential', updates, **kwargs)
+    bat = run(model, opt_name, 'batched', updates, **kwargs)
+    assert_same(state_of(*bat), state_of(*seq), rtol)
+    return seq, bat
+
+
+# ---------------------------------------------------------------------------------------------
+# equality with the sequential path, float64, 3 updates
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('name,img,rtol', [('resnet', 16, RTOL), ('vit', 16, RTOL), ('convnext', 32, RTOL),
+                                           ('mixed', 8, RTOL_MIXED)])
+def test_batched_equals_sequential_in_float64(name, img, rtol):
+    model = make_model(name)
+    seq, bat = compare(model, 'sam-on', batches(img=img), rtol)
+    before = model.state_dict()
+    assert any(not torch.equal(before[k], v) for k, v in bat[0].state_dict().items() if 'running' in k) or \
+        name in ('vit', 'convnext')   # it did update the running statistics where there are some
+    assert float(bat[2][-1][3]) == 0   # no perturbation skipped: the comparison covers eps
+
+
+@pytest.mark.parametrize('opt_name', ['sam-on-layerl2', 'sam-on-fisher', 'sam-on-eleml2orig', 'sam-on-elemlinf', 'sgd'])
+def test_batched_equals_sequential_for_every_variant_and_sgd_chunks(opt_name):
+    compare(make_model('mixed'), opt_name, batches(), RTOL_MIXED)
+
+
+def test_bn_update_ascent_keeps_its_meaning():
+    model = make_model('resnet')
+    seq, bat = compare(model, 'sam-on', batches(img=16), bn_update='ascent')
+    bn = next(m for m in bat[0].modules() if isinstance(m, nn.BatchNorm2d))
+    assert int(bn.num_batches_tracked) == 3 * 4   # the ascents only ('both': 3 * 4 * 2)
+
+
+def test_ascent_fraction_and_chunks_per_pass():
+    """The ascent on the first half of each chunk; 4 chunks in 2 batched passes (gradient accumulation)."""
+    model = make_model('mixed')
+    compare(model, 'sam-on', batches(m=8), RTOL_MIXED, ascent_frac=0.5)
+    compare(model, 'sam-on', batches(), RTOL_MIXED, chunks_per_pass=2)
+
+
+def test_bf16_autocast_stays_within_tolerance():
+    """bf16 autocast (LayerNorm ViT, float32 weights): both paths round differently (the batched one
+    applies the per-chunk affine in float32 after the norm). Stated tolerance: after 3 updates the
+    two differ by at most 2% of the weight change (measured: 0.4%), and the batched update is no
+    further from the float32 update than the sequential one (both 0.8%)."""
+    model = make_model('vit').float()
+    updates = batches(img=16, dtype=torch.float32)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    autocast = partial(torch.autocast, device_type='cpu', dtype=torch.bfloat16)
+    f32 = run(model, 'sam-on', 'sequential', updates, lr=0.01, rho=0.05)[0].state_dict()
+    seq, bat = (run(model, 'sam-on', path, updates, lr=0.01, rho=0.05, amp_autocast=autocast)[0].state_dict()
+                for path in ('sequential', 'batched'))
+    keys = [k for k, v in start.items() if v.dtype.is_floating_point]
+
+    def dist(a, b):
+        return torch.stack([(a[k] - b[k]).double().norm() for k in keys]).norm().item()
+    change = dist(f32, start)
+    assert change > 0
+    assert dist(bat, seq) <= 0.02 * change
+    assert dist(bat, f32) <= 1.5 * dist(seq, f32)
+
+
+def test_fp16_grad_scaler_matches():
+    model = make_model('mixed')
+    autocast = partial(torch.autocast, device_type='cpu', dtype=torch.float16)
+    scalers = [torch.amp.GradScaler('cpu', init_scale=2.0 ** 10) for _ in range(2)]
+    updates = batches()
+    out = [run(model, 'sam-on', path, updates, loss_scaler=s, amp_autocast=autocast)
+           for path, s in zip(('sequential', 'batched'), scalers)]
+    assert_same(state_of(*out[1]), state_of(*out[0]), RTOL_MIXED)   # float64 model: the scaler only scales
+    assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 10
+
+
+# ---------------------------------------------------------------------------------------------
+# the automatic choice, errors, restores
+# ---------------------------------------------------------------------------------------------
+def test_choice_and_fallback():
+    model = make_model('mixed')
+    on = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5)
+    assert choose_chunk_path(model, on, [4] * 4)[0] == 'batched'
+    assert choose_chunk_path(model, on, [4] * 4, 'sequential')[0] == 'sequential'
+    assert choose_chunk_path(model, on, [16]) == ('sequential', 'one chunk per pass')
+    assert choose_chunk_path(model, on, [4, 4, 8])[1] == 'the chunks differ in size'
+    assert choose_chunk_path(model, create_optimizer_v2(model, 'sgd', lr=0.1), [4] * 4)[0] == 'batched'
+    path, why = choose_chunk_path(model, create_optimizer_v2(model, 'sam', lr=0.1), [4] * 4)
+    assert path == 'sequential' and 'not affine parameters of a normalization layer' in why
+    evo = nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.EvoNorm2dB0(4), nn.Flatten(), nn.LazyLinear(3))
+    path, why = choose_chunk_path(evo, create_optimizer_v2(evo, 'sgd', lr=0.1), [4] * 4)
+    assert path == 'sequential' and why == 'EvoNorm2dB0 layers cannot be batched'
+    x, y = batches(1)[0][0]
+    with pytest.raises(ValueError, match='cannot share one pass: EvoNorm2dB0'):
+        train_step(evo, create_optimizer_v2(evo, 'sgd', lr=0.1), [(x.float(), y)] * 2, F.cross_entropy,
+                   chunk_path='batched')
+    with pytest.raises(ValueError, match='chunk_path must be one of auto, batched, sequential'):
+        choose_chunk_path(model, on, [4] * 4, 'fast')
+
+
+def test_auto_takes_the_batched_path():
+    model = make_model('mixed')
+    calls = []
+    loss_fn = lambda out, y: calls.append(out.shape[0]) or F.cross_entropy(out, y)   # noqa: E731
+    train_step(model, create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5), batches(1)[0], loss_fn)
+    # chunk losses of one ascent, then of one descent pass: no module forward left swapped
+    assert calls == [4] * 8 and not any('forward' in m.__dict__ for m in model.modules())
+
+
+def test_forwards_put_back_when_the_pass_raises():
+    model = make_model('mixed')
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5)
+    start = copy.deepcopy(model.state_dict())
+
+    def failing(out, y):
+        raise RuntimeError('boom')
+    with pytest.raises(RuntimeError, match='boom'):
+        train_step(model, opt, batches(1)[0], failing, chunk_path='batched')
+    assert not any('forward' in m.__dict__ or '_sam_ghost' in m.__dict__ for m in model.modules())
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())   # nothing written
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == {n: True for n, _ in model.named_parameters()}
+    with ghost_norms(model, 2, 4, {}):
+        assert 'forward' in model.head[0].__dict__
+    assert 'forward' not in model.head[0].__dict__
+
+
+def test_lean_ascent_computes_no_weight_gradient():
+    """Each parameter's gradient is computed once per update (the descent); in the ascent only P
+    requires grad, and its gradient is taken w.r.t. the per-chunk addends, not P itself."""
+    model = make_model('mixed')
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5)
+    sam = find_sam(opt)
+    calls = {}
+    for n, p in model.named_parameters():
+        p.register_hook(lambda g, n=n: calls.__setitem__(n, calls.get(n, 0) + 1))
+    seen = []
+
+    def loss_fn(out, y):
+        seen.append(sum(p.requires_grad for p in model.parameters()))
+        return F.cross_entropy(out, y)
+    train_step(model, opt, batches(1)[0], loss_fn)
+    assert calls == {n: 1 for n, _ in model.named_parameters()}
+    assert seen == [len(sam.perturbed)] * 4 + [len(list(model.parameters()))] * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# 2 gloo ranks
+# ---------------------------------------------------------------------------------------------
+def _rank_worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        result = {}
+        for path in ('sequential', 'batched'):
+            model = make_model('resnet')
+            opt = create_optimizer_v2(model, 'sam-on', lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.5)
+            ddp = DDP(model, device_ids=None, bucket_cap_mb=100)   # one bucket: one hook call per all-reduce
+            calls = []
+            ddp.register_comm_hook(calls, lambda state, bucket: state.append(1) or allreduce_hook(None, bucket))
+            logged = []
+            for chunks in batches(img=16, seed=10 + rank):   # every rank its own data
+                s = train_step(ddp, opt, chunks, F.cross_entropy, chunk_path=path)
+                logged.append(torch.stack([s.loss, s.ascent_loss, s.eps_norm, s.skipped]).double())
+            result[path] = state_of(model, opt, logged)
+            result[path]['allreduce'] = torch.tensor(len(calls))
+        torch.save(result, os.path.join(out_dir, f'rank{rank}.pt'))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == 'win32',
+                    reason='needs torch.distributed gloo')
+def test_two_gloo_ranks(tmp_path):
+    mp.spawn(_rank_worker, args=(2, str(tmp_path / 'rendezvous'), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in range(2)]
+    for r in ranks:   # every rank: batched equals sequential (BN running statistics: each rank's own)
+        assert_same(r['batched'], r['sequential'])
+        assert int(r['batched']['allreduce']) == 3   # one gradient all-reduce per update
+    for k in ranks[0]['batched']:   # one all-reduce per update: the replicas stay identical
+        if k.startswith('model.') and 'running' not in k and 'num_batches' not in k:
+            assert torch.equal(ranks[0]['batched'][k], ranks[1]['batched'][k]), k
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: --sam-chunks
+# ---------------------------------------------------------------------------------------------
+def test_train_script_flag_logs_the_choice_and_both_paths_train_alike(image_folder, tmp_path, caplog, capsys):
+    import logging
+    import train
+    base = ['--data-dir', image_folder, '--output', str(tmp_path), '--model', 'test_resnet', '--num-classes', '2',
+            '--img-size', '16', '-b', '8', '--sam-m', '4', '--device', 'cpu', '--workers', '0', '--epochs', '1',
+            '--warmup-epochs', '0', '--lr', '0.05', '--seed', '3', '--opt', 'sam-on', '--rho', '0.05']
+    caplog.set_level(logging.INFO)
+    for path in ('batched', 'sequential'):
+        assert train.main([*base, '--experiment', path, '--sam-chunks', path]) == 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('--sam-m chunks')]
+    assert lines == ['--sam-m chunks: batched (2 chunks of 4 per pass (ghost normalization))',
+                     '--sam-m chunks: sequential (forced)']
+    wa, wb = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True)['state_dict'] for e in ('batched', 'sequential'))
+    assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) < 1e-5
+    capsys.readouterr()
+    assert train.main([*base, '--experiment', 'bad', '--opt', 'sam', '--sam-chunks', 'batched']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'Traceback' not in '\n'.join(err)
+    assert err[-1].endswith('--sam-chunks batched: the chunks cannot share one pass: 17 perturbed tensors are not '
+                            'affine parameters of a normalization layer (SAM-ON perturbs only those); use --sam-chunks auto')

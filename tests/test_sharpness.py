@@ -1,0 +1,333 @@
+"""Sharpness evaluation: Auto-PGD against closed-form maxima, the ball, the 1-step value, invariances,
+exact restores, the command line and 2 gloo ranks (sam_on_timm.sharpness)."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from sam_on_timm import compute_eps, norm_parameters
+from sam_on_timm.sharpness import Ball, _Perturbation, apgd_checkpoints, apgd_max, batch_sharpness, main, one_step
+
+from tests.helpers import make_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# closed forms
+# ---------------------------------------------------------------------------------------------
+class Vec(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w.clone())
+
+
+def _concave_case(p, adaptive, seed=0, n=40):
+    """L(w0 + delta) = g.delta - 1/2 sum lam_i delta_i^2 (lam_i > 0): concave, so the maximum over the ball
+    has a closed form; coordinates whose optimum lies inside the ball make sign steps overshoot, and
+    the unequal lam_i turn the l2 optimum away from g (one normalised step does not reach it)."""
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(n, generator=gen, dtype=torch.float64)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    lam, rho = 10.0 ** (2.0 * torch.rand(n, generator=gen, dtype=torch.float64) - 1.0), 0.5
+    model = Vec(w0)
+
+    def loss_fn():
+        d = model.w - w0
+        return (g * d).sum() - 0.5 * (lam * d * d).sum()
+
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    if p == math.inf:   # separable: delta_i = clip(g_i / lam, +-rho t_i)
+        d = torch.maximum(torch.minimum(g / lam, rho * t), -rho * t)
+        best = ((g * d).sum() - 0.5 * (lam * d * d).sum()).item()
+    else:   # in u = delta / t: max (t g).u - 1/2 sum lam t^2 u^2, ||u|| <= rho:
+        # u = tg / (lam t^2 + mu), the multiplier mu >= 0 by bisection
+        tg = t * g
+
+        def u_of(mu):
+            return tg / (lam * t * t + mu)
+        lo, hi = 0.0, 1e6
+        if u_of(0.0).norm() > rho:
+            for _ in range(200):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if u_of(mid).norm() > rho else (lo, mid)
+            mu = hi
+        else:
+            mu = 0.0
+        d = t * u_of(mu)
+        best = ((g * d).sum() - 0.5 * (lam * d * d).sum()).item()
+    return model, loss_fn, Ball(rho, p, adaptive), best, t
+
+
+@pytest.mark.parametrize('p', [math.inf, 2.0])
+@pytest.mark.parametrize('adaptive', [True, False])
+def test_apgd_reaches_closed_form_concave(p, adaptive):
+    model, loss_fn, ball, best, _ = _concave_case(p, adaptive)
+    pert = _Perturbation([model.w], ball)
+    found, f0 = apgd_max(loss_fn, pert, n_iters=20)
+    assert f0 == 0.0
+    assert found <= best + 1e-12          # never above the true maximum
+    assert found >= 0.99 * best           # and within 1% of it
+    # for l-inf the 1-step value (a corner of the box) is clearly below: the iterations reach the optimum
+    first = one_step(loss_fn, pert)[0]
+    assert first <= found and (p == 2.0 or first < 0.95 * best)
+
+
+def _linear_classifier(seed=0, n=6, d=5, k=4):
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(d, k).double()
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(k, d, generator=gen, dtype=torch.float64))
+        lin.bias.copy_(torch.randn(k, generator=gen, dtype=torch.float64))
+    x = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, k, (n,), generator=gen)
+    return lin, x, y
+
+
+def test_apgd_linear_classifier_linf_adaptive_closed_form():
+    """One example: the worst W + delta with |delta| <= rho |W| lowers the true logit by
+    r_y = rho sum_j |W_yj x_j| + rho |b_y| and raises every other by its r_k, which is exact."""
+    lin, x, y = _linear_classifier()
+    rho = 0.3
+    ball = Ball(rho, math.inf, True)
+    for i in range(len(x)):
+        xi, yi = x[i:i + 1], y[i:i + 1]
+        z = lin(xi)[0].detach()
+        r = rho * ((lin.weight * xi).abs().sum(1) + lin.bias.abs()).detach()
+        z_worst = z + r
+        z_worst[yi] = z[yi] - r[yi]
+        exact = (torch.logsumexp(z_worst, 0) - z_worst[yi]).item() - F.cross_entropy(z[None], yi).item()
+        res = batch_sharpness(lin, list(lin.parameters()), lambda: F.cross_entropy(lin(xi), yi), ball,
+                              metrics=['worst'])
+        assert exact * 0.99 <= res['worst'] <= exact + 1e-10
+
+
+def test_ball_respected_every_iterate():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    w0 = [p.detach().clone() for p in net.parameters()]
+    for ball in (Ball(0.2, math.inf, True), Ball(0.2, 2.0, True), Ball(0.2, math.inf, False), Ball(0.2, 2.0, False)):
+        seen = []
+
+        def loss_fn():
+            delta = [p.detach() - w for p, w in zip(net.parameters(), w0)]
+            if ball.adaptive:
+                u = [torch.where(w == 0, torch.zeros_like(d), d / w.abs()) for d, w in zip(delta, w0)]
+            else:
+                u = delta
+            flat = torch.cat([t.flatten() for t in u])
+            seen.append(flat.abs().max().item() if ball.p == math.inf else flat.norm().item())
+            return F.cross_entropy(net(x), y)
+        batch_sharpness(net, list(net.parameters()), loss_fn, ball, metrics=['worst', 'one-step', 'average'],
+                        n_iters=15, n_samples=3)
+        assert len(seen) >= 15 and max(seen) > 0.5 * ball.rho
+        assert max(seen) <= ball.rho * (1 + 1e-9)
+
+
+@pytest.mark.parametrize('p,adaptive,variant', [(math.inf, True, 'elemlinf'), (2.0, True, 'eleml2'),
+                                                (2.0, False, 'sam')])
+def test_one_step_is_loss_at_compute_eps(p, adaptive, variant):
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params = list(net.parameters())
+    rho = 0.05
+    net.eval()
+    with torch.no_grad():
+        l0 = F.cross_entropy(net(x), y).item()
+    g = torch.autograd.grad(F.cross_entropy(net(x), y), params)
+    eps, _, _ = compute_eps(variant, [p.detach() for p in params], list(g), rho, 0.0)
+    with torch.no_grad():
+        for p_, e in zip(params, eps):
+            p_.add_(e)
+        l1 = F.cross_entropy(net(x), y).item()
+        for p_, e in zip(params, eps):
+            p_.sub_(e)
+    net.train()
+    res = batch_sharpness(net, params, lambda: F.cross_entropy(net(x), y), Ball(rho, p, adaptive),
+                          metrics=['one-step'])
+    assert res['one-step'] == pytest.approx(l1 - l0, rel=1e-9, abs=1e-12)
+    assert res['one-step'] > 0
+
+
+def test_zero_at_rho_zero_and_nondecreasing():
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    params = list(net.parameters())
+    vals = []
+    for rho in (0.0, 0.01, 0.02, 0.05, 0.1):
+        res = batch_sharpness(net, params, lambda: F.cross_entropy(net(x), y), Ball(rho, math.inf, True),
+                              metrics=['worst', 'one-step', 'average'], n_samples=4)
+        vals.append(res)
+    assert all(vals[0][k] == 0.0 for k in ('worst', 'one-step', 'average'))
+    for a, b in zip(vals, vals[1:]):
+        assert b['worst'] >= a['worst'] and b['one-step'] >= a['one-step']
+        assert b['worst'] >= b['one-step'] - 1e-12   # Auto-PGD's first iterate is the 1-step point
+    assert vals[-1]['worst'] > 0
+
+
+def _relu_net_value(scale, adaptive):
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
+    x, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    with torch.no_grad():
+        net[0].weight.mul_(scale)
+        net[0].bias.mul_(scale)
+        net[2].weight.div_(scale)
+    res = batch_sharpness(net, list(net.parameters()), lambda: F.cross_entropy(net(x), y),
+                          Ball(0.05, math.inf, adaptive), metrics=['worst', 'one-step'])
+    return res
+
+
+def test_adaptive_linf_scale_invariant_relu():
+    base, scaled = _relu_net_value(1.0, True), _relu_net_value(3.0, True)
+    assert scaled['clean_loss'] == pytest.approx(base['clean_loss'], rel=1e-12)
+    for k in ('worst', 'one-step'):
+        assert scaled[k] == pytest.approx(base[k], rel=1e-8)
+    # the fixed (non-adaptive) ball is not invariant: the test can tell the two apart
+    assert _relu_net_value(3.0, False)['worst'] != pytest.approx(_relu_net_value(1.0, False)['worst'], rel=1e-2)
+
+
+def _bn_net():
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    with torch.no_grad():   # non-trivial running statistics and affine parameters
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].weight.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.2, 0.2)
+    return net, torch.randn(8, 3, 8, 8), torch.randint(0, 3, (8,))
+
+
+@pytest.mark.parametrize('bn_batch_stats', [False, True])
+def test_params_on_moves_only_norm_and_model_restored(bn_batch_stats):
+    from sam_on_timm.sharpness import select_params
+    net, x, y = _bn_net()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    norm = set(norm_parameters(net))
+    params = select_params(net, 'on')
+    assert set(params) == norm and len(params) == 2
+    others = [(p, p.detach().clone()) for p in net.parameters() if p not in norm]
+    moved = []
+
+    def loss_fn():
+        assert all(torch.equal(p, p0) for p, p0 in others)
+        assert not net[0].training and net[1].training == bn_batch_stats
+        moved.append(not all(torch.equal(p, before[n]) for n, p in net.named_parameters() if p in norm))
+        return F.cross_entropy(net(x), y)
+    batch_sharpness(net, params, loss_fn, Ball(0.1, math.inf, True), n_iters=5, n_samples=2,
+                    bn_batch_stats=bn_batch_stats)
+    assert any(moved)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)   # bit-identical, running stats included
+    assert net.training and all(m.training for m in net.modules())
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_select_params_errors():
+    from sam_on_timm.sharpness import select_params
+    net = nn.Sequential(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match='no normalization layers'):
+        select_params(net, 'on')
+    with pytest.raises(ValueError, match='valid: all, on, nonorm'):
+        select_params(net, 'bn')
+    with pytest.raises(ValueError, match='rho'):
+        Ball(float('nan'))
+
+
+def test_apgd_checkpoints():
+    # p: 0, 0.22, 0.41, 0.57, 0.70, 0.80, 0.87, 0.93, 0.99 of N = 100 (Croce & Hein 2020)
+    assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert apgd_checkpoints(20)[-1] == 20
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope='module')
+def ckpt_and_data(tmp_path_factory):
+    import timm
+    root = tmp_path_factory.mktemp('sharp')
+    # 3 classes: with 2 the normalised logits are +-1/sqrt(2) and the loss is piecewise constant
+    data = make_image_folder(root / 'data', n_train=18, n_val=3, classes=3, size=32)
+    torch.manual_seed(0)
+    model = timm.create_model('test_resnet', num_classes=3)
+    ckpt = root / 'run' / 'last.pth.tar'
+    ckpt.parent.mkdir()
+    torch.save({'arch': 'test_resnet', 'state_dict': model.state_dict(), 'metric': 50.0,
+                'args': {'model': 'test_resnet', 'num_classes': 3, 'data_dir': data, 'dataset': '',
+                         'input_size': (3, 32, 32), 'crop_pct': 1.0}}, ckpt)
+    return str(ckpt), data
+
+
+CLI = ['--n-examples', '8', '--batch-size', '4',   # torchrun's parser would take --m for one of its options
+       '--n-iters', '3', '--n-samples', '2', '--workers', '0', '--quiet',
+       '--metrics', 'worst,one-step,average', '--rho', '0.01']
+
+
+def test_cli_writes_json(ckpt_and_data, tmp_path):
+    ckpt, _ = ckpt_and_data
+    out = tmp_path / 's.json'
+    before = os.path.getmtime(ckpt)
+    assert main(['--checkpoint', ckpt, '--params', 'on', '--output', str(out)] + CLI) == 0
+    r = json.loads(out.read_text())
+    assert r['params'] == 'on' and r['rho'] == 0.01 and r['m'] == 4 and r['input_size'] == [3, 32, 32]
+    assert len(r['per_batch']['worst']) == 2 and r['checkpoint_metric'] == 50.0
+    assert r['sharpness']['worst'] == pytest.approx(sum(r['per_batch']['worst']) / 2, rel=1e-12)
+    assert r['sharpness']['worst'] >= r['sharpness']['one-step'] - 1e-7 and r['sharpness']['worst'] > 0
+    assert 0 <= r['clean_top1'] <= 100 and r['clean_loss'] > 0
+    assert os.path.getmtime(ckpt) == before
+
+
+@pytest.mark.parametrize('argv,msg', [
+    (['--n-examples', '6', '--m', '4'], 'not a multiple of --m'),
+    (['--rho', 'nan'], '--rho must be a finite number'),
+    (['--metrics', 'worst,best'], 'valid: worst, one-step, average'),
+    (['--n-examples', '64', '--m', '4'], 'fewer than --n-examples'),
+])
+def test_cli_bad_input_one_line(ckpt_and_data, capsys, argv, msg):
+    ckpt, _ = ckpt_and_data
+    assert main(['--checkpoint', ckpt] + argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+
+
+def test_cli_needs_weights(capsys):
+    assert main(['--model', 'test_resnet']) == 2
+    assert 'exactly one of --checkpoint FILE or --pretrained' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available() or sys.platform == 'win32',
+                    reason='needs torch.distributed gloo')
+def test_two_gloo_ranks_equal_one_process(ckpt_and_data, tmp_path):
+    ckpt, _ = ckpt_and_data
+    one, two = tmp_path / 'one.json', tmp_path / 'two.json'
+    args = ['--checkpoint', ckpt, '--params', 'all'] + CLI
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as each rank below: the same kernels, the same rounding
+    try:
+        assert main(args + ['--output', str(one)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nnodes=1', '--nproc_per_node=2',
+                    '-m', 'sam_on_timm.sharpness'] + args + ['--output', str(two)],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=180)
+    a, b = json.loads(one.read_text()), json.loads(two.read_text())
+    assert b['world_size'] == 2
+    for k in a['per_batch']:
+        assert b['per_batch'][k] == pytest.approx(a['per_batch'][k], rel=1e-6, abs=1e-9)
+    for k in a['sharpness']:
+        assert b['sharpness'][k] == pytest.approx(a['sharpness'][k], rel=1e-6, abs=1e-9)
+    assert b['clean_top1'] == a['clean_top1']
