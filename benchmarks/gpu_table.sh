@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's GPU step-cost table (SPEC section 7 settings: one GPU, bf16, channels_last, eager):
+# The README's GPU step-cost table (one GPU, bf16, channels_last, eager):
 # ResNet-50 and ViT-S/16 at batch 256, ResNet-50 at batch 64, the five optimizers, then SGD vs SAM-ON
 # with --sam-ascent-frac 0.25. About 3 minutes on one H100.
 #   bash benchmarks/gpu_table.sh [OUTDIR]          # JSON rows and the tables land in OUTDIR (./output/step_cost)

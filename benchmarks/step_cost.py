@@ -6,13 +6,13 @@ with optimizers built by timm's ``create_optimizer_v2`` after ``import sam_on_ti
 for each optimizer the median / min / max wall time per update, the peak memory, and the ratio of
 its median to SGD's median (``ratio_sgd``; null when ``sgd`` is not in the list).
 
-GPU table (SPEC section 7 settings: one GPU, bf16, channels_last, eager): ResNet-50 and ViT-S/16 at
+GPU table (one GPU, bf16, channels_last, eager): ResNet-50 and ViT-S/16 at
 batch 256, ResNet-50 at batch 64, five optimizers, then SGD vs SAM-ON at ``--sam-ascent-frac 0.25``::
 
     bash benchmarks/gpu_table.sh OUTDIR      # ~3 min on one H100; ROUNDS=1 halves it
     # STEP_COST_ARGS=--compile for the torch.compile column (the first steps compile: raise --warmup).
-    # train_step always takes the lean ascent (eager and compiled), so SPEC 7's "SAM-ON, all grads
-    # in ascent" column is not reproduced here.
+    # train_step always takes the lean ascent (eager and compiled), so a "SAM-ON, all grads in
+    # ascent" column is not measured here.
 
 CPU table (this project's targets: resnet18, 32 px, batch 32, fp32; SAM-ON <= 0.80x SAM-all,
 SAM-all <= 2.20x SGD)::

@@ -1,4 +1,4 @@
-"""Which parameters are "normalization" parameters (SPEC section 2).
+"""Which parameters are "normalization" parameters (docs/design.md, section 2).
 
 Selection is by module type, never by parameter name: names miss timm's ``downsample.1`` or
 ``stem.1`` BatchNorms, and DDP / torch.compile rename everything. The affine parameters of a norm

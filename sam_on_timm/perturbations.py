@@ -75,7 +75,7 @@ def scaling(
 
 # CUDA runs a foreach op as one fused kernel only if, at every index, the operands share shape and
 # strides. A 0-dim operand (layerwise T, ASAM biases) or a per-tensor masked_fill_ costs one launch per
-# tensor: the per-parameter loop SPEC 7 warns of. On CUDA the perturbation is therefore computed in one
+# tensor: the per-parameter loop docs/design.md section 7 warns of. On CUDA the perturbation is therefore computed in one
 # flat buffer (FlatSet): whole-buffer kernels, and views of it laid out like P for w + eps. On CPU a
 # foreach op is a loop over tensors anyway and the flat copies only add traffic.
 # The buffer holds a copy of the whole set: kept to sets of up to FLAT_MAX_NUMEL elements (every

@@ -1,4 +1,4 @@
-"""The two-pass SAM training step (SPEC section 4), shared by ``train.py`` and users' own loops.
+"""The two-pass SAM training step (docs/design.md, section 4), shared by ``train.py`` and users' own loops.
 
 For each chunk of m samples of the local batch:
   1. ascent:  forward + grad of the loss w.r.t. P only (lean ascent: the other parameters have
@@ -98,8 +98,8 @@ def requires_grad_off(params: Iterable[Tensor]):
     The lean ascent runs under it with the parameters outside P (``SAM.unperturbed()``):
     ``autograd.grad(loss, P)`` alone already skips their weight gradients in eager mode, but a
     torch.compile'd graph computes every gradient its inputs require. With the flags off, dynamo
-    compiles (once) a second graph for the ascent whose backward leaves them out (SPEC section 7: the
-    lean saving used to vanish under compile). Frozen parameters stay frozen; the flags are put back
+    compiles (once) a second graph for the ascent whose backward leaves them out (without the flags,
+    a compiled ascent computes the full backward). Frozen parameters stay frozen; the flags are put back
     even when the block raises.
     """
     off = [p for p in params if p.requires_grad]

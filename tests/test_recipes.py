@@ -1,4 +1,4 @@
-"""The YAML recipes under hparams/: values of the paper's Table 9 (SPEC section 5), and that they run.
+"""The YAML recipes under hparams/: values of the paper's Table 9 (docs/design.md, section 6), and that they run.
 
 (a) every recipe goes through train.py's own parse_args + validate_args and must carry the values of
     an independent table written here;

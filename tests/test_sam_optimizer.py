@@ -382,7 +382,7 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
 @pytest.mark.parametrize('path', ['GradScaler.step', 'second_step', 'second_step NativeScaler'])
 def test_GradScaler_step_restores_then_steps(device, path):
     """An overflow skips the base step and still leaves w restored, also through a bare
-    ``scaler.step(opt)`` (SPEC 3 and 4); otherwise the step is SGD's on the unscaled gradient at w + eps."""
+    ``scaler.step(opt)`` (docs/design.md, sections 3 and 4); otherwise the step is SGD's on the unscaled gradient at w + eps."""
     from timm.utils import NativeScaler
     model, x, y = _toy_problem(device=device)
     opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05, weight_decay=1e-4)
@@ -695,7 +695,7 @@ def test_layerwise_eps_with_expanded_and_sliced_gradients(fused):
 
 def test_flat_path_issues_the_same_ops_whatever_the_number_of_tensors(monkeypatch):
     """On the flat path (CUDA's, forced here) a perturbation is a fixed number of operator calls, however
-    many tensors P holds: no per-tensor launch, the per-parameter cost SPEC 7 warns of. (The
+    many tensors P holds: no per-tensor launch, the per-parameter cost docs/design.md section 7 warns of. (The
     per-tensor path, for contrast, grows with P.)"""
     from torch.utils._python_dispatch import TorchDispatchMode
     from sam_on_timm import perturbations

@@ -398,7 +398,7 @@ def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation():
 
 def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
     """Under torch.compile the ascent runs its own graph whose backward computes no convolution weight
-    gradient (SPEC 7: the lean saving used to vanish under compile), compiled once, not every step, and
+    gradient (without the flags off, a compiled graph computes every weight gradient), compiled once, not every step, and
     the updates equal eager ones."""
     import torch._dynamo
     from functorch.compile import make_boxed_func
