@@ -232,8 +232,9 @@ def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread, monkeypat
     row = rows[0]
     assert math.isfinite(float(row['train_loss'])) and float(row['train_loss']) > 0.0
     # the logged validation is that of the saved weights, evaluated here
-    model = timm.create_model('test_resnet', num_classes=2)
-    model.load_state_dict(torch.load(run / 'last.pth.tar', weights_only=True)['state_dict'])
+    weights = torch.load(run / 'last.pth.tar', weights_only=True)['state_dict']
+    model = timm.create_model('test_resnet', num_classes=weights['fc.bias'].numel())   # the recipe's head
+    model.load_state_dict(weights)
     loss, top1 = evaluate_folder(model, os.path.join(tiny_data, 'validation'), 32)
     assert float(row['eval_loss']) == pytest.approx(loss, rel=1e-5)
     assert float(row['eval_top1']) == pytest.approx(top1, abs=1e-9)
