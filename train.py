@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """ImageNet-style training with timm, plus SAM and SAM-ON.
 
-Same command line and YAML ``-c`` keys as timm's train.py (the subset listed in the README), plus
+Same command line and YAML ``-c`` keys as timm's train.py (differences: docs/differences.md), plus
 the SAM flags. ``--opt`` takes any timm optimizer name, so SGD baselines run from here too:
 
     python train.py -c hparams/demo/sam-on.yaml
@@ -13,6 +13,7 @@ data, model, schedule, EMA, AMP, checkpoints and logging around it.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 import torch
 import yaml
@@ -30,6 +31,11 @@ _logger = logging.getLogger('train')
 
 class UsageError(Exception):
     """Bad input: reported as one line on stderr, exit code 2, nothing written."""
+
+
+class TrainingDiverged(Exception):
+    """The training loss or a validation metric is not finite: the run stops (one line, exit code 1)
+    before the epoch is saved, so no checkpoint holds non-finite weights and nothing NaN ranks as best."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', metavar='NAME', default='validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    g.add_argument('--train-num-samples', default=None, type=int, metavar='N', help='samples in the train split (iterable datasets)')
+    g.add_argument('--val-num-samples', default=None, type=int, metavar='N', help='samples in the validation split (iterable datasets)')
+    g.add_argument('--input-img-mode', default=None, type=str, help="image conversion mode (default: 'RGB', 'L' for 1 channel)")
+    g.add_argument('--input-key', default=None, type=str, help='dataset key of the input images')
+    g.add_argument('--target-key', default=None, type=str, help='dataset key of the target labels')
+    g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
+                   help="let a huggingface dataset run the code of its repo")
     g.add_argument('--demo-data', default='', type=str, metavar='NAME',
                    help="write a bundled demo data set ('mnist5k') into --data-dir (or the cache) if missing")
 
@@ -79,9 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None)')
     g.add_argument('--grad-checkpointing', action='store_true', default=False,
                    help="activation checkpointing (timm's non-reentrant checkpoints)")
+    g.add_argument('--fuser', default='', type=str, help="jit fuser for --torchscript ('', 'te', 'old', 'nvfuser')")
+    g.add_argument('--fast-norm', default=False, action='store_true', help="timm's experimental fast norm kernels")
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='extra create_model keyword arguments')
+    g.add_argument('--head-init-scale', default=None, type=float, help='scale the classifier weight and bias at init')
+    g.add_argument('--head-init-bias', default=None, type=float, help='set the classifier bias at init')
+    g.add_argument('--torchscript', action='store_true', default=False,
+                   help='torch.jit.script the model (plain optimizers only)')
     g.add_argument('--device', default='cuda', type=str)
     g.add_argument('--amp', action='store_true', default=False)
     g.add_argument('--amp-dtype', default='float16', type=str, help='float16 (GradScaler) or bfloat16 (no scaler)')
+    g.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (float32, bfloat16, float16)')
+    g.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without buffer broadcast')
+    g.add_argument('--synchronize-step', action='store_true', default=False, help='synchronize the device after each update')
+    g.add_argument('--device-modules', default=None, type=str, nargs='+', help='modules to import for a device backend')
     g.add_argument('--sync-bn', action='store_true', default=False)
     g.add_argument('--dist-bn', type=str, default='reduce', help='BN stats across ranks at epoch end ("broadcast", "reduce", "")')
 
@@ -97,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--layer-decay-min-scale', type=float, default=None)
     g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
     g.add_argument('--opt-foreach', action='store_true', default=None, help='force foreach optimizer kernels')
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='extra optimizer keyword arguments (for a SAM --opt: of its --sam-base)')
 
     g = p.add_argument_group('SAM')
     g.add_argument('--rho', type=float, default=0.05, help='SAM neighbourhood size (> 0)')
@@ -127,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--warmup-lr', type=float, default=1e-5)
     g.add_argument('--min-lr', type=float, default=0)
     g.add_argument('--epochs', type=int, default=300)
+    g.add_argument('--epoch-repeats', type=float, default=0., help='repeat the dataset this many times per epoch')
     g.add_argument('--start-epoch', default=None, type=int)
     g.add_argument('--stop-epoch', default=None, type=int, help='stop after this many epochs (the schedule still spans --epochs)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
@@ -140,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group('Augmentation and regularization')
     g.add_argument('--no-aug', action='store_true', default=False)
+    g.add_argument('--train-crop-mode', type=str, default=None, help="training crop ('rrc', 'rkrc', 'rkrr')")
     g.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0])
     g.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.])
     g.add_argument('--hflip', type=float, default=0.5)
@@ -150,9 +179,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--grayscale-prob', type=float, default=0., metavar='P', help='random grayscale probability')
     g.add_argument('--gaussian-blur-prob', type=float, default=0., metavar='P', help='random gaussian blur probability')
     g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--aug-repeats', type=float, default=0, help="repeated augmentation: each image this many times "
+                   "per epoch (timm's RepeatAugSampler)")
+    g.add_argument('--aug-splits', type=int, default=0, help='AugMix splits (0 or >= 2); a SAM chunk keeps its splits')
+    g.add_argument('--jsd-loss', action='store_true', default=False, help='Jensen-Shannon + CE loss (with --aug-splits)')
+    g.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy loss')
+    g.add_argument('--bce-sum', action='store_true', default=False, help='BCE summed over classes')
+    g.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets at this threshold')
+    g.add_argument('--bce-pos-weight', type=float, default=None, help='BCE positive weight')
     g.add_argument('--reprob', type=float, default=0.)
     g.add_argument('--remode', type=str, default='pixel')
     g.add_argument('--recount', type=int, default=1)
+    g.add_argument('--resplit', action='store_true', default=False, help='no random erasing on the first (clean) split')
     g.add_argument('--mixup', type=float, default=0.0)
     g.add_argument('--cutmix', type=float, default=0.0)
     g.add_argument('--cutmix-minmax', type=float, nargs='+', default=None)
@@ -163,29 +201,94 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--smoothing', type=float, default=0.1)
     g.add_argument('--train-interpolation', type=str, default='random')
     g.add_argument('--drop', type=float, default=0.0)
+    g.add_argument('--drop-connect', type=float, default=None, help='deprecated in timm: use --drop-path')
     g.add_argument('--drop-path', type=float, default=None)
+    g.add_argument('--drop-block', type=float, default=None)
+
+    g = p.add_argument_group('Batch norm')
+    g.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override')
+    g.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override')
+    g.add_argument('--split-bn', action='store_true', default=False, help='one BatchNorm per augmentation split')
 
     g = p.add_argument_group('Model EMA')
     g.add_argument('--model-ema', action='store_true', default=False)
     g.add_argument('--model-ema-decay', type=float, default=0.9998)
     g.add_argument('--model-ema-warmup', action='store_true')
+    g.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                   help='keep the EMA on the CPU (not validated)')
+
+    g = p.add_argument_group('Knowledge distillation')
+    g.add_argument('--kd-model-name', default=None, type=str, help='teacher model (timm name, pretrained weights)')
+    g.add_argument('--kd-pretrained-path', default=None, type=str,
+                   help="teacher weights from this file instead of timm's hub (not in timm's script)")
+    g.add_argument('--kd-distill-type', default='logit', type=str, choices=['logit', 'feature', 'token'])
+    g.add_argument('--kd-loss-type', default='kl', type=str)
+    g.add_argument('--distill-loss-weight', default=None, type=float)
+    g.add_argument('--task-loss-weight', default=None, type=float)
+    g.add_argument('--kd-temperature', default=4.0, type=float)
+    g.add_argument('--kd-student-feature-dim', default=None, type=int)
+    g.add_argument('--kd-teacher-feature-dim', default=None, type=int)
+    g.add_argument('--kd-token-distill-type', default='soft', type=str, choices=['soft', 'hard'])
 
     g = p.add_argument_group('Misc')
     g.add_argument('--seed', type=int, default=42)
+    g.add_argument('--worker-seeding', type=str, default='all', help="worker seed mode ('all', 'part')")
     g.add_argument('--log-interval', type=int, default=50)
+    g.add_argument('--val-interval', type=int, default=1, metavar='N', help='validate and checkpoint every N epochs')
+    g.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                   help='write a recovery checkpoint every N updates (--resume takes it)')
     g.add_argument('--checkpoint-hist', type=int, default=10)
     g.add_argument('-j', '--workers', type=int, default=4)
+    g.add_argument('--save-images', action='store_true', default=False, help='save the input batch at each log line')
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)
     g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
     g.add_argument('--experiment', default='', type=str, metavar='NAME', help='run folder name (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1', type=str)
+    g.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor of validation')
+    g.add_argument('--use-multi-epochs-loader', action='store_true', default=False)
+    g.add_argument('--log-wandb', action='store_true', default=False, help="log to wandb (pip install '.[wandb]')")
+    g.add_argument('--wandb-project', default=None, type=str)
+    g.add_argument('--wandb-tags', default=[], type=str, nargs='+')
+    g.add_argument('--wandb-resume-id', default='', type=str, metavar='ID')
     g.add_argument('--local_rank', '--local-rank', default=0, type=int)
+
+    g = p.add_argument_group('Scheduled resolution')
+    g.add_argument('--train-img-sizes', type=int, nargs='+', default=None)
+    g.add_argument('--train-batch-sizes', type=int, nargs='+', default=None)
+    g.add_argument('--train-size-probs', type=float, nargs='+', default=None)
+    g.add_argument('--train-size-schedule', type=str, default='constant', choices=('constant', 'progressive'))
+    g.add_argument('--train-size-schedule-spread', type=float, default=0.65)
+    g.add_argument('--train-size-random-mix', type=float, default=0.1)
+    g.add_argument('--train-batches-per-epoch', '--train-steps-per-epoch', type=int, default=None)
+    g.add_argument('--variable-batch-loss-scale', default='none', type=str, choices=('none', 'sqrt', 'linear'))
+
+    g = p.add_argument_group('NaFlex loader')
+    g.add_argument('--naflex-loader', action='store_true', default=False)
+    g.add_argument('--naflex-train-seq-lens', type=int, nargs='+', default=[128, 256, 576, 784, 1024])
+    g.add_argument('--naflex-max-seq-len', type=int, default=576)
+    g.add_argument('--naflex-patch-sizes', type=int, nargs='+', default=None)
+    g.add_argument('--naflex-patch-size-probs', type=float, nargs='+', default=None)
+    g.add_argument('--naflex-loss-scale', default='linear', type=str, choices=('none', 'sqrt', 'linear'))
+    g.add_argument('--naflex-patchify-channels-first', action='store_true', default=False)
     return p
+
+
+class ParseKwargs(argparse.Action):
+    """timm's ``KEY=VALUE ...`` option (values read as Python literals, else kept as strings)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from timm.utils import ParseKwargs as TimmParseKwargs
+        bad = [v for v in values if v and '=' not in v]
+        if bad:
+            parser.error(f"{option_string} takes KEY=VALUE pairs, got '{bad[0]}'")
+        TimmParseKwargs.__call__(self, parser, namespace, values, option_string)
 
 
 def _config_value(path, action, value):
     """A YAML value checked and converted as argparse would convert it on the command line."""
+    if isinstance(action, ParseKwargs) and not isinstance(value, dict):
+        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' (expected a mapping)")
     if value is None or action.type is None or isinstance(value, bool):
         return value
     try:
@@ -204,31 +307,12 @@ def _config_value(path, action, value):
     return value
 
 
-# Options of timm's own train.py that this script does not implement, with their default where it is not
-# falsy. In a YAML config (e.g. an args.yaml of a timm run) such a key is ignored while it is off (its default,
-# or None / false / 0 / '' / []) and an error when it is on; any other unknown key is an error (typos).
-TIMM_ONLY_OPTIONS = dict.fromkeys((
-    'train_num_samples', 'val_num_samples', 'input_img_mode', 'input_key', 'target_key', 'dataset_trust_remote_code',
-    'model_kwargs', 'head_init_scale', 'head_init_bias', 'torchscript', 'fuser', 'fast_norm', 'model_dtype',
-    'device_modules', 'synchronize_step', 'no_ddp_bb', 'opt_kwargs', 'epoch_repeats', 'aug_repeats', 'aug_splits',
-    'jsd_loss', 'bce_loss', 'bce_sum', 'bce_target_thresh', 'bce_pos_weight', 'resplit', 'train_crop_mode',
-    'drop_connect', 'drop_block', 'bn_momentum', 'bn_eps', 'split_bn', 'model_ema_force_cpu', 'recovery_interval',
-    'save_images', 'use_multi_epochs_loader', 'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id', 'tta'))
-TIMM_ONLY_OPTIONS.update(
-    worker_seeding='all', amp_impl='native',
-    # NaFlex loader (variable sequence lengths for NaFlexViT models)
-    naflex_loader=False, naflex_train_seq_lens=[128, 256, 576, 784, 1024], naflex_max_seq_len=576,
-    naflex_patch_sizes=None, naflex_patch_size_probs=None, naflex_loss_scale='linear',
-    naflex_patchify_channels_first=False,
-    # knowledge distillation
-    kd_model_name=None, kd_distill_type='logit', kd_loss_type='kl', distill_loss_weight=None, task_loss_weight=None,
-    kd_temperature=4.0, kd_student_feature_dim=None, kd_teacher_feature_dim=None, kd_token_distill_type='soft')
-
-
 def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
+        if os.path.isdir(args_config.config):
+            raise UsageError(f"config file '{args_config.config}' is a folder: pass a YAML file")
         if not os.path.isfile(args_config.config):
             raise UsageError(f"config file '{args_config.config}' does not exist")
         with open(args_config.config) as f:
@@ -240,20 +324,14 @@ def parse_args(argv=None):
         if not isinstance(cfg, dict):
             raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
         actions = {a.dest: a for a in parser._actions}
-        off = [k for k, v in cfg.items() if k not in actions and k in TIMM_ONLY_OPTIONS
-               and (not v or v == TIMM_ONLY_OPTIONS[k])]
-        if off:
-            _logger.warning(f"config file '{args_config.config}': ignoring options of timm's train.py that are off "
-                            f"and not implemented here: {', '.join(off)}")
-        for key, value in [(k, v) for k, v in cfg.items() if k not in off]:
-            if key in TIMM_ONLY_OPTIONS and key not in actions:
-                raise UsageError(f"config file '{args_config.config}': '{key}: {value}' is an option of timm's "
-                                 f"train.py that this script does not implement (remove it, or set it off)")
+        # a YAML null (timm's args.yaml writes one for every option left unset) means the flag's default
+        cfg = {k: v for k, v in cfg.items() if v is not None or k not in actions}
+        for key, value in cfg.items():
             if key not in actions:
                 raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
                                  f"keys are argument names with '_', e.g. batch_size, sam_m)")
             cfg[key] = _config_value(args_config.config, actions[key], value)
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in off})
+        parser.set_defaults(**cfg)
     try:
         args = parser.parse_args(remaining)
     except SystemExit as e:  # argparse already printed its one-line usage error
@@ -267,30 +345,86 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------
 EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
 
+# train.py's options whose rule is the library's (sam_on_timm.checks.RANGES): option -> the library's name
+LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_frac', 'lr': 'lr', 'momentum': 'momentum',
+                  'weight_decay': 'weight_decay', 'opt_eps': 'eps', 'opt_betas': 'betas', 'clip_grad': 'clip_grad'}
+SAM_ONLY = ('rho', 'sam_eta', 'sam_ascent_frac')   # ignored (with a warning) by other optimizers
+_PROB = (0, 1, False, False)
+# the ranges of train.py's own numeric options: option -> (low, high, low excluded, high excluded).
+# Every float option is also checked to be finite, whether it is listed here or not.
+OPTION_RANGES = {
+    'drop': (0, 1, False, True), 'drop_path': (0, 1, False, True), 'smoothing': (0, 1, False, True),
+    'mixup': (0, None, False, False), 'cutmix': (0, None, False, False), 'cutmix_minmax': (0, 1, False, False),
+    'model_ema_decay': _PROB, 'lr_base': (0, None, True, False), 'warmup_lr': (0, None, False, False),
+    'min_lr': (0, None, False, False), 'lr_noise': (0, None, False, False), 'lr_noise_pct': _PROB,
+    'lr_noise_std': (0, None, False, False), 'lr_cycle_mul': (0, None, True, False),
+    'lr_cycle_decay': (0, None, True, False), 'lr_k_decay': (0, None, True, False), 'decay_rate': (0, 1, True, False),
+    'decay_epochs': (0, None, True, False), 'lr_stable_timescale': (0, None, True, False),
+    'layer_decay': (0, None, True, False), 'layer_decay_min_scale': (0, None, False, False),
+    'layer_decay_no_opt_scale': (0, None, False, False), 'crop_pct': (0, None, True, False),
+    'std': (0, None, True, False), 'scale': (0, 1, True, False), 'ratio': (0, None, True, False),
+    'color_jitter': (0, None, False, False),
+    'hflip': _PROB, 'vflip': _PROB, 'reprob': _PROB, 'mixup_prob': _PROB, 'mixup_switch_prob': _PROB,
+    'color_jitter_prob': _PROB, 'grayscale_prob': _PROB, 'gaussian_blur_prob': _PROB,
+    'warmup_epochs': (0, None, False, False), 'cooldown_epochs': (0, None, False, False),
+    'patience_epochs': (0, None, False, False), 'lr_cycle_limit': (0, None, False, False),
+    'lr_base_size': (0, None, True, False), 'recount': (0, None, False, False),
+    'mixup_off_epoch': (0, None, False, False),
+    'num_classes': (1, None, False, False), 'in_chans': (1, None, False, False),
+    'validation_batch_size': (1, None, False, False), 'decay_milestones': (0, None, False, False),
+}
+
+
+def flag_name(dest: str) -> str:
+    return '--' + dest.replace('_', '-')
+
+
+def check_numbers(args) -> None:
+    """Every float option is finite, and every option with a range is in it (ValueError naming the flag)."""
+    from sam_on_timm.checks import check_arg, check_number
+    for action in build_parser()._actions:
+        value = getattr(args, action.dest, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        dest = action.dest
+        if dest in LIBRARY_RANGES and (args.is_sam or dest not in SAM_ONLY):
+            check_arg(LIBRARY_RANGES[dest], [v for v in values if v is not None], flag_name(dest))
+        elif dest in OPTION_RANGES:
+            for v in values:
+                if v is not None:
+                    check_number(v, flag_name(dest), *OPTION_RANGES[dest])
+        elif action.type is float:
+            for v in values:
+                if v is not None:
+                    check_number(v, flag_name(dest))
+    for dest in ('scale', 'ratio', 'cutmix_minmax'):   # (min, max) pairs
+        v = getattr(args, dest)
+        if v is not None and len(v) == 2 and v[0] > v[1]:
+            raise ValueError(f'{flag_name(dest)} is a (min, max) pair: got {v[0]} > {v[1]}')
+
 
 def validate_args(args) -> None:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
+    from sam_on_timm.checks import check_base_opt, check_sam_m
+    from sam_on_timm.registry import split_opt_name
     from timm.optim import list_optimizers
-    opt_name = args.opt.lower().split('_')[-1]
+    try:
+        opt_name = split_opt_name(args.opt)[1]
+    except ValueError:
+        opt_name = None
     if opt_name not in list_optimizers():
         raise UsageError(f"unknown --opt '{args.opt}'; SAM names: {', '.join(sam_on_timm.SAM_OPTIMIZERS)}; "
                          f"or any timm optimizer (timm.optim.list_optimizers(), e.g. sgd, adamw)")
     args.is_sam = sam_on_timm.is_sam_name(args.opt)
-    if args.is_sam:
-        if not args.rho > 0:
-            raise UsageError(f'--rho must be > 0, got {args.rho}')
-        if args.sam_eta is not None and not args.sam_eta >= 0:
-            raise UsageError(f'--sam-eta must be >= 0, got {args.sam_eta}')
-        if not 0 < args.sam_ascent_frac <= 1:
-            raise UsageError(f'--sam-ascent-frac must be in (0, 1], got {args.sam_ascent_frac}')
-        base = args.sam_base.lower()
-        if base.split('_')[-1] not in list_optimizers() or sam_on_timm.is_sam_name(base):   # lookahead_ prefix too
-            raise UsageError(f"unknown --sam-base '{args.sam_base}': a timm optimizer name that is not a SAM name "
-                             f"(e.g. sgd, momentum, adamw)")
-    if args.sam_m is not None and (args.sam_m <= 0 or args.batch_size % args.sam_m):
-        raise UsageError(f'--sam-m {args.sam_m} must be a positive divisor of the per-GPU batch size -b {args.batch_size}')
     if args.batch_size <= 0 or args.grad_accum_steps <= 0:
         raise UsageError('-b/--batch-size and --grad-accum-steps must be positive')
+    try:   # the rules are the library's: its one-line ValueError is this script's error
+        if args.is_sam:
+            check_base_opt(args.sam_base, '--sam-base')
+        if args.sam_m is not None:
+            check_sam_m(args.sam_m, args.batch_size, '--sam-m', 'the per-GPU batch size -b')
+        check_numbers(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
         raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
     if args.clip_mode not in ('norm', 'value', 'agc'):
@@ -314,12 +448,14 @@ def validate_args(args) -> None:
             raise UsageError(f"--data-dir '{args.data_dir}' is a file: pass a folder or an image .tar (timm's ImageTar)")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"data directory '{args.data_dir}' does not exist")
-    if args.resume and not os.path.isfile(args.resume):
-        raise UsageError(f"--resume checkpoint '{args.resume}' does not exist")
-    if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
-        raise UsageError(f"--initial-checkpoint '{args.initial_checkpoint}' does not exist")
-    if args.pretrained_path and not os.path.isfile(args.pretrained_path):
-        raise UsageError(f"--pretrained-path '{args.pretrained_path}' does not exist")
+    for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
+        path = getattr(args, dest)
+        if path and os.path.isdir(path):
+            last = os.path.join(path, 'last.pth.tar')
+            raise UsageError(f"{flag_name(dest)} '{path}' is a folder: pass a checkpoint file"
+                             + (f" (e.g. {last})" if os.path.isfile(last) else ''))
+        if path and not os.path.isfile(path):
+            raise UsageError(f"{flag_name(dest)} checkpoint '{path}' does not exist")
     if args.stop_epoch is not None and args.stop_epoch <= 0:
         raise UsageError(f'--stop-epoch must be positive, got {args.stop_epoch}')
     if args.epochs <= 0:
@@ -337,19 +473,144 @@ def validate_args(args) -> None:
         raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
     if args.start_epoch is not None and args.start_epoch < 0:
         raise UsageError(f'--start-epoch must be >= 0, got {args.start_epoch}')
-    if args.model_ema and not 0 <= args.model_ema_decay <= 1:
-        raise UsageError(f'--model-ema-decay must be in [0, 1] (e.g. 0.9998), got {args.model_ema_decay}')
-    for flag in ('hflip', 'vflip', 'reprob', 'mixup_prob', 'mixup_switch_prob', 'color_jitter_prob', 'grayscale_prob',
-                 'gaussian_blur_prob'):
-        p = getattr(args, flag)
-        if p is not None and not 0 <= p <= 1:
-            raise UsageError(f"--{flag.replace('_', '-')} is a probability: it must be in [0, 1], got {p}")
     if args.eval_metric not in EVAL_METRICS:
         raise UsageError(f"--eval-metric must be one of {', '.join(EVAL_METRICS)}, got '{args.eval_metric}'")
+    validate_timm_options(args)
     try:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
+    check_output_writable(args)
+
+
+def check_output_writable(args) -> None:
+    """The output folder can be written (rank 0, the one writer): checked before the model and the data are
+    built. The nearest existing folder on the way gets a temporary file, removed at once."""
+    if int(os.environ.get('RANK', '0')) != 0:
+        return
+    import tempfile
+    target = os.path.abspath(os.path.join(args.output or './output/train', args.experiment or ''))
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise UsageError(f"--output / --experiment: '{existing}' is a file, so '{target}' cannot be a folder")
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UsageError(f"the output folder '{target}' cannot be written ('{existing}': {e.strerror or e}): "
+                         f"pass a writable --output") from None
+
+
+def check_splits(args) -> None:
+    """An ImageFolder's --train-split / --val-split names a subfolder of --data-dir (or one of timm's
+    synonyms for it: train / training, val / valid / validation / eval / evaluation).
+
+    timm falls back to the data root itself when none exists, so a typo would train (and validate) on
+    every image under it, the validation images included. Here that is an error listing the folders
+    found: a deliberate difference from timm. An empty --train-split reads the root itself."""
+    if '/' in args.dataset and args.dataset.split('/')[0] not in ('', 'folder', 'imagefolder'):
+        return   # torch/, hfds/, wds/ ...: the dataset's own split names, checked by its reader
+    if not args.data_dir or not os.path.isdir(args.data_dir):
+        return   # an image .tar: no split folders
+    synonyms = (('train', 'training'), ('val', 'valid', 'validation', 'eval', 'evaluation'))
+    found = sorted(d for d in os.listdir(args.data_dir) if os.path.isdir(os.path.join(args.data_dir, d)))
+    for dest in ('train_split', 'val_split'):
+        split = getattr(args, dest)
+        if not split:
+            continue   # train: the root itself; validation: none
+        name = split.split('[')[0]
+        candidates = next((s for s in synonyms if name in s), (name,))
+        if not any(os.path.isdir(os.path.join(args.data_dir, c)) for c in (name,) + candidates):
+            raise UsageError(f"{flag_name(dest)} '{split}': no such folder in '{args.data_dir}' (folders found: "
+                             f"{', '.join(found[:10]) or 'none'}{' ...' if len(found) > 10 else ''})")
+
+
+MODEL_DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate_timm_options(args) -> None:
+    """Checks of the options timm's train.py has beyond the core ones (losses, splits, KD, loaders)."""
+    # (every float option is finite, and in its range where it has one: check_numbers)
+    if args.drop_connect is not None:
+        raise UsageError('--drop-connect is deprecated in timm (its train.py ignores it): use --drop-path')
+    if args.aug_splits == 1 or args.aug_splits < 0:
+        raise UsageError(f'--aug-splits must be 0 (off) or at least 2 (clean + augmented splits), got {args.aug_splits}')
+    if args.jsd_loss and args.aug_splits < 2:
+        raise UsageError('--jsd-loss compares the AugMix splits of each image: it needs --aug-splits 2 or more')
+    if args.split_bn and args.aug_splits < 2 and not args.resplit:
+        raise UsageError('--split-bn needs --aug-splits 2 or more, or --resplit (one BatchNorm per split)')
+    if args.split_bn and args.sync_bn:
+        raise UsageError('--split-bn and --sync-bn cannot be combined (timm converts one or the other)')
+    if args.aug_splits and (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        raise UsageError('--aug-splits with --mixup / --cutmix: mixing would cross the AugMix splits '
+                         '(timm\'s collate refuses it)')
+    # the rows of a batch come in equal consecutive splits (AugMix; --split-bn's halves): a chunk keeps them all
+    args.batch_splits = args.aug_splits or (2 if args.split_bn else 1)
+    rows = (args.sam_m or args.batch_size) * (args.aug_splits or 1)   # rows of one chunk
+    if rows % args.batch_splits:
+        raise UsageError(f'--split-bn --resplit splits each chunk in 2 halves: --sam-m / -b must be even, got {rows}')
+    if args.batch_splits > 1 and args.is_sam and args.sam_ascent_frac < 1:
+        raise UsageError('--sam-ascent-frac < 1 with --aug-splits / --split-bn: the ascent on part of a chunk '
+                         'would break its splits')
+    if args.aug_repeats < 0 or args.epoch_repeats < 0:
+        raise UsageError('--aug-repeats and --epoch-repeats must be >= 0')
+    if args.worker_seeding not in ('all', 'part'):
+        raise UsageError(f"--worker-seeding must be 'all' or 'part', got '{args.worker_seeding}'")
+    if args.model_dtype is not None and args.model_dtype not in MODEL_DTYPES:
+        raise UsageError(f"--model-dtype must be one of {', '.join(MODEL_DTYPES)}, got '{args.model_dtype}'")
+    if args.amp and args.model_dtype not in (None, 'float32'):
+        raise UsageError(f'--amp needs a float32 model (timm\'s rule), got --model-dtype {args.model_dtype}')
+    if args.torchscript and args.torchcompile:
+        raise UsageError('--torchscript and --torchcompile are alternatives: pass one')
+    if args.torchscript and args.is_sam:
+        raise UsageError(f'--torchscript with --opt {args.opt}: a scripted model hides its norm layers and BatchNorm '
+                         f'statistics from SAM; use --torchcompile')
+    if args.torchscript and args.sync_bn:
+        raise UsageError('--torchscript cannot script SyncBatchNorm (--sync-bn)')
+    for flag, low in (('val_interval', 1), ('recovery_interval', 0), ('tta', 0)):
+        if getattr(args, flag) < low:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
+    if args.kd_model_name is not None:
+        if args.kd_distill_type != 'logit':
+            raise UsageError(f"--kd-distill-type {args.kd_distill_type}: this script distills logits only (its SAM "
+                             f"passes reuse the teacher's logits); use --kd-distill-type logit")
+        if args.kd_loss_type != 'kl':
+            raise UsageError(f"--kd-loss-type must be 'kl' (timm's only one), got '{args.kd_loss_type}'")
+        if args.kd_pretrained_path and not os.path.isfile(args.kd_pretrained_path):
+            raise UsageError(f"--kd-pretrained-path '{args.kd_pretrained_path}' does not exist")
+    if args.naflex_loader:
+        raise UsageError('--naflex-loader is not supported by this script (the SAM chunks would cut NaFlex '
+                         'patch batches); use timm\'s loader')
+    if args.train_img_sizes is not None:   # timm's scheduled resolution: batch sizes vary per update
+        sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
+        if len(sizes) != len(args.train_img_sizes) or min(sizes) <= 0 or min(args.train_img_sizes) <= 0:
+            raise UsageError('--train-batch-sizes takes one positive batch size per --train-img-sizes entry')
+        if args.aug_splits:
+            raise UsageError('--train-img-sizes cannot be combined with --aug-splits (timm\'s loader refuses it)')
+        if args.grad_accum_steps > 1:
+            raise UsageError('--train-img-sizes with --grad-accum-steps > 1: an update would mix batches of '
+                             'different sizes; use --grad-accum-steps 1')
+        if args.sam_m is not None and any(b % args.sam_m for b in sizes):
+            raise UsageError(f'--sam-m {args.sam_m} must divide every scheduled batch size ({sizes}): the chunk size '
+                             f'stays m while the batch size varies')
+    elif args.train_batch_sizes is not None:
+        raise UsageError('--train-batch-sizes needs --train-img-sizes (scheduled resolution)')
+    if args.log_wandb:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UsageError("--log-wandb needs the wandb package: pip install -e '.[wandb]'") from None
+    if args.wandb_resume_id and not args.resume:
+        raise UsageError('--wandb-resume-id continues a run: pass its --resume checkpoint too')
+    if args.device_modules:
+        import importlib
+        for module in args.device_modules:
+            try:
+                importlib.import_module(module)
+            except ImportError as e:
+                raise UsageError(f"--device-modules: cannot import '{module}': {_first_line(e)}") from None
 
 
 def given_args(args) -> Dict[str, Any]:
@@ -371,63 +632,105 @@ def check_output_dir(args, output_dir: str) -> None:
     """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it."""
     if not os.path.isdir(output_dir):
         return
-    has_ckpt = any(f.endswith('.pth.tar') for f in os.listdir(output_dir))
+    # tmp.pth.tar (and a *.part copy) is a write that never completed: not a checkpoint to resume from
+    ckpts = [f for f in os.listdir(output_dir) if f.endswith('.pth.tar') and f != 'tmp.pth.tar']
     resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
-    if has_ckpt and not resuming_here:
+    if ckpts and not resuming_here:
+        newest = 'last.pth.tar' if 'last.pth.tar' in ckpts else max(
+            ckpts, key=lambda f: os.path.getmtime(os.path.join(output_dir, f)))
         raise UsageError(f"output folder '{output_dir}' already holds checkpoints of another run: choose another "
-                         f"--experiment, or --resume {os.path.join(output_dir, 'last.pth.tar')}")
+                         f"--experiment, or --resume {os.path.join(output_dir, newest)}")
     summary = os.path.join(output_dir, 'summary.csv')
+    partial = os.path.isfile(os.path.join(output_dir, 'tmp.pth.tar'))
+    if (os.path.isfile(summary) or partial) and not resuming_here:   # and no complete checkpoint
+        raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv or tmp.pth.tar "
+                         f"but no complete checkpoint (it stopped before its first save completed; nothing to "
+                         f"resume): remove the folder, or choose another --experiment")
     if os.path.isfile(summary):
-        if not resuming_here:   # a run that stopped before its first checkpoint
-            raise UsageError(f"output folder '{output_dir}' already holds another run's summary.csv: choose another "
-                             f"--experiment, or remove the folder")
         with open(summary) as f:
             header = f.readline().strip().split(',')
-        for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', bool(args.model_ema and args.val_split), 'eval_ema_top1')):
+        ema = bool(args.model_ema and not args.model_ema_force_cpu and args.val_split)
+        for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', ema, 'eval_ema_top1')):
             if (column in header) != flag:
                 raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {'with' if column in header else 'without'} "
                                  f"{what} columns and this run has {'none' if not flag else 'them'}: resume with the run's "
                                  f"--opt / --model-ema, or pass another --experiment")
 
 
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the rows of epochs >= ``start_epoch`` from a resumed run's summary.csv (rewritten whole, then
+    renamed): an epoch whose checkpoint was never written (a full disk, a kill) is trained again, and
+    its row is written again, once."""
+    import csv
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    with open(path + '.tmp', 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + '.tmp', path)
+
+
 # ---------------------------------------------------------------------------------------------
 # training and validation
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
-                    loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None):
+                    loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None, saver=None, output_dir=None):
     from sam_on_timm.train_step import split_chunks, train_step
     accum = args.grad_accum_steps
     last_idx = len(loader) - 1
     model.train()
     sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
+    first_bad = torch.full((), -1, device=device)
     chunks, t0, n_img = [], time.time(), 0
+    teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's logits, once per chunk
+    m = None if args.sam_m is None else args.sam_m * (args.aug_splits or 1)   # rows of a chunk
     for batch_idx, (x, y) in enumerate(loader):
+        if isinstance(x, (list, tuple)):   # AugMix splits without the prefetcher: the splits one after the other
+            x, y = torch.cat(x), y.repeat(len(x))
         if not args.prefetcher:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device=device, dtype=args.model_dtype and getattr(torch, args.model_dtype)), y.to(device)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        chunks.extend(split_chunks(x, y, args.sam_m))
-        n_img += x.shape[0]
+        new_chunks = split_chunks(x, y, m, args.batch_splits)
+        if teacher_targets is not None:
+            with amp_autocast():
+                new_chunks = [(cx, teacher_targets(cx, cy)) for cx, cy in new_chunks]
+        chunks.extend(new_chunks)
+        n_img += x.shape[0] // (args.aug_splits or 1)
         if (batch_idx + 1) % accum and batch_idx != last_idx:
             continue
-        stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+        scale = 1.0   # --variable-batch-loss-scale: the update's loss scaled by (batch / average batch)^p, as timm
+        if args.train_img_sizes is not None and args.variable_batch_loss_scale != 'none':
+            scale = (x.shape[0] / batch_size_reference(args)) ** (0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.)
+        step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
+        stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
                            bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac)
         chunks = []
         num_updates += 1
         if model_ema is not None:
             model_ema.update(model, step=num_updates)
+        if args.synchronize_step and device.type in ('cuda', 'npu'):
+            getattr(torch, device.type).synchronize()
         zero = torch.zeros((), device=stats.loss.device)
-        row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
-                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
+        row = torch.stack([stats.loss.float() / scale, *(zero if v is None else v.float() for v in
+                                                         (stats.ascent_loss / scale if stats.ascent_loss is not None
+                                                          else None, stats.eps_norm, stats.skipped)), zero + 1])
         sums = row if sums is None else sums + row
+        # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
+        first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
         if batch_idx == last_idx or (num_updates % args.log_interval == 0):
             shown = sums
             if args.distributed:   # every rank: the line shows all ranks' running averages, as upstream's does
                 shown = sums.clone()
                 torch.distributed.all_reduce(shown)
+            stop_if_diverged(shown, first_bad, epoch, batch_idx, len(loader))
             if args.rank == 0:
                 s = (shown / shown[4]).tolist()
                 lr = optimizer.param_groups[0]['lr']
@@ -436,6 +739,13 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                 if args.is_sam:
                     msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
                 _logger.info(msg)
+                if args.save_images and output_dir:
+                    import torchvision.utils
+                    torchvision.utils.save_image(x, os.path.join(output_dir, f'train-batch-{batch_idx}.jpg'),
+                                                 padding=0, normalize=True)
+        if saver is not None and args.recovery_interval and num_updates % args.recovery_interval == 0:
+            saver.rng_states = None   # this rank's streams now (all ranks' are gathered at epoch ends only)
+            saver.save_recovery(epoch, batch_idx=batch_idx // accum)
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
     if args.distributed:
@@ -449,6 +759,29 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     return metrics, num_updates
 
 
+class ScaledLoss:
+    """``scale * loss_fn(output, target)``: --variable-batch-loss-scale. Both SAM passes take it; the
+    perturbation is normalized, so only the descent gradient changes."""
+
+    def __init__(self, loss_fn, scale: float):
+        self.loss_fn, self.scale = loss_fn, scale
+
+    def __call__(self, output, target):
+        return self.loss_fn(output, target) * self.scale
+
+
+def stop_if_diverged(sums, first_bad, epoch: int, batch_idx: int, n_batches: int) -> None:
+    """Raise TrainingDiverged when the running sums (loss, ascent loss, ...; all ranks' under DDP, so that
+    every rank stops together) are not finite, naming the first non-finite step this rank saw."""
+    if bool(torch.isfinite(sums).all()):
+        return
+    step = int(first_bad.item())
+    where = f'step {step}' if step > 0 else f'a step up to {batch_idx + 1} (on another rank)'
+    raise TrainingDiverged(f'the training loss is not finite in epoch {epoch}, {where} of {n_batches}: the run '
+                           f'diverged (try a lower --lr, --clip-grad, or --amp-dtype bfloat16); the checkpoints are '
+                           f'those of the epochs before')
+
+
 @torch.no_grad()
 def validate(model, loader, loss_fn, args, device, amp_autocast):
     from timm.utils import accuracy
@@ -456,14 +789,19 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1 hits, top5 hits, count
     for x, y in loader:
         if not args.prefetcher:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device=device, dtype=args.model_dtype and getattr(torch, args.model_dtype)), y.to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
             out = model(x)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if args.tta > 1:   # as timm's train.py: each run of tta consecutive outputs averaged, one target kept
+            out = out.unfold(0, args.tta, args.tta).mean(dim=2)
+            y = y[0:y.size(0):args.tta]
         loss = loss_fn(out.float(), y)
         top1, top5 = accuracy(out, y, topk=(1, min(5, out.shape[-1])))
-        n = x.shape[0]
+        n = out.shape[0]
         totals += torch.stack([loss.double() * n, top1.double() * n / 100, top5.double() * n / 100,
                                torch.tensor(n, dtype=torch.float64, device=device)])
     if args.distributed:
@@ -489,23 +827,49 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:   # before or after the epoch loop (which handles its own): no traceback
         print('train.py: interrupted', file=sys.stderr)
         return 130
+    except OSError as e:   # a full disk, a folder that became read-only: the file and the reason, no traceback
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
 
 
+# ---------------------------------------------------------------------------------------------
+# the run, step by step: device, model, optimizer, resume, data, schedule, loop
+# ---------------------------------------------------------------------------------------------
 def run(args) -> int:
-    import timm
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
-    from sam_on_timm.checkpoint import (RngCheckpointSaver, get_rng_state, plateau_state, resume_plateau,
-                                        set_rng_state)
-    from sam_on_timm.train_step import ascent_samples, find_sam
-    from timm.data import Mixup, FastCollateMixup, create_dataset, create_loader, resolve_data_config
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2, optimizer_kwargs
-    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-    from timm.utils import (ModelEmaV3, NativeScaler, distribute_bn, init_distributed_device, random_seed,
-                            update_summary)
-
     as_given = given_args(args)   # before validate_args fills in computed values
     validate_args(args)
+    device = setup_device(args)
+    model, data_config = create_model(args)
+    # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
+    output_dir = output_dir_for(args)
+    check_output_dir(args, output_dir)
+    model = place_model(args, model, device)
+    optimizer = create_optimizer(args, model)
+    amp_autocast, loss_scaler = setup_amp(args, device)
+    resumed = resume(args, model, optimizer, loss_scaler)
+    model_ema = create_ema(args, model, device, resumed)
+    model, clip_parameters = wrap_model(args, model, device)
+    data = create_data(args, data_config, device)
+    if args.kd_model_name:
+        data = data._replace(train_loss_fn=create_distillation(args, model, data.train_loss_fn, device))
+    schedule = create_schedule(args, optimizer, data, resumed)
+    if schedule.end_epoch <= schedule.start_epoch:   # nothing left: write nothing (args.yaml, checkpoints stay)
+        if args.rank == 0:
+            _logger.info(f'nothing to train: the run starts at epoch {schedule.start_epoch} and ends before epoch '
+                         f'{schedule.end_epoch} (--epochs {args.epochs}, --stop-epoch {args.stop_epoch})')
+        if args.distributed:
+            torch.distributed.destroy_process_group()
+        return 0
+    saver = create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule, resumed)
+    resume_random_state(args, resumed, schedule.start_epoch)
+    return train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
+                      saver, output_dir, device)
+
+
+def setup_device(args) -> torch.device:
+    """The device (and process group under torchrun), demo data, seeds; warnings about flags that do not act."""
+    from timm.utils import init_distributed_device, random_seed
     if torch.device(args.device).type == 'cuda' and not torch.cuda.is_available():   # this machine, not the recipe
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     device = init_distributed_device(args)
@@ -517,6 +881,7 @@ def run(args) -> int:
             prepare_demo_data(args.demo_data, args.data_dir)
         if args.distributed:
             torch.distributed.barrier()
+    check_splits(args)   # (after the demo data is written)
     args.prefetcher = not args.no_prefetcher and device.type == 'cuda'
     if device.type == 'cuda':   # as timm's train.py: TF32 matmuls, autotuned convs (fixed input shapes)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -533,18 +898,45 @@ def run(args) -> int:
     if args.is_sam and args.sync_bn:
         _logger.warning('--sync-bn shares BatchNorm statistics across ranks: the per-GPU m-sharpness of the paper '
                         'keeps them per rank (and per --sam-m chunk); drop --sync-bn to reproduce it')
+    return device
 
+
+def create_model(args):
+    """timm's model and its data config (input size, interpolation, mean / std, crop)."""
+    import timm
+    from sam_on_timm.train_step import ascent_samples
+    from timm.data import resolve_data_config
     in_chans = 3 if args.in_chans is None else args.in_chans
     if args.input_size is not None:
         in_chans = args.input_size[0]
     overlay = dict(file=args.pretrained_path) if args.pretrained_path else None
+    if args.fast_norm:
+        timm.layers.set_fast_norm()
+    try:
+        if args.fuser:
+            timm.utils.set_jit_fuser(args.fuser)
+    except (AssertionError, ValueError, RuntimeError, AttributeError) as e:
+        raise UsageError(f"--fuser '{args.fuser}': {_first_line(e)} (valid: '', te, old, nvfuser)") from None
     try:
         model = timm.create_model(
             args.model, pretrained=args.pretrained or bool(args.pretrained_path), in_chans=in_chans,
-            num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
-            pretrained_cfg_overlay=overlay, checkpoint_path=args.initial_checkpoint or None)
+            num_classes=args.num_classes, drop_rate=args.drop, drop_path_rate=args.drop_path,
+            drop_block_rate=args.drop_block, global_pool=args.gp, bn_momentum=args.bn_momentum, bn_eps=args.bn_eps,
+            scriptable=args.torchscript or None, pretrained_cfg_overlay=overlay,
+            checkpoint_path=args.initial_checkpoint or None, **args.model_kwargs)
     except Exception as e:  # unknown name, weights that do not fit or cannot be fetched: user input
         raise UsageError(f"cannot create model '{args.model}': {_first_line(e)}") from None
+    if args.head_init_scale is not None or args.head_init_bias is not None:   # as timm's train.py
+        head = model.get_classifier()
+        if not isinstance(getattr(head, 'weight', None), torch.Tensor) or getattr(head, 'bias', None) is None:
+            raise UsageError(f"--head-init-scale / --head-init-bias: the classifier of '{args.model}' has no "
+                             f"weight and bias")
+        with torch.no_grad():
+            if args.head_init_scale is not None:
+                head.weight.mul_(args.head_init_scale)
+                head.bias.mul_(args.head_init_scale)
+            if args.head_init_bias is not None:
+                head.bias.fill_(args.head_init_bias)
     if args.num_classes is None:
         args.num_classes = model.num_classes
     if args.grad_checkpointing:
@@ -558,25 +950,40 @@ def run(args) -> int:
         raise UsageError(f"--gaussian-blur-prob needs images of at least 12 px (timm's blur kernel is 23 px), "
                          f"got {args.input_size[1]}x{args.input_size[2]}")
 
+    if args.split_bn:   # one BatchNorm per split of the batch (AugMix splits, or the halves of --resplit)
+        model = timm.layers.convert_splitbn_model(model, args.batch_splits)
+
     # chunks of one sample cannot be normalised by BatchNorm in training mode (it fails mid-epoch)
-    m = args.sam_m or args.batch_size
+    smallest_batch = min(args.train_batch_sizes or [args.batch_size])
+    m = (args.sam_m or smallest_batch) * (args.aug_splits or 1) // (args.batch_splits if args.split_bn else 1)
     n_ascent = ascent_samples(m, args.sam_ascent_frac) if args.is_sam else m
     if min(m, n_ascent) < 2 and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm) for mod in model.modules()):
         which = f'the ascent chunk has {n_ascent}' if n_ascent < m else f'a chunk has {m}'
         raise UsageError(f"'{args.model}' has BatchNorm, which needs at least 2 samples per pass: {which} "
                          f"(--sam-m / -b {m}{f', --sam-ascent-frac {args.sam_ascent_frac}' if n_ascent < m else ''})")
+    return model, data_config
 
-    # every rank checks (so that all of them stop on a bad folder); only rank 0 writes
-    output_dir = output_dir_for(args)
-    check_output_dir(args, output_dir)
 
+def place_model(args, model, device):
+    """The model on its device and memory format; SyncBatchNorm across ranks when asked."""
+    import timm
     model.to(device)
+    if args.model_dtype:
+        model.to(dtype=getattr(torch, args.model_dtype))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = timm.layers.convert_sync_batchnorm(model)
+    if args.torchscript:   # plain optimizers only (validate_args)
+        model = torch.jit.script(model)
+    return model
 
-    global_batch = args.batch_size * args.world_size * args.grad_accum_steps
+
+def create_optimizer(args, model):
+    """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given."""
+    from sam_on_timm.train_step import find_sam
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    global_batch = batch_size_reference(args) * args.world_size * args.grad_accum_steps
     if args.lr is None:
         scale = args.lr_base_scale or ('sqrt' if any(o in name.lower() for o in ('ada', 'lamb')
                                                      for name in (args.opt, args.sam_base if args.is_sam else '')) else 'linear')
@@ -588,60 +995,81 @@ def run(args) -> int:
     if args.is_sam:
         opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base)
     try:
-        optimizer = create_optimizer_v2(model, **opt_kwargs)
+        optimizer = create_optimizer_v2(model, **opt_kwargs, **args.opt_kwargs)
     except (ValueError, TypeError, IndexError, KeyError) as e:  # e.g. --opt-betas of the wrong length
         raise UsageError(f"cannot create optimizer '{args.opt}': {_first_line(e)}") from None
     sam = find_sam(optimizer)
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
+    return optimizer
 
+
+def batch_size_reference(args) -> float:
+    """The per-rank batch size the lr and the loss scale refer to: -b, or with --train-img-sizes the
+    policy-average scheduled batch size (timm's ScheduledBatchSampler computes it)."""
+    if args.train_img_sizes is None:
+        return args.batch_size
+    from timm.data.scheduled_sampler import ScheduledBatchSampler
+    sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
+    try:
+        return ScheduledBatchSampler(
+            range(1), batch_sizes=sizes, choice_weights=args.train_size_probs, num_batches=1,
+            choice_schedule=args.train_size_schedule,
+            schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            schedule_spread=args.train_size_schedule_spread, schedule_random_mix=args.train_size_random_mix,
+        ).average_batch_size
+    except (ValueError, TypeError) as e:
+        raise UsageError(f'--train-img-sizes / --train-batch-sizes / --train-size-*: {_first_line(e)}') from None
+
+
+def setup_amp(args, device):
+    """Autocast context and, for float16, timm's loss scaler."""
+    from timm.utils import NativeScaler
     amp_autocast, loss_scaler = nullcontext, None
     if args.amp:
         amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
         amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype)
         if amp_dtype == torch.float16:
             loss_scaler = NativeScaler(device=device.type)
+    return amp_autocast, loss_scaler
 
-    resume_epoch, resume_state, resumed_lrs = None, None, None
-    if args.resume:
-        from timm.models import clean_state_dict
-        try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                resume_state = torch.load(args.resume, map_location='cpu', weights_only=True)
-            if 'state_dict' not in resume_state:   # weights only, as timm's resume_checkpoint: from epoch 0
-                model.load_state_dict(clean_state_dict(resume_state))
-                resume_state = None
-                _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
-            else:
-                model.load_state_dict(clean_state_dict(resume_state['state_dict']))
-                if not args.no_resume_opt and 'optimizer' in resume_state:
-                    try:
-                        optimizer.load_state_dict(resume_state['optimizer'])
-                    except (ValueError, KeyError) as e:
-                        raise ValueError(f'its optimizer state does not fit --opt {args.opt} ({_first_line(e)}); '
-                                         f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
-                    resumed_lrs = [group['lr'] for group in optimizer.param_groups]
-                    if loss_scaler is not None and loss_scaler.state_dict_key in resume_state:
-                        loss_scaler.load_state_dict(resume_state[loss_scaler.state_dict_key])
-                if 'state_dict_ema' in resume_state:
-                    resume_state['state_dict_ema'] = clean_state_dict(resume_state['state_dict_ema'])
-                resume_epoch = resume_state['epoch'] + 1 if 'epoch' in resume_state else None
-        except Exception as e:  # not a checkpoint, or one of another model / optimizer
-            raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
 
-    model_ema = None
-    if args.model_ema:
-        model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup, device=device)
-        if resume_state is not None and 'state_dict_ema' in resume_state:
-            model_ema.module.load_state_dict(resume_state['state_dict_ema'])
+def resume(args, model, optimizer, loss_scaler):
+    """--resume: weights, optimizer (unless --no-resume-opt), scaler and epoch (see sam_on_timm.checkpoint)."""
+    from sam_on_timm.checkpoint import Resumed, load_resume
+    if not args.resume:
+        return Resumed()
+    try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
+        resumed = load_resume(args.resume, model, None if args.no_resume_opt else optimizer, loss_scaler,
+                              opt_name=args.opt)
+    except Exception as e:  # not a checkpoint, or one of another model / optimizer
+        raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
+    if resumed.checkpoint is None:
+        _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
+    return resumed
 
+
+def create_ema(args, model, device, resumed):
+    """timm's ModelEmaV3 of the bare model (its weights from the checkpoint when resuming)."""
+    from timm.utils import ModelEmaV3
+    if not args.model_ema:
+        return None
+    model_ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                           device=torch.device('cpu') if args.model_ema_force_cpu else device)
+    if resumed.checkpoint is not None and 'state_dict_ema' in resumed.checkpoint:
+        model_ema.module.load_state_dict(resumed.checkpoint['state_dict_ema'])
+    return model_ema
+
+
+def wrap_model(args, model, device):
+    """Parameters to clip (before wrapping), then DDP and torch.compile around the model."""
     clip_parameters = None
     if args.clip_grad is not None:   # as timm's train.py: AGC leaves the classifier head (its last two tensors) out
         from timm.models import model_parameters
         clip_parameters = list(model_parameters(model, exclude_head='agc' in args.clip_mode))
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device] if device.type == 'cuda' else None)
+        model = DDP(model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
     if args.torchcompile:
         try:
             model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)
@@ -650,17 +1078,36 @@ def run(args) -> int:
                              f'{_first_line(e)}') from None
     elif args.torchcompile_mode:
         _logger.warning(f'--torchcompile-mode {args.torchcompile_mode} has no effect without --torchcompile')
+    return model, clip_parameters
 
-    # data
+
+class Data(NamedTuple):
+    """The data side of a run: datasets, loaders, mixup and the losses."""
+    dataset_train: Any
+    loader_train: Any
+    loader_eval: Any           # None: --val-split '' (no validation)
+    mixup_active: bool
+    mixup_fn: Any              # mixup on the device batch (no prefetcher), else None
+    train_loss_fn: Any
+    validate_loss_fn: Any
+
+
+def create_data(args, data_config, device) -> Data:
+    """timm's datasets and loaders, mixup / cutmix and the training loss."""
+    from timm.data import AugMixDataset, Mixup, FastCollateMixup, create_dataset, create_loader
+    from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    dataset_kwargs = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
+                          input_key=args.input_key, target_key=args.target_key,
+                          trust_remote_code=args.dataset_trust_remote_code,
+                          input_img_mode=args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L'))
     try:
         dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
-                                       class_map=args.class_map, download=args.dataset_download,
-                                       batch_size=args.batch_size, seed=args.seed)
+                                       seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples,
+                                       **dataset_kwargs)
         dataset_eval = None   # --val-split '': no validation, as in timm's script
         if args.val_split:
             dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
-                                          class_map=args.class_map, download=args.dataset_download,
-                                          batch_size=args.batch_size)
+                                          num_samples=args.val_num_samples, **dataset_kwargs)
     except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:   # unknown dataset, class map, ...
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
                          f"--class-map): {_first_line(e)}") from None
@@ -686,9 +1133,21 @@ def run(args) -> int:
                 collate_fn = FastCollateMixup(**mixup_args)
             else:
                 mixup_fn = Mixup(**mixup_args)
+        if args.aug_splits > 1:
+            dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
+        img_dtype = getattr(torch, args.model_dtype or 'float32')
         loader_train = create_loader(
             dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, scale=args.scale,
+            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+            train_crop_mode=args.train_crop_mode, num_aug_splits=args.aug_splits, worker_seeding=args.worker_seeding,
+            num_aug_repeats=args.aug_repeats if args.distributed else 0, img_dtype=img_dtype,
+            use_multi_epochs_loader=args.use_multi_epochs_loader, scale=args.scale,
+            input_size_choices=args.train_img_sizes, batch_size_choices=args.train_batch_sizes,
+            batch_choice_weights=args.train_size_probs, batch_choice_seed=args.seed,
+            batch_choice_schedule=args.train_size_schedule,
+            batch_schedule_epochs=args.epochs if args.train_size_schedule == 'progressive' else None,
+            batch_schedule_spread=args.train_size_schedule_spread,
+            batch_schedule_random_mix=args.train_size_random_mix, num_batches=args.train_batches_per_epoch,
             ratio=args.ratio, hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
             color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
             gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, mean=data_config['mean'],
@@ -703,21 +1162,76 @@ def run(args) -> int:
             is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
             crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
-            persistent_workers=False)
+            img_dtype=img_dtype, persistent_workers=False)
+        if args.aug_repeats and not args.distributed:   # timm's sampler for one rank (timm's loader asserts DDP)
+            from timm.data.distributed_sampler import RepeatAugSampler
+            loader_train = with_sampler(loader_train, RepeatAugSampler(dataset_train, num_replicas=1, rank=0,
+                                                                       num_repeats=args.aug_repeats))
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
 
-    if mixup_active:
-        train_loss_fn = SoftTargetCrossEntropy()
+    bce_args = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
+    if args.jsd_loss:   # as timm's train.py
+        train_loss_fn = JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
+    elif mixup_active:   # the smoothing is in the mixed targets
+        train_loss_fn = BinaryCrossEntropy(**bce_args) if args.bce_loss else SoftTargetCrossEntropy()
     elif args.smoothing:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+        train_loss_fn = (BinaryCrossEntropy(smoothing=args.smoothing, **bce_args) if args.bce_loss
+                         else LabelSmoothingCrossEntropy(smoothing=args.smoothing))
     else:
-        train_loss_fn = torch.nn.CrossEntropyLoss()
+        train_loss_fn = BinaryCrossEntropy(smoothing=0., **bce_args) if args.bce_loss else torch.nn.CrossEntropyLoss()
     train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
+    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn, train_loss_fn, validate_loss_fn)
 
-    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    decreasing = args.eval_metric == 'loss' or loader_eval is None   # no validation: the training loss ranks
+
+def with_sampler(loader, sampler):
+    """timm's training loader with another sampler (same dataset, transforms, collate, workers, prefetcher)."""
+    inner = getattr(loader, 'loader', loader)   # timm's PrefetchLoader wraps the DataLoader
+    rebuilt = type(inner)(inner.dataset, batch_size=inner.batch_size, sampler=sampler, num_workers=inner.num_workers,
+                          collate_fn=inner.collate_fn, pin_memory=inner.pin_memory, drop_last=inner.drop_last,
+                          worker_init_fn=inner.worker_init_fn, persistent_workers=inner.persistent_workers)
+    if inner is loader:
+        return rebuilt
+    loader.loader = rebuilt
+    return loader
+
+
+def create_distillation(args, model, criterion, device):
+    """timm's LogitDistillationTask builds the teacher and the loss weights; its loss, with the teacher's
+    logits computed once per SAM chunk, is the training loss (sam_on_timm.distill)."""
+    from sam_on_timm.distill import LogitDistillation
+    from timm.task import LogitDistillationTask
+    try:
+        task = LogitDistillationTask(
+            student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
+            teacher_pretrained_path=args.kd_pretrained_path, loss_type=args.kd_loss_type,
+            distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
+            temperature=args.kd_temperature, device=device,
+            dtype=getattr(torch, args.model_dtype) if args.model_dtype else None, verbose=args.rank == 0)
+    except Exception as e:   # unknown teacher, weights that cannot be fetched or do not fit
+        raise UsageError(f"cannot create the teacher --kd-model-name '{args.kd_model_name}': {_first_line(e)}") from None
+    for p in task.teacher.parameters():   # never trained, never perturbed
+        p.requires_grad_(False)
+    return LogitDistillation(task)
+
+
+class Schedule(NamedTuple):
+    """The lr schedule and the epochs this run covers."""
+    lr_scheduler: Any
+    num_epochs: int            # the schedule's length
+    start_epoch: int
+    end_epoch: int             # exclusive (--stop-epoch)
+    updates_per_epoch: int
+    decreasing: bool           # the ranking metric improves downwards (loss)
+
+
+def create_schedule(args, optimizer, data: Data, resumed) -> Schedule:
+    """timm's scheduler factory, stepped to the start epoch (a plateau schedule's state from the checkpoint)."""
+    from sam_on_timm.checkpoint import resume_plateau
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    updates_per_epoch = (len(data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    decreasing = args.eval_metric == 'loss' or data.loader_eval is None   # no validation: the training loss ranks
     try:   # a plateau schedule follows the same metric in the same direction
         lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
                                                        updates_per_epoch=updates_per_epoch)
@@ -728,8 +1242,8 @@ def run(args) -> int:
     start_epoch = 0
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
-    elif resume_epoch is not None:
-        start_epoch = resume_epoch
+    elif resumed.epoch is not None:
+        start_epoch = resumed.epoch
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -737,68 +1251,94 @@ def run(args) -> int:
             lr_scheduler.step(start_epoch)
         # a plateau schedule is not a function of the epoch: its lr and state come from the checkpoint
         # (the schedule's base lr when the optimizer was not resumed: --no-resume-opt, --start-epoch)
-        resume_plateau(lr_scheduler, start_epoch, resumed_lrs, (resume_state or {}).get('lr_scheduler'))
+        resume_plateau(lr_scheduler, start_epoch, resumed.lrs, (resumed.checkpoint or {}).get('lr_scheduler'))
     end_epoch = num_epochs if args.stop_epoch is None else min(num_epochs, args.stop_epoch)
-    if end_epoch <= start_epoch:   # nothing left: write nothing (the run's args.yaml and checkpoints stay as they are)
-        if args.rank == 0:
-            _logger.info(f'nothing to train: the run starts at epoch {start_epoch} and ends before epoch {end_epoch} '
-                         f'(--epochs {args.epochs}, --stop-epoch {args.stop_epoch})')
-        if args.distributed:
-            torch.distributed.destroy_process_group()
-        return 0
+    return Schedule(lr_scheduler, num_epochs, start_epoch, end_epoch, updates_per_epoch, decreasing)
 
-    saver = None
-    if args.rank == 0:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            yaml.safe_dump(as_given, f)
-        saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
-                                   amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
-                                   decreasing=decreasing, max_history=args.checkpoint_hist)
-        if resume_state is not None and 'saver' in resume_state and hasattr(saver, 'load_state_dict') and \
-                os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir):
-            saver.load_state_dict(resume_state['saver'])
-        _logger.info(f'Scheduled epochs: {num_epochs}; running epochs {start_epoch}..{end_epoch - 1}; '
-                     f'output {output_dir}')
-    if resume_state is not None:  # continue each rank's random streams exactly where the checkpoint left them
-        states = resume_state.get('rng_states') or [resume_state.get('rng_state')]
-        if len(states) == args.world_size and all(s is not None for s in states):
-            set_rng_state(states[args.rank])
-        else:
-            held = f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
-            _logger.warning(f'the checkpoint holds {held}, this run has {args.world_size} rank(s): reseeding with '
-                            f'seed + epoch (the data order differs from an uninterrupted run)')
-            random_seed(args.seed + start_epoch, args.rank)
-    resume_state = None
 
-    num_updates = start_epoch * updates_per_epoch
-    best_metric, interrupted, epoch, results = None, False, start_epoch, []
+def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule: Schedule, resumed):
+    """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None."""
+    from sam_on_timm.checkpoint import RngCheckpointSaver, plain_args, resume_saver
+    if args.rank != 0:
+        return None
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+        yaml.safe_dump(as_given, f)
+    trim_summary(os.path.join(output_dir, 'summary.csv'), schedule.start_epoch)
+    saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
+                               amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
+                               decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
+    resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
+    if args.log_wandb:   # as timm's train.py
+        import wandb
+        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=plain_args(args),
+                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
+                   id=args.wandb_resume_id or None)
+    _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
+                 f'{schedule.end_epoch - 1}; output {output_dir}')
+    return saver
+
+
+def resume_random_state(args, resumed, start_epoch: int) -> None:
+    """Continue each rank's random streams exactly where the checkpoint left them (else reseed)."""
+    from sam_on_timm.checkpoint import resume_rng
+    from timm.utils import random_seed
+    if resumed.checkpoint is None:
+        return
+    held = resume_rng(resumed.checkpoint, args.rank, args.world_size)
+    if held is not None:
+        _logger.warning(f'the checkpoint holds {held}, this run has {args.world_size} rank(s): reseeding with '
+                        f'seed + epoch (the data order differs from an uninterrupted run)')
+        random_seed(args.seed + start_epoch, args.rank)
+    resumed.checkpoint = None   # its tensors are no longer needed
+
+
+def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data: Data,
+               schedule: Schedule, saver, output_dir, device) -> int:
+    """Train, validate, log and checkpoint each epoch; the exit code (130 when interrupted)."""
+    from sam_on_timm.checkpoint import get_rng_state, plateau_state
+    from timm.utils import distribute_bn, update_summary
+    lr_scheduler, decreasing = schedule.lr_scheduler, schedule.decreasing
+    loader_train, loader_eval, mixup_fn = data.loader_train, data.loader_eval, data.mixup_fn
+    num_updates = schedule.start_epoch * schedule.updates_per_epoch
+    best_metric, interrupted, diverged, epoch, results = None, False, None, schedule.start_epoch, []
     try:
-        for epoch in range(start_epoch, end_epoch):
-            if hasattr(dataset_train, 'set_epoch'):
-                dataset_train.set_epoch(epoch)
-            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+        for epoch in range(schedule.start_epoch, schedule.end_epoch):
+            if hasattr(data.dataset_train, 'set_epoch'):
+                data.dataset_train.set_epoch(epoch)
+            elif hasattr(getattr(loader_train, 'loader', loader_train).batch_sampler, 'set_epoch'):
+                getattr(loader_train, 'loader', loader_train).batch_sampler.set_epoch(epoch)   # scheduled batches
+            elif hasattr(loader_train.sampler, 'set_epoch'):   # DistributedSampler, RepeatAugSampler
                 loader_train.sampler.set_epoch(epoch)
-            if mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            if data.mixup_active and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
                 if mixup_fn is not None:
                     mixup_fn.mixup_enabled = False
                 elif hasattr(loader_train, 'mixup_enabled'):
                     loader_train.mixup_enabled = False
             train_metrics, num_updates = train_one_epoch(
-                epoch, model, loader_train, optimizer, train_loss_fn, args, device, lr_scheduler, amp_autocast,
-                loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters)
+                epoch, model, loader_train, optimizer, data.train_loss_fn, args, device, lr_scheduler, amp_autocast,
+                loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters, saver, output_dir)
+            ema_validated = model_ema is not None and not args.model_ema_force_cpu   # as timm: a CPU EMA is not
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 distribute_bn(model, args.world_size, args.dist_bn == 'reduce')
-                if model_ema is not None:  # the EMA averages each rank's own BN statistics: share them too
+                if ema_validated:  # the EMA averages each rank's own BN statistics: share them too
                     distribute_bn(model_ema, args.world_size, args.dist_bn == 'reduce')
+            if (epoch + 1) % args.val_interval and epoch + 1 != schedule.end_epoch:   # as timm's --val-interval
+                if lr_scheduler is not None:
+                    lr_scheduler.step(epoch + 1, None)
+                continue   # no validation, summary row or checkpoint this epoch
             eval_metrics, metric = {}, train_metrics['loss']   # no validation: ranked by the training loss
             if loader_eval is not None:
-                eval_metrics = validate(model, loader_eval, validate_loss_fn, args, device, amp_autocast)
-                if model_ema is not None:
-                    ema_metrics = validate(model_ema, loader_eval, validate_loss_fn, args, device, amp_autocast)
+                eval_metrics = validate(model, loader_eval, data.validate_loss_fn, args, device, amp_autocast)
+                if ema_validated:
+                    ema_metrics = validate(model_ema, loader_eval, data.validate_loss_fn, args, device, amp_autocast)
                     eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
                 # as timm's train.py: with an EMA, its metric picks the best checkpoint and drives a plateau schedule
-                metric = eval_metrics[('ema_' if model_ema is not None else '') + args.eval_metric]
+                metric = eval_metrics[('ema_' if ema_validated else '') + args.eval_metric]
+            bad = [k for k, v in eval_metrics.items() if not math.isfinite(v)]
+            if bad:   # never saved, never ranked (NaN would win timm's comparisons)
+                raise TrainingDiverged(f"validation after epoch {epoch}: {', '.join(bad)} not finite: the run "
+                                       f"diverged; the checkpoints are those of the epochs before")
             if args.rank == 0 and eval_metrics:
                 _logger.info(f'Eval: epoch {epoch}  loss {eval_metrics["loss"]:.4f}  top1 {eval_metrics["top1"]:.2f}  '
                              f'top5 {eval_metrics["top5"]:.2f}')
@@ -807,6 +1347,10 @@ def run(args) -> int:
                 summary = os.path.join(output_dir, 'summary.csv')
                 update_summary(epoch, train_metrics, eval_metrics, filename=summary, lr=sum(lrs) / len(lrs),
                                write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
+                if args.log_wandb:   # the summary row, SAM columns included, as timm's update_summary logs it
+                    import wandb
+                    wandb.log({'epoch': epoch, 'lr': sum(lrs) / len(lrs), **{f'train_{k}': v for k, v in train_metrics.items()},
+                               **{f'eval_{k}': v for k, v in eval_metrics.items()}})
             results.append({'epoch': epoch, 'train': dict(train_metrics), 'validation': eval_metrics, 'metric': metric})
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, metric)
@@ -821,13 +1365,18 @@ def run(args) -> int:
     except KeyboardInterrupt:   # as timm's train.py: no traceback (checkpoints are replaced atomically)
         interrupted = True
         _logger.warning(f'interrupted in epoch {epoch}: the checkpoints are those of the epochs completed before it')
+    except TrainingDiverged as e:   # the completed epochs are reported below, then the one line
+        diverged = str(e)
     if best_metric is not None:
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
     if results and args.rank == 0:   # as timm's script: the 10 best epochs, best last, for tools that parse stdout
         ranked = sorted(results, key=lambda r: r['metric'], reverse=decreasing)
-        print(f'--result\n{json.dumps(ranked[-10:], indent=4)}')
+        print(f'--result\n{json.dumps(ranked[-10:], indent=4, allow_nan=False)}')
     if args.distributed and not interrupted:
         torch.distributed.destroy_process_group()
+    if diverged:
+        print(f'train.py: error: {diverged}', file=sys.stderr)
+        return 1
     return 130 if interrupted else 0
 
 

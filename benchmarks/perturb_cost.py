@@ -57,7 +57,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     import timm
     import sam_on_timm  # noqa: F401  (registers the names)
-    from sam_on_timm import perturbations
+    from sam_on_timm import flat
     from timm.optim import create_optimizer_v2
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
@@ -69,7 +69,7 @@ def main(argv=None):
     print('|---|---|---:|---:|---:|---:|')
     for opt_name in args.opts.split(','):
         for path in paths:
-            perturbations.FUSED_DEVICE_TYPES = {device.type} if path == 'flat' else set()
+            flat.FUSED_DEVICE_TYPES = {device.type} if path == 'flat' else set()
             opt = create_optimizer_v2(model, opt_name, lr=0.1, rho=0.05)
             g = torch.Generator(device=device).manual_seed(0)
             grads = [torch.randn(p.shape, generator=g, device=device) for p in opt.perturbed]

@@ -123,8 +123,11 @@ def parse_args(argv=None):
         p.error('--opts lists an optimizer twice')
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         p.error('--steps and --rounds must be >= 1, --warmup >= 0')
-    if not 0.0 < args.sam_ascent_frac <= 1.0:
-        p.error('--sam-ascent-frac must be in (0, 1]')
+    from sam_on_timm.checks import check_arg
+    try:
+        check_arg('ascent_frac', args.sam_ascent_frac, '--sam-ascent-frac')
+    except ValueError as e:
+        p.error(str(e))
     if args.device == 'cuda' and not torch.cuda.is_available():
         p.error('--device cuda: CUDA is not available')
     return args
@@ -136,6 +139,7 @@ class Runner:
     def __init__(self, args, opt_name, device):
         import sam_on_timm  # noqa: F401  (registers the SAM names in timm's optimizer factory)
         from timm.optim import create_optimizer_v2
+        from sam_on_timm import is_sam_name
         from sam_on_timm.train_step import find_sam, split_chunks
         self.args, self.name, self.device = args, opt_name, device
         self.cuda = device.type == 'cuda'
@@ -147,7 +151,7 @@ class Runner:
             model.to(memory_format=torch.channels_last)
         model.train()
         kwargs = dict(lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
-        if opt_name.lower().split('_')[-1].startswith('sam'):
+        if is_sam_name(opt_name):
             kwargs['rho'] = args.rho
         self.optimizer = create_optimizer_v2(model, opt=opt_name, **kwargs)
         self.sam = find_sam(self.optimizer)

@@ -5,14 +5,23 @@ The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer`
 rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
 ``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
+import argparse
+import contextlib
+import copy
+import math
+import os
 import random
-from typing import Any, Dict, List, Optional
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
 from timm.utils import CheckpointSaver, get_state_dict
 
-__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau']
+__all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau',
+           'Resumed', 'load_resume', 'resume_rng', 'resume_saver', 'read_checkpoint', 'load_optimizer_state',
+           'state_dict_mismatch']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -93,12 +102,63 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
                 setattr(plateau, key, saved[key])
 
 
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str, Any], load=None) -> None:
+    """``optimizer.load_state_dict(state_dict)`` (or ``load(state_dict)``), refused when the state was saved
+    by an optimizer of another kind: ValueError, and the optimizer keeps its state.
+
+    torch checks only the number of groups and parameters, then replaces each group's settings with
+    the saved ones: an AdamW state loaded into momentum SGD loses ``momentum`` and fails with a
+    KeyError at the first step (and the other way round ``betas``). A setting this optimizer has
+    that the loaded groups lack (after the optimizer's own fill-in of settings newer than the file)
+    marks another kind.
+    """
+    load = optimizer.load_state_dict if load is None else load
+    before = [set(group) for group in optimizer.param_groups]
+    kept = copy.deepcopy(optimizer.state_dict())
+    failed = None
+    try:
+        load(state_dict)
+        after = optimizer.param_groups
+    except (KeyError, TypeError) as e:   # the optimizer's own fill-in met state of another kind (Adam: no 'step')
+        failed, after = e, state_dict.get('param_groups', [])
+    lost = sorted(set().union(*(b - set(g) for b, g in zip(before, after))))
+    if failed is not None or lost:
+        load(kept)
+    if failed is not None and not lost:
+        raise failed
+    if lost:
+        raise ValueError(f"the optimizer state was saved by another kind of optimizer than this "
+                         f"{type(optimizer).__name__} (its parameter groups lack {', '.join(lost)}); "
+                         f"load the weights without it (train.py: --no-resume-opt)")
+
+
+def state_dict_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any], shown: int = 3) -> Optional[str]:
+    """Why ``state_dict`` does not fit ``model`` (the first missing, unexpected and reshaped keys), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    reshaped = [f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in own
+                if k in state_dict and hasattr(state_dict[k], 'shape') and state_dict[k].shape != own[k].shape]
+    parts = []
+    for what, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('other shapes', reshaped)):
+        if keys:
+            more = f' (+{len(keys) - shown} more)' if len(keys) > shown else ''
+            parts.append(f"{what} {', '.join(keys[:shown])}{more}")
+        if len(parts) == 2:
+            break
+    return '; '.join(parts) or None
+
+
 class RngCheckpointSaver(CheckpointSaver):
     """timm's CheckpointSaver (history, best, last) writing the RNG states too.
 
     ``rng_states``: one ``get_rng_state()`` per rank (set by the training loop before each save,
     gathered from all ranks); ``rng_state`` in the file is rank 0's, ``rng_states`` all of them.
     ``scheduler_state``: ``plateau_state(lr_scheduler)``, set by the loop too.
+
+    A write that fails (a full disk) leaves no partial file: ``last`` and the kept checkpoints stay
+    as they were, the half-written file is removed, and the OSError names the epoch. A metric that
+    is not finite is refused (ValueError): timm ranks with ``<`` / ``>``, which NaN would win.
     """
     rng_states = None
     scheduler_state = None
@@ -126,4 +186,139 @@ class RngCheckpointSaver(CheckpointSaver):
             state['metric'] = metric
         if self.scheduler_state is not None:
             state['lr_scheduler'] = self.scheduler_state
-        torch.save(state, save_path)
+        try:
+            torch.save(state, save_path)
+        except BaseException:   # a full disk, Ctrl-C: no partial tmp file
+            _remove(save_path)
+            raise
+
+    def save_checkpoint(self, epoch, metric=None):
+        if metric is not None and not math.isfinite(metric):
+            raise ValueError(f'epoch {epoch}: the metric is {metric}, not finite: not saved (it would rank as best)')
+        try:
+            return super().save_checkpoint(epoch, metric)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot write the checkpoint of epoch {epoch} into '{self.checkpoint_dir}' "
+                                   f"({e.strerror or e}); the checkpoints already there are intact") from None
+
+    def _duplicate(self, src, dst):
+        """``dst`` becomes a copy of ``src`` (a hard link where possible) under a temporary name, then
+        replaces ``dst`` in one step: a failed copy leaves ``dst`` as it was (timm removes it first)."""
+        part = dst + '.part'
+        _remove(part)
+        try:
+            if self.can_hardlink:
+                try:
+                    os.link(src, part)
+                except (OSError, NotImplementedError):
+                    self.can_hardlink = False
+            if not self.can_hardlink:
+                shutil.copy2(src, part)
+            os.replace(part, dst)
+        except BaseException:
+            _remove(part)
+            raise
+
+
+
+
+@dataclass
+class Resumed:
+    """What ``load_resume`` took from a checkpoint besides the weights and optimizer it loaded."""
+    checkpoint: Optional[Dict[str, Any]] = None   # the file (None: weights only); EMA weights cleaned
+    epoch: Optional[int] = None                   # the first epoch to train (None: the file has no epoch)
+    lrs: Optional[List[float]] = field(default=None)   # the resumed optimizer's lrs (None: not resumed)
+
+
+def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                loss_scaler=None, opt_name: str = '') -> Resumed:
+    """Load a checkpoint to resume from into ``model``, ``optimizer`` (None: a fresh optimizer) and
+    ``loss_scaler``.
+
+    Also reads checkpoints of timm's own train.py (``args`` as a Namespace, DDP's ``module.`` prefix)
+    and bare weights (training starts at epoch 0, as timm's ``resume_checkpoint``). Raises on a file
+    that is not a checkpoint of this model; an optimizer state of another layout is a ValueError that
+    names ``--no-resume-opt``.
+    """
+    from timm.models import clean_state_dict
+    checkpoint = read_checkpoint(path)
+    if 'state_dict' not in checkpoint:   # weights only, as timm's resume_checkpoint: from epoch 0
+        _load_weights(model, clean_state_dict(checkpoint))
+        return Resumed()
+    resumed = Resumed(checkpoint=checkpoint)
+    _load_weights(model, clean_state_dict(checkpoint['state_dict']), checkpoint.get('arch'))
+    if optimizer is not None and 'optimizer' in checkpoint:
+        try:   # refused when saved by another kind of optimizer
+            load_optimizer_state(optimizer, checkpoint['optimizer'])
+        except (ValueError, KeyError) as e:
+            raise ValueError(f'its optimizer state does not fit --opt {opt_name} ({_first_line(e)}); '
+                             f'--no-resume-opt resumes weights and epoch with a fresh optimizer') from None
+        resumed.lrs = [group['lr'] for group in optimizer.param_groups]
+        if loss_scaler is not None and loss_scaler.state_dict_key in checkpoint:
+            loss_scaler.load_state_dict(checkpoint[loss_scaler.state_dict_key])
+    if 'state_dict_ema' in checkpoint:
+        checkpoint['state_dict_ema'] = clean_state_dict(checkpoint['state_dict_ema'])
+    resumed.epoch = checkpoint['epoch'] + 1 if 'epoch' in checkpoint else None
+    return resumed
+
+
+def resume_rng(checkpoint: Dict[str, Any], rank: int, world_size: int) -> Optional[str]:
+    """Continue this rank's random streams exactly where the checkpoint left them.
+
+    Returns None when done, else what the file holds instead (another number of ranks, or no RNG
+    states): the caller reseeds, and the data order differs from an uninterrupted run.
+    """
+    states = checkpoint.get('rng_states') or [checkpoint.get('rng_state')]
+    if len(states) == world_size and all(s is not None for s in states):
+        set_rng_state(states[rank])
+        return None
+    return f'RNG states of {len(states)} rank(s)' if all(s is not None for s in states) else 'no RNG states'
+
+
+def resume_saver(saver: CheckpointSaver, checkpoint: Optional[Dict[str, Any]], path: str, output_dir: str) -> None:
+    """The saver's history (best and recent checkpoints) from a checkpoint of the same run folder."""
+    if checkpoint is not None and 'saver' in checkpoint and hasattr(saver, 'load_state_dict') and \
+            os.path.abspath(os.path.dirname(path)) == os.path.abspath(output_dir):
+        saver.load_state_dict(checkpoint['saver'])
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def read_checkpoint(path: str) -> Dict[str, Any]:
+    """The dict a checkpoint file holds (timm's ``args`` Namespace allowed; weights-only load), or a
+    ValueError that says what the file is instead."""
+    import pickle
+    import zipfile
+    with open(path, 'rb') as f:
+        legacy = f.read(1) == b'\x80'   # a pickle (protocol 2+): torch.save's format before 1.6
+    if not legacy and not zipfile.is_zipfile(path):
+        raise ValueError("not a PyTorch checkpoint (neither torch.save's zip format nor a pickle)")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e):
+            raise ValueError('the file holds Python objects other than tensors and plain values, which a safe '
+                             '(weights-only) load refuses') from None
+        raise ValueError('not a PyTorch checkpoint (torch.load cannot read it)') from None
+    except (RuntimeError, KeyError, EOFError) as e:   # a truncated or foreign file
+        raise ValueError(f'not a PyTorch checkpoint (torch.load cannot read it: {type(e).__name__})') from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f'the file holds a {type(checkpoint).__name__}, not a checkpoint (a dict of weights)')
+    return checkpoint
+
+
+def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """Strict load; the weights of another model name its first mismatched keys."""
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch:
+        raise ValueError(f"the weights are of another model{f' ({arch!r})' if arch else ''}: {mismatch}")
+    model.load_state_dict(state_dict)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -16,7 +16,11 @@ from torch import nn
 from .perturbations import VARIANTS
 from .sam import MODES, SAM
 
-__all__ = ['SAM_OPTIMIZERS', 'sam_name', 'parse_sam_name', 'register_sam_optimizers']
+__all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'parse_sam_name', 'is_sam_name',
+           'register_sam_optimizers']
+
+# the prefixes timm's factory understands before an optimizer name ('lookahead_sgd')
+OPT_PREFIXES = ('lookahead',)
 
 
 def sam_name(mode: str, variant: str) -> str:
@@ -27,25 +31,48 @@ def sam_name(mode: str, variant: str) -> str:
 SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MODES for v in VARIANTS}
 
 
+def split_opt_name(opt: str) -> Tuple[str, str]:
+    """``(prefix, name)`` of an optimizer name as timm's factory reads it: lower case, the part after the
+    last '_' names the optimizer, the rest is a prefix ('' or 'lookahead'). timm itself ignores any
+    other prefix; this is refused here (ValueError), so that a typo such as 'lookahed_sgd' is not
+    silently plain SGD."""
+    if not isinstance(opt, str) or not opt:
+        raise ValueError(f'an optimizer name must be a non-empty string, got {opt!r}')
+    prefix, _, name = opt.lower().rpartition('_')
+    if prefix not in ('',) + OPT_PREFIXES:
+        raise ValueError(f"optimizer name '{opt}': unknown prefix '{prefix}_' (valid: {', '.join(OPT_PREFIXES)})")
+    return prefix, name
+
+
 def parse_sam_name(opt: str) -> Tuple[str, str]:
-    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed)."""
-    name = opt.lower().split('_')[-1]
+    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed); ValueError for any
+    other name. The one definition of what counts as a SAM name."""
+    name = split_opt_name(opt)[1]
     if name not in SAM_OPTIMIZERS:
         raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(SAM_OPTIMIZERS)}")
     return SAM_OPTIMIZERS[name]
 
 
 def is_sam_name(opt: str) -> bool:
-    return opt.lower().split('_')[-1] in SAM_OPTIMIZERS
+    """Whether ``parse_sam_name`` accepts ``opt``."""
+    try:
+        parse_sam_name(opt)
+    except ValueError:
+        return False
+    return True
 
 
 def register_sam_optimizers() -> List[str]:
     """Register the SAM names in timm's default registry (idempotent)."""
-    from timm.optim._optim_factory import OptimInfo, default_registry
+    from timm.optim import OptimInfo, list_optimizers
+    from timm.optim._optim_factory import default_registry   # timm exports its registry's methods, not the instance
+    registered = set(list_optimizers(with_description=False))
     for name, (mode, variant) in SAM_OPTIMIZERS.items():
+        if name in registered:
+            continue
         what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters (SAM-ON)',
                 'nonorm': 'all but normalization-layer parameters'}[mode]
-        default_registry._optimizers[name] = OptimInfo(
+        default_registry.register(OptimInfo(
             name=name,
             opt_class=SAM,
             description=f'{VARIANTS[variant].description}; perturbs {what}; default eta '
@@ -54,7 +81,7 @@ def register_sam_optimizers() -> List[str]:
             has_momentum=True,
             has_betas=True,
             defaults={'variant': variant, 'mode': mode},
-        )
+        ))
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
         original = default_registry.create_optimizer
 

@@ -17,8 +17,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import load_optimizer_state
+from .checks import check_arg, check_base_opt, check_optimizer_args, check_variant
 from .norm_params import bias_parameters, norm_parameters
-from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok, match_layout
+from .flat import FlatSet, flat_ok, match_layout
+from .perturbations import VARIANTS, compute_eps
 
 __all__ = ['SAM', 'MODES', 'torch_grad_scaler', 'unscale_grads']
 
@@ -76,17 +79,14 @@ class SAM(torch.optim.Optimizer):
             momentum: float = 0.9,
             **base_kwargs,
     ) -> None:
-        if variant not in VARIANTS:
-            raise ValueError(f"unknown SAM variant '{variant}'; valid: {', '.join(VARIANTS)}")
+        check_variant(variant)
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
-        if not (rho > 0):
-            raise ValueError(f'rho must be > 0, got {rho}')
+        check_arg('rho', rho)
         eta = VARIANTS[variant].default_eta if eta is None else eta
-        if not (eta >= 0):
-            raise ValueError(f'eta must be >= 0, got {eta}')
-        if not isinstance(base_opt, str) or base_opt.lower().split('_')[-1].startswith('sam'):
-            raise ValueError(f"base_opt must be a timm optimizer name that is not a SAM name, got '{base_opt}'")
+        check_arg('eta', eta)
+        check_base_opt(base_opt)
+        check_optimizer_args({'momentum': momentum, **base_kwargs})
         if model is not None:
             norm_params = norm_parameters(model) if norm_params is None else norm_params
             bias_params = bias_parameters(model) if bias_params is None else bias_params
@@ -108,13 +108,18 @@ class SAM(torch.optim.Optimizer):
         super().__init__(params, {})
         from timm.optim import create_optimizer_v2  # late import: timm's factory imports optimizers lazily
         self.base_optimizer = create_optimizer_v2(self.param_groups, opt=base_opt, momentum=momentum, **base_kwargs)
+        for group in self.base_optimizer.param_groups:   # timm's factory puts weight decay in the groups
+            check_optimizer_args(group)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults = self.base_optimizer.defaults
         self.state = self.base_optimizer.state
 
         self.name, self.variant, self.mode, self.rho, self.eta, self.base_opt = name, variant, mode, rho, eta, base_opt
-        self.__dict__.update(self._DEFAULTS)
-        self._norm_set, self._bias_set = norm_params, bias_set
+        self._norm_set, self._bias_set = norm_params, bias_set   # kept for groups added later
+        self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
+        self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (flat.flat_ok)
+        self._layout_key = None   # where P's storage is: a change (model.to(), channels_last) renews both
+        self.skipped_count: Optional[Tensor] = None   # cumulative skips, float32 on device (no host sync)
         self.perturbed: List[Tensor] = [p for group in self.param_groups for p in group['params'] if self._selects(p)]
         if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
@@ -136,15 +141,9 @@ class SAM(torch.optim.Optimizer):
             return super().add_param_group(param_group)
         if self.is_perturbed:
             raise RuntimeError(f'{self.name}: add_param_group() between first_step() and second_step()')
-        self.adopt_new_groups()   # checks first: a refused group is never half added
-        self._check_can_adopt()
+        self.adopt_new_groups()
         self.base_optimizer.add_param_group(param_group)   # the groups list is shared: self.param_groups has it
         self.adopt_new_groups()
-
-    def _check_can_adopt(self) -> None:
-        if (self.mode != 'all' and self._norm_set is None) or (self.is_bias is not None and self._bias_set is None):
-            raise ValueError(f"'{self.name}': a new parameter group needs the normalization / bias parameters, which "
-                             f"this optimizer was not saved with; build it again with create_optimizer_v2(model, ...)")
 
     def adopt_new_groups(self) -> None:
         """Groups added since the perturbed set was built (by add_param_group, or through a wrapper such as
@@ -152,24 +151,11 @@ class SAM(torch.optim.Optimizer):
         Called by ``perturb`` / ``first_step`` and by ``train_step`` before it reads ``perturbed``."""
         if len(self.param_groups) == self._n_groups:
             return
-        self._check_can_adopt()
         new = [p for group in self.param_groups[self._n_groups:] for p in group['params'] if self._selects(p)]
         self.perturbed = self.perturbed + new   # a new list: the backup / flat buffer are keyed on it and renewed
         if self.is_bias is not None:
             self.is_bias = self.is_bias + [p in self._bias_set for p in new]
         self._n_groups = len(self.param_groups)
-
-    # attributes a pickle of an older version may lack, and the scratch buffers a copy rebuilds
-    _DEFAULTS = dict(
-        _backup=None,                # originals of P only, reused every step
-        _flat=None,                  # eps's working buffer on CUDA (perturbations.flat_ok)
-        _layout_key=None,            # where P's storage is: a change (model.to(), channels_last) renews both
-        ascent_reach_checked=False,  # train_step's one-time check (reentrant checkpointing)
-        skipped_count=None,          # cumulative, float32 on device (no host sync)
-        _norm_set=None,              # the normalization / bias parameters, for add_param_group
-        _bias_set=None,
-        _n_groups=None,              # how many param groups P was built from (groups added later join it)
-    )
 
     # -- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
@@ -293,7 +279,8 @@ class SAM(torch.optim.Optimizer):
         return self.base_optimizer.state_dict()
 
     def load_state_dict(self, state_dict: Dict) -> None:
-        self.base_optimizer.load_state_dict(state_dict)
+        """The base optimizer's state; one saved by another kind of optimizer is refused (ValueError)."""
+        load_optimizer_state(self.base_optimizer, state_dict)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
 
@@ -301,15 +288,8 @@ class SAM(torch.optim.Optimizer):
         # torch.optim.Optimizer pickles only defaults/state/param_groups, which would drop the base
         # optimizer and the perturbed set: keep the whole object (deepcopy, pickle).
         state = self.__dict__.copy()
-        for name in ('_flat', '_layout_key'):   # a scratch buffer: rebuilt on first use (with the backup)
-            state.pop(name, None)
+        state.update(_flat=None, _layout_key=None)   # scratch buffers: rebuilt on first use (with the backup)
         return state
-
-    def __setstate__(self, state: Dict) -> None:
-        state = {**self._DEFAULTS, **state}
-        if state['_n_groups'] is None:   # an older pickle: P covers the groups it holds, later ones join
-            state['_n_groups'] = len(state['param_groups'])
-        super().__setstate__(state)
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.perturbed)

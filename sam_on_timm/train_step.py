@@ -12,12 +12,14 @@ then clip (descent gradient), base step. Plain optimizers take the same path wit
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
 """
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .checks import check_arg, check_sam_m
 from .norm_params import is_norm_module
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
@@ -25,6 +27,9 @@ __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn
            'train_step', 'BN_UPDATE_CHOICES']
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
+
+# the SAM optimizers whose first update has passed the ascent-reach check (_check_ascent_reach)
+_ascent_reach_checked: 'weakref.WeakSet[SAM]' = weakref.WeakSet()
 
 
 @dataclass
@@ -45,14 +50,26 @@ def find_sam(optimizer: torch.optim.Optimizer) -> Optional[SAM]:
     return None
 
 
-def split_chunks(x: Tensor, y: Tensor, m: Optional[int]) -> List[Tuple[Tensor, Tensor]]:
-    """Cut a local batch into chunks of ``m`` samples (m-sharpness); ``m`` must divide the batch."""
+def split_chunks(x: Tensor, y: Tensor, m: Optional[int], splits: int = 1) -> List[Tuple[Tensor, Tensor]]:
+    """Cut a local batch into chunks of ``m`` rows (m-sharpness); ``m`` must divide the batch.
+
+    ``splits`` > 1: the batch is that many equal parts one after the other (timm's AugMix splits,
+    split BatchNorm); chunk j takes rows j*m/s .. (j+1)*m/s - 1 of every part, in the same layout,
+    so that each chunk keeps its splits together.
+    """
     n = x.shape[0]
     if m is None or m == n:
         return [(x, y)]
-    if m <= 0 or n % m:
-        raise ValueError(f'--sam-m {m} must be a positive divisor of the per-GPU batch size {n}')
-    return list(zip(x.split(m), y.split(m)))
+    check_sam_m(m, n)
+    if splits == 1:
+        return list(zip(x.split(m), y.split(m)))
+    if m % splits:
+        raise ValueError(f'a chunk of {m} rows cannot hold {splits} equal splits')
+    k = n // m
+
+    def regroup(t: Tensor) -> Tuple[Tensor, ...]:   # (splits, k, m / splits, ...) -> k chunks of (m, ...)
+        return t.reshape(splits, k, m // splits, *t.shape[1:]).transpose(0, 1).reshape(k, m, *t.shape[1:]).unbind(0)
+    return list(zip(regroup(x), regroup(y)))
 
 
 def ascent_samples(chunk: int, ascent_frac: float) -> int:
@@ -103,6 +120,8 @@ def requires_grad_off(params: Iterable[Tensor]):
     even when the block raises.
     """
     off = [p for p in params if p.requires_grad]
+    if off:
+        _guard_requires_grad()
     for p in off:
         p.requires_grad_(False)
     try:
@@ -110,6 +129,21 @@ def requires_grad_off(params: Iterable[Tensor]):
     finally:
         for p in off:
             p.requires_grad_(True)
+
+
+def _guard_requires_grad() -> None:
+    """Make torch.compile'd graphs notice the flags that ``requires_grad_off`` switches.
+
+    Dynamo skips the guards of a tensor held in a module dict whose version tag is unchanged
+    (``skip_tensor_guards_with_matching_dict_tags``); ``requires_grad_()`` changes no tag, so torch
+    versions without a requires_grad check on that fast path (2.11 among them) reuse the lean ascent
+    graph for the descent and compute no weight gradient there. With the skip off, every parameter's
+    guard, requires_grad included, is checked: the descent recompiles once, as it should. Set before
+    the first compiled forward (the first ``train_step``), it costs a guard check per parameter per call.
+    """
+    config = getattr(getattr(torch, '_dynamo', None), 'config', None)
+    if getattr(config, 'skip_tensor_guards_with_matching_dict_tags', False):
+        config.skip_tensor_guards_with_matching_dict_tags = False
 
 
 def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
@@ -137,8 +171,9 @@ def train_step(
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
-    if not 0.0 < ascent_frac <= 1.0:
-        raise ValueError(f'ascent_frac must be in (0, 1], got {ascent_frac}')
+    check_arg('ascent_frac', ascent_frac)
+    if clip_grad is not None:
+        check_arg('clip_grad', clip_grad)
     sam = find_sam(optimizer)
     if sam is not None and getattr(model, 'static_graph', False):
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
@@ -165,7 +200,7 @@ def train_step(
                 with amp_autocast():
                     ascent_loss = loss_fn(model(x[:n]), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                check = i == 0 and not sam.ascent_reach_checked   # first update of this optimizer only
+                check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad and trainable is sam.perturbed:
                     grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
                                                      materialize_grads=not check))
@@ -227,7 +262,7 @@ def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:
             f'tensors that the descent pass reaches; reentrant activation checkpointing (use_reentrant=True, '
             f'TIMM_REENTRANT_CKPT=1) hides them from torch.autograd.grad: use non-reentrant checkpointing '
             f"(timm's default, timm.layers.set_reentrant_ckpt(False)) or none")
-    sam.ascent_reach_checked = True
+    _ascent_reach_checked.add(sam)
 
 
 def _clip(parameters, value: float, mode: str) -> None:

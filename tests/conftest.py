@@ -34,8 +34,8 @@ def device():
 def fused(request, monkeypatch):
     """Both code paths of the perturbation: per-tensor (CPU) and the flat-buffer one CUDA takes,
     forced here on whatever device the test runs on."""
-    from sam_on_timm import perturbations
+    from sam_on_timm import flat
     types = {'cpu', 'cuda'} if request.param else set()
-    monkeypatch.setattr(perturbations, 'FUSED_DEVICE_TYPES', types)
-    monkeypatch.setattr(perturbations, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
+    monkeypatch.setattr(flat, 'FUSED_DEVICE_TYPES', types)
+    monkeypatch.setattr(flat, 'FLAT_MAX_NUMEL', 1 << 40)  # the flat buffers for every model
     return request.param

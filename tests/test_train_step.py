@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sam_on_timm  # noqa: F401  (registers the names)
+from sam_on_timm import train_step as train_step_module
 from sam_on_timm.train_step import find_sam, split_chunks, train_step
 from timm.optim import create_optimizer_v2
 
@@ -450,10 +451,10 @@ def test_reentrant_checkpointing_is_refused_on_the_first_update():
                 with pytest.raises(RuntimeError, match='reentrant activation checkpointing'):
                     train_step(model, opt, [(x, y)], F.cross_entropy)
                 assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
-                assert not find_sam(opt).ascent_reach_checked
+                assert find_sam(opt) not in train_step_module._ascent_reach_checked
             else:
                 stats = train_step(model, opt, [(x, y)], F.cross_entropy)
-                assert float(stats.skipped) == 0 and find_sam(opt).ascent_reach_checked
+                assert float(stats.skipped) == 0 and find_sam(opt) in train_step_module._ascent_reach_checked
     finally:
         set_reentrant_ckpt(before)
 
@@ -548,3 +549,17 @@ def test_group_added_through_lookahead_takes_part_in_the_next_step(path):
     assert len(find_sam(opt_b).perturbed) == len(find_sam(opt_a).perturbed) == 4
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
+
+
+def test_lean_ascent_keeps_dynamo_checking_requires_grad(monkeypatch):
+    """torch versions whose dynamo skips the guards of module-dict tensors with unchanged dict tags
+    (2.11 among them) would reuse the lean ascent graph for the descent, which then computes no weight
+    gradient. The step switches that skip off before its first ascent, and only when it switches flags."""
+    import torch._dynamo
+    monkeypatch.setattr(torch._dynamo.config, 'skip_tensor_guards_with_matching_dict_tags', True)
+    x, y = data()
+    model = small_net().double()
+    train_step(model, create_optimizer_v2(model, 'sam', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
+    assert torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags   # SAM-all switches no flag
+    train_step(model, create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
+    assert not torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags

@@ -1,0 +1,383 @@
+"""timm's train.py options beyond the core ones, each shown having its effect with a SAM --opt.
+
+Every run records what ``train.train_one_epoch`` was handed (model, loader, optimizer, loss) and the
+chunks ``train_step`` saw, so the tests look at the built objects rather than at the flags.
+"""
+import csv
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+import train
+from sam_on_timm.train_step import find_sam, split_chunks
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ['--img-size', '16', '-b', '8', '--device', 'cpu', '--workers', '0', '--epochs', '1', '--warmup-epochs', '0',
+        '--lr', '0.05', '--log-interval', '2', '--seed', '3', '--opt', 'sam-on-layerl2', '--rho', '0.5']
+
+
+@pytest.fixture
+def data16(tmp_path):
+    """16 training images, each its own class (a label names the image), 32 px; 8 validation images."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    for split, n in (('train', 16), ('validation', 8)):
+        for c in range(n):
+            os.makedirs(tmp_path / 'data16' / split / f'class{c:02d}')
+            img = rng.randint(0, 256, size=(32, 32, 3)).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / 'data16' / split / f'class{c:02d}' / 'img.png')
+    return str(tmp_path / 'data16')
+
+
+@pytest.fixture
+def record(monkeypatch):
+    """What train_one_epoch and train_step were handed, per call."""
+    import sam_on_timm.train_step as ts
+    seen = types.SimpleNamespace(epochs=[], chunks=[])
+    one_epoch, step = train.train_one_epoch, ts.train_step
+
+    def recording_one_epoch(epoch, model, loader, optimizer, loss_fn, args, *a, **k):
+        seen.epochs.append(dict(model=model, loader=loader, optimizer=optimizer, loss_fn=loss_fn, args=args,
+                                model_ema=a[4], mixup_fn=a[5]))
+        return one_epoch(epoch, model, loader, optimizer, loss_fn, args, *a, **k)
+
+    def recording_step(model, optimizer, chunks, *a, **k):
+        seen.chunks.extend((x.clone(), y) for x, y in chunks)
+        return step(model, optimizer, chunks, *a, **k)
+
+    monkeypatch.setattr(train, 'train_one_epoch', recording_one_epoch)
+    monkeypatch.setattr(ts, 'train_step', recording_step)
+    return seen
+
+
+def run(data, out, *extra):
+    return train.main(['--data-dir', data, '--output', str(out), '--num-classes', '16', *BASE, *extra])
+
+
+def summary(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_split_chunks_keep_each_images_splits_together():
+    """AugMix rows come as [clean | aug1 | aug2], B images each: a chunk of m images holds those m images'
+    rows of every split, in the same layout (what JsdCrossEntropy and SplitBatchNorm2d cut apart)."""
+    B, S, m = 4, 3, 2
+    x = torch.arange(B * S).float().view(-1, 1) + 100 * torch.arange(S).repeat_interleave(B).view(-1, 1)
+    y = torch.arange(B).repeat(S)
+    chunks = split_chunks(x, y, m * S, splits=S)
+    assert len(chunks) == B // m
+    for j, (cx, cy) in enumerate(chunks):
+        rows = [s * B + j * m + i for s in range(S) for i in range(m)]
+        assert torch.equal(cx, x[rows]) and torch.equal(cy, y[rows])
+        assert torch.equal(cy, torch.arange(j * m, (j + 1) * m).repeat(S))   # each split: the same m images
+    with pytest.raises(ValueError, match='cannot hold 3 equal splits'):
+        split_chunks(x, y, 4, splits=3)
+
+
+def test_rsb_a2_style_recipe(data16, tmp_path, record):
+    """LAMB base, BCE with a target threshold, repeated augmentation (one rank), RandAugment, mixup/cutmix."""
+    assert run(data16, tmp_path, '--experiment', 'a2', '--sam-base', 'lamb', '--bce-loss', '--bce-target-thresh', '0.2',
+               '--aug-repeats', '3', '--aa', 'rand-m7-mstd0.5-inc1', '--mixup', '0.1', '--cutmix', '1.0',
+               '--smoothing', '0', '--drop-path', '0.05', '--weight-decay', '0.02', '--opt-eps', '1e-6') == 0
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from timm.loss import BinaryCrossEntropy
+    e = record.epochs[0]
+    assert isinstance(e['loss_fn'], BinaryCrossEntropy) and e['loss_fn'].target_threshold == 0.2
+    sampler = e['loader'].sampler
+    assert isinstance(sampler, RepeatAugSampler) and sampler.num_repeats == 3 and sampler.num_replicas == 1
+    expected = RepeatAugSampler(e['loader'].dataset, num_replicas=1, rank=0, num_repeats=3)
+    expected.set_epoch(0)
+    assert list(sampler) == list(expected) and len(set(sampler)) < len(list(sampler))   # images repeated
+    assert 'RandAugment' in str(e['loader'].dataset.transform)
+    assert e['mixup_fn'].mixup_alpha == 0.1 and e['mixup_fn'].cutmix_alpha == 1.0
+    sam = find_sam(e['optimizer'])
+    assert type(sam.base_optimizer).__name__ == 'Lamb' and sam.base_optimizer.defaults['eps'] == 1e-6
+    assert len(record.chunks) == 2 and all(y.shape == (8, 16) for _, y in record.chunks)   # mixed soft targets
+    row = summary(tmp_path / 'a2' / 'summary.csv')[0]
+    assert float(row['train_eps_norm']) > 0
+
+
+def test_deit_style_recipe(data16, tmp_path, record):
+    """ViT, AdamW base, repeated augmentation, mixup/cutmix, random erasing, EMA."""
+    assert run(data16, tmp_path, '--experiment', 'deit', '--model', 'test_vit', '--sam-base', 'adamw',
+               '--aug-repeats', '3', '--mixup', '0.8', '--cutmix', '1.0', '--reprob', '0.25', '--remode', 'pixel',
+               '--model-ema', '--model-ema-decay', '0.9', '--smoothing', '0.1', '--aa', 'rand-m9-mstd0.5-inc1',
+               '--weight-decay', '0.05', '--drop-path', '0.1') == 0
+    from timm.data.distributed_sampler import RepeatAugSampler
+    from timm.loss import SoftTargetCrossEntropy
+    e = record.epochs[0]
+    assert isinstance(e['loss_fn'], SoftTargetCrossEntropy) and isinstance(e['loader'].sampler, RepeatAugSampler)
+    assert 'RandomErasing' in str(e['loader'].dataset.transform) and e['mixup_fn'].label_smoothing == 0.1
+    assert type(find_sam(e['optimizer']).base_optimizer).__name__ == 'AdamW'
+    assert e['model_ema'] is not None and 'eval_ema_top1' in summary(tmp_path / 'deit' / 'summary.csv')[0]
+    sam = find_sam(e['optimizer'])
+    assert {id(p) for p in sam.perturbed} == {id(p) for m in e['model'].modules()
+                                              if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+
+
+def test_augmix_jsd_recipe_with_split_bn(data16, tmp_path, record):
+    """--aug-splits 3 --jsd-loss --split-bn: split BatchNorms in the model, SAM-ON perturbs the affine
+    parameters of every one of them (auxiliary ones included), and each SAM chunk keeps its images' splits."""
+    from timm.layers import SplitBatchNorm2d
+    from timm.loss import JsdCrossEntropy
+    assert run(data16, tmp_path, '--experiment', 'augmix', '--sam-base', 'momentum', '--aug-splits', '3', '--jsd-loss',
+               '--split-bn', '--aa', 'augmix-m3-w1', '--sam-m', '4', '--smoothing', '0.1') == 0
+    e = record.epochs[0]
+    assert isinstance(e['loss_fn'], JsdCrossEntropy) and e['loss_fn'].num_splits == 3
+    splits = [m for m in e['model'].modules() if isinstance(m, SplitBatchNorm2d)]
+    assert splits and all(len(m.aux_bn) == 2 for m in splits)
+    assert not any(type(m) is torch.nn.BatchNorm2d and m not in {a for s in splits for a in s.aux_bn}
+                   for m in e['model'].modules())
+    sam = find_sam(e['optimizer'])
+    bn_params = {id(p) for s in splits for p in s.parameters()}   # weight, bias of the main and the two aux BNs
+    assert {id(p) for p in sam.perturbed} == bn_params and len(bn_params) == 6 * len(splits)
+    assert all(not torch.equal(a.weight, torch.ones_like(a.weight)) for s in splits for a in s.aux_bn)   # trained
+    assert len(record.chunks) == 2 * 2
+    for x, y in record.chunks:   # 4 images x 3 splits, split after split
+        assert x.shape[0] == 12 and torch.equal(y[0:4], y[4:8]) and torch.equal(y[0:4], y[8:12])
+        assert len(set(y[0:4].tolist())) == 4 and not torch.equal(x[0:4], x[4:8])   # clean and augmented views
+
+
+def test_model_optimizer_and_ema_options_reach_their_objects(data16, tmp_path, record):
+    assert run(data16, tmp_path, '--experiment', 'mo', '--model', 'test_efficientnet', '--bn-momentum', '0.2',
+               '--bn-eps', '1e-3', '--model-kwargs', 'channel_multiplier=1.5',
+               '--sam-base', 'sgd', '--opt-kwargs', 'nesterov=False', '--model-ema', '--model-ema-force-cpu',
+               '--save-images', '--log-interval', '1') == 0
+    e = record.epochs[0]
+    model = e['model']
+    assert model.num_features == 384   # 256 at channel_multiplier 1.0
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.momentum == 0.2 and m.eps == 1e-3 for m in bns)
+    assert find_sam(e['optimizer']).base_optimizer.param_groups[0]['nesterov'] is False   # timm's sgd: True
+    assert e['model_ema'].device == torch.device('cpu')
+    row = summary(tmp_path / 'mo' / 'summary.csv')[0]
+    assert 'eval_ema_top1' not in row   # as timm: an EMA forced to the CPU is not validated
+    assert os.path.isfile(tmp_path / 'mo' / 'train-batch-1.jpg')
+
+
+def test_head_init_and_tta_in_validation(data16, tmp_path, monkeypatch):
+    """--head-init-bias with --head-init-scale 0: the untrained model predicts the bias for every image;
+    --tta 2 averages pairs of outputs and keeps one target per pair (as timm's validate)."""
+    outputs = []
+    validate = train.validate
+
+    def recording_validate(model, loader, loss_fn, args, *a):
+        metrics = validate(model, loader, lambda out, y: outputs.append((out.clone(), y.clone())) or loss_fn(out, y),
+                           args, *a)
+        return metrics
+
+    monkeypatch.setattr(train, 'validate', recording_validate)
+    assert run(data16, tmp_path, '--experiment', 't', '--opt', 'sgd', '--lr', '0', '--head-init-scale', '0',
+               '--head-init-bias', '0.25', '--tta', '2', '-vb', '4') == 0
+    out, y = outputs[0]
+    assert out.shape == (2, 16) and y.shape == (2,)   # -vb 4: 4 images, 2 pairs
+    assert torch.allclose(out, torch.full_like(out, 0.25))
+
+
+def test_recovery_checkpoint_resumes_and_val_interval(data16, tmp_path):
+    """--recovery-interval 1 writes recovery-EPOCH-UPDATE files (the last two kept); --resume of the one at the epoch's last
+    update continues at the next epoch (timm's rule) with the weights of that epoch's checkpoint.
+    --val-interval 2: no validation, summary row or checkpoint in epoch 0."""
+    common = ['--experiment', 'r', '--recovery-interval', '1', '--val-interval', '2']
+    assert run(data16, tmp_path, *common, '--epochs', '2') == 0
+    d = tmp_path / 'r'
+    assert [r['epoch'] for r in summary(d / 'summary.csv')] == ['1']
+    assert not (d / 'checkpoint-0.pth.tar').exists() and (d / 'checkpoint-1.pth.tar').exists()
+    assert sorted(p.name for p in d.glob('recovery-*')) == ['recovery-1-0.pth.tar', 'recovery-1-1.pth.tar']
+    rec = torch.load(d / 'recovery-1-1.pth.tar', weights_only=True)
+    end = torch.load(d / 'checkpoint-1.pth.tar', weights_only=True)
+    assert rec['epoch'] == 1 and all(torch.equal(v, end['state_dict'][k]) for k, v in rec['state_dict'].items())
+    mid = torch.load(d / 'recovery-1-0.pth.tar', weights_only=True)
+    assert any(not torch.equal(v, end['state_dict'][k]) for k, v in mid['state_dict'].items())
+    assert run(data16, tmp_path, *common, '--epochs', '3', '--resume', str(d / 'recovery-1-1.pth.tar')) == 0
+    assert [r['epoch'] for r in summary(d / 'summary.csv')] == ['1', '2']
+
+
+def test_distillation_perturbs_the_student_only_and_calls_the_teacher_once_per_chunk(data16, tmp_path, record,
+                                                                                     monkeypatch):
+    from sam_on_timm.distill import LogitDistillation
+    from timm.task.distillation import DistillationTeacher
+    torch.manual_seed(7)
+    teacher = timm.create_model('test_resnet', num_classes=16)
+    path = tmp_path / 'teacher.pth'
+    torch.save(teacher.state_dict(), path)
+    calls = []
+    forward = DistillationTeacher.forward
+    monkeypatch.setattr(DistillationTeacher, 'forward', lambda self, x, **k: calls.append(x.shape[0]) or forward(self, x, **k))
+    assert run(data16, tmp_path, '--experiment', 'kd', '--model', 'test_resnet', '--kd-model-name', 'test_resnet',
+               '--kd-pretrained-path', str(path), '--sam-m', '4', '--kd-temperature', '2',
+               '--task-loss-weight', '0.3') == 0
+    e = record.epochs[0]
+    loss_fn = e['loss_fn']
+    assert isinstance(loss_fn, LogitDistillation)
+    assert loss_fn.task.task_loss_weight == 0.3 and loss_fn.task.distill_loss_weight == pytest.approx(0.7)
+    assert calls == [4] * len(record.chunks) and len(record.chunks) == 4   # 2 updates x 2 chunks, 2 passes each
+    teacher_params = {id(p) for p in loss_fn.task.teacher.parameters()}
+    sam = find_sam(e['optimizer'])
+    assert sam.perturbed and not teacher_params & {id(p) for p in sam.perturbed}
+    assert not teacher_params & {id(p) for g in e['optimizer'].param_groups for p in g['params']}
+    for k, v in loss_fn.task.teacher.model.state_dict().items():   # never trained, never left perturbed
+        assert torch.equal(v, teacher.state_dict()[k]), k
+
+
+def test_distillation_loss_is_timms_task_loss():
+    """LogitDistillation with the teacher's logits given equals LogitDistillationTask's own forward."""
+    from sam_on_timm.distill import LogitDistillation
+    from timm.task import LogitDistillationTask
+    torch.manual_seed(0)
+    student, teacher = timm.create_model('test_vit', num_classes=5), timm.create_model('test_vit', num_classes=5)
+    task = LogitDistillationTask(student, teacher, criterion=torch.nn.CrossEntropyLoss(), distill_loss_weight=0.6,
+                                 task_loss_weight=0.9, temperature=3.0, verbose=False)
+    task.train()
+    student.eval()   # no dropout differences between the two forwards
+    x, y = torch.randn(4, 3, 160, 160), torch.tensor([0, 1, 2, 4])
+    kd = LogitDistillation(task)
+    ours = kd(student(x), kd.targets(x, y))
+    assert torch.allclose(ours, task(x, y)['loss'], atol=1e-6)
+    assert torch.equal(kd.targets(x, y)[1:3].target, y[1:3])
+
+
+def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
+    logged, inits = [], []
+    fake = types.ModuleType('wandb')
+    fake.init = lambda **k: inits.append(k)
+    fake.log = lambda row: logged.append(dict(row))
+    monkeypatch.setitem(sys.modules, 'wandb', fake)
+    assert run(data16, tmp_path, '--experiment', 'w', '--log-wandb', '--wandb-project', 'p', '--wandb-tags', 'a',
+               'b') == 0
+    assert inits[0]['project'] == 'p' and inits[0]['tags'] == ['a', 'b'] and inits[0]['name'] == 'w'
+    assert inits[0]['config']['opt'] == 'sam-on-layerl2'
+    row = logged[0]
+    for column in ('train_loss', 'train_ascent_loss', 'train_sharpness', 'train_eps_norm',
+                   'train_skipped_perturbations', 'eval_top1', 'lr'):
+        assert column in row, column
+    assert row['train_sharpness'] == pytest.approx(row['train_descent_loss'] - row['train_ascent_loss'])
+    monkeypatch.setitem(sys.modules, 'wandb', None)   # not installed
+    assert run(data16, tmp_path, '--experiment', 'w2', '--log-wandb') == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "train.py: error: --log-wandb needs the wandb package: pip install -e '.[wandb]'"
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--drop-connect', '0.1'], '--drop-connect is deprecated'),
+    (['--aug-splits', '1'], '--aug-splits must be 0 (off) or at least 2'),
+    (['--jsd-loss'], '--jsd-loss compares the AugMix splits'),
+    (['--split-bn'], '--split-bn needs --aug-splits'),
+    (['--aug-splits', '2', '--mixup', '0.2'], 'mixing would cross the AugMix splits'),
+    (['--aug-splits', '2', '--sam-ascent-frac', '0.5'], 'would break its splits'),
+    (['--split-bn', '--resplit', '--sam-m', '1', '-b', '3'], 'must be even'),
+    (['--torchscript'], '--torchscript with --opt sam-on-layerl2'),
+    (['--model-dtype', 'float64'], '--model-dtype must be one of float32, bfloat16, float16'),
+    (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model'),
+    (['--kd-model-name', 'test_resnet', '--kd-distill-type', 'feature'], 'distills logits only'),
+    (['--naflex-loader'], '--naflex-loader is not supported'),
+    (['--train-img-sizes', '16', '24', '--train-batch-sizes', '8', '6', '--sam-m', '4'], 'must divide every scheduled'),
+    (['--train-img-sizes', '16', '--grad-accum-steps', '2'], 'use --grad-accum-steps 1'),
+    (['--worker-seeding', 'none'], "--worker-seeding must be 'all' or 'part'"),
+    (['--bce-target-thresh', 'nan'], '--bce-target-thresh must be a finite number'),
+    (['--val-interval', '0'], '--val-interval must be >= 1'),
+    (['--device-modules', 'no_such_backend_module'], "cannot import 'no_such_backend_module'"),
+    (['--bn-momentum', '0.1'], "cannot create model 'test_resnet'"),
+    (['--opt-kwargs', 'momentum=0.5'], 'cannot create optimizer'),
+])
+def test_bad_combinations_are_one_line_errors(data16, tmp_path, capsys, extra, message):
+    assert run(data16, tmp_path, '--model', 'test_resnet', '--experiment', 'bad', *extra) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / 'bad').exists()
+
+
+def test_kwargs_options_from_the_command_line_and_yaml(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model_kwargs: {channel_multiplier: 1.5}\nopt_kwargs: {nesterov: false}\nbce_loss: true\n'
+                   'aug_repeats: 3\nworker_seeding: part\nkd_temperature: 2.0\n')
+    args = train.parse_args(['-c', str(cfg), '--data-dir', str(tmp_path)])
+    assert args.model_kwargs == {'channel_multiplier': 1.5} and args.opt_kwargs == {'nesterov': False}
+    assert args.bce_loss and args.aug_repeats == 3 and args.worker_seeding == 'part' and args.kd_temperature == 2.0
+    assert train.parse_args(['--model-kwargs', 'a=1', "b='x'", 'c=y']).model_kwargs == {'a': 1, 'b': 'x', 'c': 'y'}
+    with pytest.raises(SystemExit):
+        train.parse_args(['--model-kwargs', 'oops'])
+    assert "--model-kwargs takes KEY=VALUE pairs, got 'oops'" in capsys.readouterr().err
+    cfg.write_text('model_kwargs: [1, 2]\n')
+    with pytest.raises(train.UsageError, match='expected a mapping'):
+        train.parse_args(['-c', str(cfg)])
+
+
+RANK_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {repo!r})
+import train, sam_on_timm.train_step as ts
+step, seen = ts.train_step, []
+def recording(model, optimizer, chunks, *a, **k):
+    seen.extend(int(v) for _, y in chunks for v in y)
+    return step(model, optimizer, chunks, *a, **k)
+ts.train_step = recording
+rc = train.main(sys.argv[1:])
+import os
+with open(os.path.join({out!r}, 'labels-%s.txt' % os.environ['RANK']), 'w') as f:
+    f.write(' '.join(map(str, seen)))
+sys.exit(rc)
+'''
+
+
+@pytest.mark.skipif(sys.platform == 'win32', reason='torchrun with gloo on CPU')
+def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
+    """Each of 2 ranks trains on exactly the images timm's RepeatAugSampler gives that rank (the labels
+    name the images: one class per image)."""
+    from timm.data import create_dataset
+    from timm.data.distributed_sampler import RepeatAugSampler
+    script = tmp_path / 'rank.py'
+    script.write_text(RANK_SCRIPT.format(repo=str(REPO), out=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR',
+                                                             'MASTER_PORT')}
+    env['OMP_NUM_THREADS'] = '1'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
+           '--data-dir', data16, '--output', str(tmp_path / 'out'), '--num-classes', '16', *BASE, '-b', '4',
+           '--val-split', '',
+           '--aug-repeats', '3', '--no-aug', '--smoothing', '0', '--experiment', 'ra']
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    dataset = create_dataset('', root=data16, split='train', is_training=True)
+    labels = [dataset.reader.samples[i][1] for i in range(len(dataset))]
+    seen = []
+    for rank in range(2):
+        sampler = RepeatAugSampler(dataset, num_replicas=2, rank=rank, num_repeats=3)
+        sampler.set_epoch(0)
+        expected = [labels[i] for i in sampler][:len(sampler) // 4 * 4]   # drop_last with -b 4
+        got = [int(v) for v in (tmp_path / f'labels-{rank}.txt').read_text().split()]
+        assert got == expected, (rank, got, expected)
+        seen.append(set(got))
+    assert seen[0] & seen[1]   # an image's repeats go to both ranks
+
+
+def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeypatch):
+    """--train-img-sizes / --train-batch-sizes: batches of 8 at 16 px and 4 at 24 px; --sam-m 4 cuts every
+    batch into chunks of 4; --variable-batch-loss-scale linear scales each update's loss by batch / 6
+    (6: the policy-average batch size)."""
+    import sam_on_timm.train_step as ts
+    steps, step = [], ts.train_step
+
+    def recording_step(model, optimizer, chunks, loss_fn, *a, **k):
+        out, y = torch.zeros(2, 16), torch.tensor([0, 1])
+        steps.append(([tuple(x.shape) for x, _ in chunks], (loss_fn(out, y) / torch.nn.functional.cross_entropy(
+            out, y)).item()))
+        return step(model, optimizer, chunks, loss_fn, *a, **k)
+
+    monkeypatch.setattr(ts, 'train_step', recording_step)
+    assert run(data16, tmp_path, '--experiment', 'vb', '--train-img-sizes', '16', '24', '--train-batch-sizes', '8',
+               '4', '--sam-m', '4', '--variable-batch-loss-scale', 'linear', '--smoothing', '0',
+               '--train-batches-per-epoch', '4', '--epochs', '2') == 0
+    assert len(steps) == 8
+    for shapes, scale in steps:
+        assert len(set(shapes)) == 1 and shapes[0][0] == 4 and shapes[0][2] in (16, 24)
+        batch = 4 * len(shapes)
+        assert batch == (8 if shapes[0][2] == 16 else 4) and scale == pytest.approx(batch / 6)
+    assert {s[0][0][2] for s in steps} == {16, 24}
