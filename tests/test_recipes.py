@@ -209,7 +209,18 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.mark.parametrize('recipe', R50_RECIPES)
-def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread):
+def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread, monkeypatch):
+    import timm
+    import torch
+    import sam_on_timm.train_step as ts
+    from sam_on_timm.registry import parse_sam_name
+    from tests.helpers import evaluate_folder
+    used_opts, train_step = [], ts.train_step
+
+    def spy(model, optimizer, *args, **kwargs):   # the optimizer each update runs with, and its lrs then
+        used_opts.append((optimizer, [g['lr'] for g in optimizer.param_groups]))
+        return train_step(model, optimizer, *args, **kwargs)
+    monkeypatch.setattr(ts, 'train_step', spy)
     out = tmp_path / 'out'
     argv = ['-c', os.path.join(HPARAMS, recipe), '--data-dir', tiny_data, '--model', 'test_resnet',
             '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0', '--epochs', '1',
@@ -220,21 +231,35 @@ def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread):
     assert len(rows) == 1
     row = rows[0]
     assert math.isfinite(float(row['train_loss'])) and float(row['train_loss']) > 0.0
-    assert 0.0 <= float(row['eval_top1']) <= 100.0
-    # the recipe's optimizer settings reached the run; the model / size overrides won
+    # the logged validation is that of the saved weights, evaluated here
+    weights = torch.load(run / 'last.pth.tar', weights_only=True)['state_dict']
+    model = timm.create_model('test_resnet', num_classes=weights['fc.bias'].numel())   # the recipe's head
+    model.load_state_dict(weights)
+    loss, top1 = evaluate_folder(model, os.path.join(tiny_data, 'validation'), 32)
+    assert float(row['eval_loss']) == pytest.approx(loss, rel=1e-5)
+    assert float(row['eval_top1']) == pytest.approx(top1, abs=1e-9)
+    # the recipe's optimizer settings are the ones the updates used; the model / size overrides won
     with open(run / 'args.yaml') as f:
         used = yaml.safe_load(f)
     want = EXPECTED[recipe]
     assert used['opt'] == want['opt'] and used['model'] == 'test_resnet' and used['batch_size'] == 4
-    assert used['lr'] == pytest.approx(0.2) and used['weight_decay'] == pytest.approx(1e-4)
+    assert len(used_opts) == 2 and used_opts[0][0] is used_opts[1][0]   # 8 images, -b 4
+    assert all(lr == pytest.approx(0.2, rel=1e-12) for _, lrs in used_opts for lr in lrs)
+    sam = ts.find_sam(used_opts[0][0])
+    base = used_opts[0][0] if sam is None else sam.base_optimizer
+    assert type(base).__name__ == 'SGD' and base.defaults['nesterov'] and base.defaults['momentum'] == 0.9
+    assert sorted(g['weight_decay'] for g in base.param_groups) == [0.0, pytest.approx(1e-4, rel=1e-12)]
     assert used['smoothing'] == pytest.approx(0.1)
     if want['rho'] is None:
-        assert not any(c in row for c in SAM_COLUMNS)
+        assert sam is None and not any(c in row for c in SAM_COLUMNS)
     else:
-        assert used['rho'] == pytest.approx(want['rho'])
+        assert (sam.mode, sam.variant) == parse_sam_name(want['opt'])
+        assert sam.rho == pytest.approx(want['rho'], rel=1e-12) and sam.eta == 0.0   # these variants' default
         for c in SAM_COLUMNS:
             assert c in row, c
         assert float(row['train_eps_norm']) > 0.0          # a perturbation was applied
+        if sam.variant == 'sam':                            # plain SAM: ||eps|| = rho
+            assert float(row['train_eps_norm']) == pytest.approx(want['rho'], rel=1e-6)
         assert int(float(row['train_skipped_perturbations'])) == 0
         assert float(row['train_ascent_loss']) > 0.0
     ckpts = [p for p in os.listdir(run) if p.endswith('.pth.tar')]

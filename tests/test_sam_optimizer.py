@@ -57,41 +57,84 @@ def reference_eps(mode, variant, model, rho, eta):
 
 @pytest.fixture(scope='module', params=list(MODELS))
 def model_with_grad(request, device):
+    """A model in float64 with its gradient: eps is then computed in float64 and compared with the
+    float64 reference to ~1e-10 (float32 would only allow ~1e-4, too loose to see a weight decay leak)."""
     torch.manual_seed(0)
-    model = timm.create_model(request.param, pretrained=False, num_classes=5).to(device)
+    model = timm.create_model(request.param, pretrained=False, num_classes=5).to(device, torch.float64)
     with torch.no_grad():  # make zero-initialised gammas/betas non-trivial so every T is exercised
         for m in model.modules():
             if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
                 m.weight.add_(0.1 * torch.randn_like(m.weight))
                 m.bias.add_(0.1 * torch.randn_like(m.bias))
-    x = torch.randn(4, 3, MODELS[request.param], MODELS[request.param]).to(device)
+    x = torch.randn(4, 3, MODELS[request.param], MODELS[request.param]).to(device, torch.float64)
     F.cross_entropy(model(x), torch.arange(4, device=device) % 5).backward()
     return model
 
 
-@pytest.mark.parametrize('name', list(SAM_OPTIMIZERS))
-def test_first_step_matches_table10_float64(model_with_grad, name, fused):
-    model = model_with_grad
-    mode, variant = SAM_OPTIMIZERS[name]
-    rho = 0.05 if variant != 'elemlinf' else 0.001
+def _spy_eps(monkeypatch):
+    """Record eps where SAM computes it (the return of compute_eps, copied: the flat path reuses its buffer)."""
+    from sam_on_timm import sam as sam_module
+    seen = []
+    compute_eps = sam_module.compute_eps
+
+    def spy(*args, **kwargs):
+        out = compute_eps(*args, **kwargs)
+        seen.append([e.detach().clone() for e in out[0]])
+        return out
+    monkeypatch.setattr(sam_module, 'compute_eps', spy)
+    return seen
+
+
+def _check_first_step(model, opt, ref, seen):
+    """first_step computed eps == the float64 reference ``ref`` on P, and moved P by exactly eps and
+    nothing else; restore() gives every bit back."""
     before = {p: p.detach().clone() for p in model.parameters()}
-    opt = create_optimizer_v2(model, opt=name, lr=0.1, weight_decay=1e-4, rho=rho)
-    assert opt.eta == DEFAULT_ETA[variant]
-    ref = reference_eps(mode, variant, model, rho, DEFAULT_ETA[variant])
     opt.first_step()
+    eps = dict(zip(opt.perturbed, seen[-1]))
+    scale = max(float(e.abs().max()) for e in ref.values())
     n_changed = 0
     for p in model.parameters():
-        eps = ref[p]
-        if not eps.any():
-            assert torch.equal(p, before[p]), 'a parameter outside the perturbed set changed'
-        else:
-            n_changed += 1
-            torch.testing.assert_close(p.detach().double() - before[p].double(), eps, rtol=2e-4,
-                                       atol=1e-7 + 1e-6 * float(before[p].abs().max()))
-    assert n_changed > 0
+        if p not in eps:
+            assert not ref[p].any() and torch.equal(p, before[p]), 'a parameter outside the perturbed set changed'
+            continue
+        n_changed += 1
+        # float64 against float64: only rounding differs (~1e-15 relative); 1e-10 leaves room and no more
+        torch.testing.assert_close(eps[p], ref[p], rtol=1e-10, atol=1e-14 * scale)
+        assert torch.equal(p, before[p] + eps[p]), 'w_P did not move by exactly eps'
+    assert n_changed == len(opt.perturbed) > 0
     opt.restore()
     for p in model.parameters():
         assert torch.equal(p, before[p]), 'restore() is not bit-exact'
+
+
+@pytest.mark.parametrize('name', list(SAM_OPTIMIZERS))
+def test_first_step_matches_table10_float64(model_with_grad, name, fused, monkeypatch):
+    """Each name's default eta (Table 10), weight decay set (it must not enter the ascent)."""
+    model = model_with_grad
+    mode, variant = SAM_OPTIMIZERS[name]
+    rho = 0.05 if variant != 'elemlinf' else 0.001
+    seen = _spy_eps(monkeypatch)
+    opt = create_optimizer_v2(model, name, lr=0.1, weight_decay=1e-4, rho=rho)
+    assert opt.eta == DEFAULT_ETA[variant]
+    _check_first_step(model, opt, reference_eps(mode, variant, model, rho, DEFAULT_ETA[variant]), seen)
+
+
+# eta away from each default and large enough to change T by far more than the tolerance: |w| + 0.3
+# against |w| for ASAM; ||W|| + 0.3 for layerwise; (1 + 300 g^2)^-1/2 against (1 + g^2)^-1/2 for Fisher
+OTHER_ETA = {'eleml2': 0.3, 'eleml2orig': 0.3, 'elemlinf': 0.3, 'layerl2': 0.3, 'fisher': 300.0}
+
+
+@pytest.mark.parametrize('variant', list(OTHER_ETA))
+@pytest.mark.parametrize('mode', ['all', 'on'])
+def test_first_step_with_non_default_eta_matches_float64(model_with_grad, mode, variant, fused, monkeypatch):
+    """A given eta is the one used: every formula of Table 10 with eta away from its default."""
+    model = model_with_grad
+    name = sam_on_timm.sam_name(mode, variant)
+    rho, eta = (0.05 if variant != 'elemlinf' else 0.001), OTHER_ETA[variant]
+    seen = _spy_eps(monkeypatch)
+    opt = create_optimizer_v2(model, name, lr=0.1, weight_decay=1e-4, rho=rho, eta=eta)
+    assert opt.eta == eta
+    _check_first_step(model, opt, reference_eps(mode, variant, model, rho, eta), seen)
 
 
 def test_sam_on_set_is_the_module_type_set():
@@ -114,13 +157,14 @@ def test_sam_on_eps_norm_is_rho_and_over_p_only():
     m = timm.create_model('test_resnet', num_classes=3)
     F.cross_entropy(m(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 0])).backward()
     before = {p: p.detach().clone() for p in m.parameters()}
+    grads = {p: p.grad.clone() for p in m.parameters()}
     opt = create_optimizer_v2(m, 'sam-on', lr=0.1, rho=0.07)
     opt.first_step()
     sq = sum(((p.detach().double() - before[p].double()) ** 2).sum() for p in m.parameters())
     assert abs(math.sqrt(sq) - 0.07) < 1e-5
-    assert abs(float(opt.last_eps_norm) - 0.07) < 1e-5
-    # the descent gradient computed at w+eps leaves .grad alone: first_step does not touch gradients
-    assert all(p.grad is not None for p in m.parameters())
+    assert abs(float(opt.last_eps_norm) - 0.07) < 1e-6 * 0.07
+    # first_step leaves .grad alone (eps is computed in buffers of its own): every gradient bit as it was
+    assert all(torch.equal(p.grad, grads[p]) for p in m.parameters())
 
 
 @pytest.mark.parametrize('flush_denormal', [False, True])
@@ -204,6 +248,67 @@ def test_closure_step_lowers_the_loss(name):
     assert float(F.cross_entropy(model(x), y).detach()) < 0.8 * first
 
 
+def _layernorm_problem():
+    """float64 net whose norm layer is a LayerNorm (the test-side norm set knows it; no running stats)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 3)).double()
+    with torch.no_grad():
+        model[1].weight.add_(0.2 * torch.randn(16, dtype=torch.float64))
+    x = torch.randn(32, 8, dtype=torch.float64)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return model, x, y
+
+
+@pytest.mark.parametrize('name', ['sam', 'sam-on-layerl2', 'sam-nonorm-fisher'])
+def test_closure_step_is_first_step_then_second_step_and_the_float64_reference(name):
+    """``step(closure)``, the documented one-call API, is exactly ``first_step`` + ``second_step``
+    (every bit), and both equal SAM written out by hand in float64 with Nesterov SGD (3 steps, so the
+    momentum buffer and weight decay are in play)."""
+    mode, variant = SAM_OPTIMIZERS[name]
+    eta = {'sam': 0.0, 'layerl2': 0.1, 'fisher': 50.0}[variant]
+    lr, mom, wd, rho = 0.05, 0.9, 1e-2, 0.05
+    a, x, y = _layernorm_problem()
+    b, ref = copy.deepcopy(a), copy.deepcopy(a)
+    opt_a, opt_b = (create_optimizer_v2(m, name, lr=lr, momentum=mom, weight_decay=wd, rho=rho, eta=eta)
+                    for m in (a, b))
+
+    def closure():
+        opt_a.zero_grad()
+        loss = F.cross_entropy(a(x), y)
+        loss.backward()
+        return loss
+
+    bufs = {}
+    for _ in range(3):
+        loss = opt_a.step(closure)
+        opt_b.zero_grad()
+        loss_b = F.cross_entropy(b(x), y)
+        loss_b.backward()
+        opt_b.first_step(zero_grad=True)
+        F.cross_entropy(b(x), y).backward()
+        opt_b.second_step()
+        assert torch.equal(loss.detach(), loss_b.detach())   # the loss at w, returned
+        # the reference: g at w, eps from Table 10, g' at w + eps, w back, Nesterov SGD on g' (+ decay, >1-d)
+        ref.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        eps = reference_eps(mode, variant, ref, rho, eta)
+        with torch.no_grad():
+            saved = {p: p.clone() for p in ref.parameters()}
+            for p in ref.parameters():
+                p.add_(eps[p])
+        ref.zero_grad()
+        F.cross_entropy(ref(x), y).backward()
+        with torch.no_grad():
+            for p in ref.parameters():
+                g = p.grad + wd * saved[p] if p.ndim > 1 else p.grad
+                bufs[p] = g.clone() if p not in bufs else mom * bufs[p] + g
+                p.copy_(saved[p] - lr * (g + mom * bufs[p]))
+    for pa, pb, pr in zip(a.parameters(), b.parameters(), ref.parameters()):
+        assert torch.equal(pa, pb)
+        torch.testing.assert_close(pa, pr, rtol=1e-10, atol=1e-13)
+    assert not opt_a.is_perturbed
+
+
 def test_state_dict_round_trip_keeps_lockstep():
     model_a, x, y = _toy_problem()
     opt_a = create_optimizer_v2(model_a, 'sam-on-layerl2', lr=0.05, weight_decay=1e-4, rho=0.05)
@@ -255,9 +360,23 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
     # any timm base optimizer
     a = create_optimizer_v2(model, 'sam-on', lr=1e-3, rho=0.05, base_opt='adamw', betas=(0.8, 0.9))
     assert isinstance(a.base_optimizer, torch.optim.AdamW) and a.param_groups[0]['betas'] == (0.8, 0.9)
-    # lookahead_ prefix keeps working and the step still restores
-    la = create_optimizer_v2(model, 'lookahead_sam-on-layerl2', lr=0.05, rho=0.05)
+    # lookahead_ prefix keeps working and its step restores: one step equals plain SAM's (Lookahead
+    # only moves the weights every k = 6 steps)
+    ref, la_model = copy.deepcopy(model), copy.deepcopy(model)
+    la = create_optimizer_v2(la_model, 'lookahead_sam-on-layerl2', lr=0.05, rho=0.05)
+    plain = create_optimizer_v2(ref, 'sam-on-layerl2', lr=0.05, rho=0.05)
     assert isinstance(la._base_optimizer, SAM)
+    for m, o, sam in ((la_model, la, la._base_optimizer), (ref, plain, plain)):
+        o.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        sam.first_step(zero_grad=True)
+        assert sam.is_perturbed
+        F.cross_entropy(m(x), y).backward()
+        o.step()
+        assert not sam.is_perturbed
+    assert any(not torch.equal(p, q) for p, q in zip(la_model.parameters(), model.parameters()))   # it stepped
+    for p, q in zip(la_model.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize('path', ['GradScaler.step', 'second_step', 'second_step NativeScaler'])
