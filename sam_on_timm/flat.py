@@ -49,7 +49,7 @@ def match_layout(tensors: Sequence[Tensor], like: Sequence[Tensor]) -> List[Tens
     kernels, which compare strides literally, stay in use. Other tensors are returned as they are."""
     if not _fused(like):
         return list(tensors)
-    return [_restride(t, l) for t, l in zip(tensors, like)]
+    return [_restride(t, ref) for t, ref in zip(tensors, like)]
 
 
 def _restride(t: Tensor, like: Tensor) -> Tensor:

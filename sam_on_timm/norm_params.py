@@ -10,7 +10,6 @@ attention ``q_bias``/``v_bias`` and embeddings are never included.
 import argparse
 from typing import Iterable, List, Sequence, Tuple, Type
 
-import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 

@@ -460,7 +460,9 @@ def test_add_param_group_extends_the_perturbed_set(name, via):
     before = [p.detach().clone() for p in params]
     F.cross_entropy(model(x), y).backward()
     opt.first_step(zero_grad=True)
-    ids = lambda ts: sorted(id(t) for t in ts)
+
+    def ids(ts):
+        return sorted(id(t) for t in ts)
     assert ids(opt.perturbed) == ids(full.perturbed) and len(opt.perturbed) > 0
     if opt.is_bias is not None:
         assert [id(p) in {id(b) for b in bias} for p in opt.perturbed] == opt.is_bias

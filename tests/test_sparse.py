@@ -14,7 +14,7 @@ from torch import nn
 
 import sam_on_timm
 import train
-from sam_on_timm.sparse import PerturbationMask, fisher_diagonal, live_count
+from sam_on_timm.sparse import fisher_diagonal, live_count
 from timm.optim import create_optimizer_v2
 
 

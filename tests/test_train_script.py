@@ -264,7 +264,7 @@ def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsy
     assert scheds[0][0].lr_scheduler.mode == 'min'
     assert run(image_folder, tmp_path, *common, '--resume', str(tmp_path / 'v' / 'last.pth.tar')) == 0
     again = train.parse_args(['-c', str(tmp_path / 'v' / 'args.yaml')])
-    assert again.resume == '' and again.sched == 'plateau' and again.val_split == '' 
+    assert again.resume == '' and again.sched == 'plateau' and again.val_split == ''
     rows = read_summary(tmp_path / 'v' / 'summary.csv')
     assert [r['epoch'] for r in rows] == ['0', '1'] and not any(k.startswith('eval_') for k in rows[0])
     best = torch.load(tmp_path / 'v' / 'model_best.pth.tar', weights_only=True)

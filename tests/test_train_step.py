@@ -316,7 +316,9 @@ def test_mixed_precision_update_follows_the_float32_update(name, dtype, device):
             assert scaler.get_scale() == 2.0 ** 14  # no overflow, the base step ran
         deltas.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).double())
     ref, got, unperturbed = deltas
-    rel_err = lambda d: float((d - ref).norm() / ref.norm())
+
+    def rel_err(d):
+        return float((d - ref).norm() / ref.norm())
     assert rel_err(unperturbed) > 2 * AMP_REL_ERR, 'the bound no longer tells SAM from an unperturbed update'
     assert rel_err(got) < AMP_REL_ERR, rel_err(got)
 
