@@ -764,8 +764,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
                            bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
-                           chunk_path=args.sam_chunks_path, chunks_per_pass=args.batch_size // (args.sam_m or args.batch_size),
-                           sam_step=sam_step)
+                           # batched: each micro-batch's chunks share a pass (auto: one chunk runs sequentially)
+                           chunk_path='auto' if args.sam_chunks_path == 'batched' else 'sequential',
+                           chunks_per_pass=len(new_chunks), sam_step=sam_step)
         chunks = []
         num_updates += 1
         if model_ema is not None:
