@@ -2,14 +2,17 @@
 
     timm.create_model('cifar_wrn28_10', num_classes=100)
 
-| name | architecture | parameters (10 / 100 classes) |
-|---|---|---|
-| ``cifar_resnet18`` | ResNet-18, CIFAR variant (paper Figure 3): 4 stages x 2 basic blocks, 64-512 channels | 11.17M / 11.22M |
-| ``cifar_resnet56`` | ResNet-56 (He et al. 2016, Section 4.2): 3 stages x 9 basic blocks, 16/32/64 channels | 0.856M / 0.862M |
-| ``cifar_resnext29_32x4d`` | ResNeXt-29 (Xie et al. 2017), cardinality 32, 4 channels per group in the first stage | 4.78M / 4.87M |
-| ``cifar_wrn28_10`` | WideResNet-28-10 (Zagoruyko & Komodakis 2016), pre-activation blocks | 36.48M / 36.54M |
-| ``cifar_vit_tiny_patch4`` | ViT-T, 192 wide, 12 blocks, 3 heads, 4x4 patches of a 32x32 image | 5.36M / 5.38M |
-| ``cifar_vit_small_patch4`` | ViT-S, 384 wide, 12 blocks, 6 heads, 4x4 patches of a 32x32 image | 21.34M / 21.38M |
+name: architecture; parameters (10 / 100 classes)
+
+- ``cifar_resnet18``: ResNet-18, CIFAR variant (paper Figure 3): 4 stages x 2 basic blocks, 64-512 channels;
+  11.17M / 11.22M
+- ``cifar_resnet56``: ResNet-56 (He et al. 2016, Section 4.2): 3 stages x 9 basic blocks, 16/32/64 channels;
+  0.856M / 0.862M
+- ``cifar_resnext29_32x4d``: ResNeXt-29 (Xie et al. 2017), cardinality 32, 4 channels per group in the first stage;
+  4.78M / 4.87M
+- ``cifar_wrn28_10``: WideResNet-28-10 (Zagoruyko & Komodakis 2016), pre-activation blocks; 36.48M / 36.54M
+- ``cifar_vit_tiny_patch4``: ViT-T, 192 wide, 12 blocks, 3 heads, 4x4 patches of a 32x32 image; 5.36M / 5.38M
+- ``cifar_vit_small_patch4``: ViT-S, 384 wide, 12 blocks, 6 heads, 4x4 patches of a 32x32 image; 21.34M / 21.38M
 
 The ResNets follow the layouts the paper's CIFAR experiments used: a 3x3 stem convolution at full
 resolution (no stride, no max-pool); a shortcut that changes width or resolution is a strided 1x1

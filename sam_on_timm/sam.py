@@ -29,7 +29,8 @@ MODES = ('all', 'on', 'nonorm')
 
 
 def torch_grad_scaler(scaler) -> Optional['torch.amp.GradScaler']:
-    """The torch ``GradScaler`` behind timm's ``NativeScaler``, a ``GradScaler`` itself, or None (also when disabled)."""
+    """The torch ``GradScaler`` behind timm's ``NativeScaler``, a ``GradScaler`` itself, or None (also when
+    disabled)."""
     scaler = getattr(scaler, '_scaler', scaler)
     if scaler is not None and not scaler.is_enabled():
         return None
@@ -106,7 +107,8 @@ class SAM(torch.optim.Optimizer):
             if not norm_params:
                 raise ValueError(
                     f"'{name}': the model has no normalization layers (BatchNorm, LayerNorm, GroupNorm, RMSNorm, "
-                    f"EvoNorm, ...); use mode 'all' (e.g. '{name.replace('-' + mode, '')}') or a model with norm layers")
+                    f"EvoNorm, ...); use mode 'all' (e.g. '{name.replace('-' + mode, '')}') or a model with norm "
+                    f"layers")
         bias_set = None if bias_params is None else set(bias_params)
         if variant == 'eleml2orig' and bias_set is None:
             raise ValueError(f"'{name}' must know which parameters are biases: pass the model, or bias_params=...")
@@ -333,5 +335,5 @@ class SAM(torch.optim.Optimizer):
 
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.perturbed)
-        return (f'{self.__class__.__name__}({self.name}, rho={self.rho}, eta={self.eta}, perturbed={len(self.perturbed)} '
-                f'tensors / {n:,} elements, base={self.base_optimizer!r})')
+        return (f'{self.__class__.__name__}({self.name}, rho={self.rho}, eta={self.eta}, '
+                f'perturbed={len(self.perturbed)} tensors / {n:,} elements, base={self.base_optimizer!r})')

@@ -135,7 +135,8 @@ def _loss_and_grad(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], need
 
 
 def apgd_checkpoints(n_iters: int) -> List[int]:
-    """Auto-PGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
+    """Auto-PGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22,
+    p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
     p, w = [0.0, 0.22], [0, math.ceil(0.22 * n_iters)]
     while w[-1] < n_iters:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
@@ -293,7 +294,8 @@ class UsageError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog='python -m sam_on_timm.sharpness',
-                                 description='Worst-case (Auto-PGD), 1-step and average-case m-sharpness of a timm model.')
+                                 description='Worst-case (Auto-PGD), 1-step and average-case m-sharpness of a timm '
+                                             'model.')
     g = ap.add_argument_group('model')
     g.add_argument('--checkpoint', default='', metavar='FILE',
                    help="weights: a train.py checkpoint (model, classes and eval transform come from it) or timm's")
@@ -364,7 +366,8 @@ def _check_args(args) -> None:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.n_examples % args.m:
-        raise UsageError(f'--n-examples {args.n_examples} is not a multiple of --m {args.m}: every batch has m examples')
+        raise UsageError(f'--n-examples {args.n_examples} is not a multiple of --m {args.m}: every batch has m '
+                         f'examples')
     if not (math.isfinite(args.rho) and args.rho >= 0):
         raise UsageError(f'--rho must be a finite number >= 0, got {args.rho}')
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]

@@ -12,7 +12,8 @@ import train
 from sam_on_timm.ablations import fix_norm, in_window, parse_epoch_window, train_only_norm
 from sam_on_timm.train_step import train_step
 
-BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0',
+BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu',
+        '--workers', '0',
         '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--log-interval', '2', '--seed', '3',
         '--weight-decay', '1e-3']
 
@@ -149,11 +150,13 @@ def test_sam_epochs_sgd_outside_sam_inside_and_exact_resume(image_folder, tmp_pa
                            *extra])
 
     # epoch 0 outside the window: the same weights as an SGD run
-    assert run(image_folder, tmp_path, '--opt', 'sam', '--sam-epochs', '1:', '--experiment', 'w', '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam', '--sam-epochs', '1:', '--experiment', 'w',
+               '--stop-epoch', '1') == 0
     assert run(image_folder, tmp_path, '--opt', 'sgd', '--experiment', 'sgd', '--stop-epoch', '1') == 0
     assert _equal_states(_weights(tmp_path / 'w' / 'last.pth.tar'), _weights(tmp_path / 'sgd' / 'last.pth.tar'))
     # epoch 0 inside the window: the same weights as a SAM run, which differ from SGD's
-    assert run(image_folder, tmp_path, '--opt', 'sam', '--sam-epochs', '0:1', '--experiment', 'in', '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam', '--sam-epochs', '0:1', '--experiment', 'in',
+               '--stop-epoch', '1') == 0
     assert run(image_folder, tmp_path, '--opt', 'sam', '--experiment', 'sam', '--stop-epoch', '1') == 0
     assert _equal_states(_weights(tmp_path / 'in' / 'last.pth.tar'), _weights(tmp_path / 'sam' / 'last.pth.tar'))
     assert not _equal_states(_weights(tmp_path / 'in' / 'last.pth.tar'), _weights(tmp_path / 'sgd' / 'last.pth.tar'))

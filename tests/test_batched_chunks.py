@@ -305,11 +305,13 @@ def test_train_script_flag_logs_the_choice_and_both_paths_train_alike(image_fold
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('--sam-m chunks')]
     assert lines == ['--sam-m chunks: batched (2 chunks of 4 per pass (ghost normalization))',
                      '--sam-m chunks: sequential (forced)']
-    wa, wb = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True)['state_dict'] for e in ('batched', 'sequential'))
+    wa, wb = (torch.load(tmp_path / e / 'last.pth.tar', weights_only=True)['state_dict']
+              for e in ('batched', 'sequential'))
     assert max((wa[k].double() - wb[k].double()).abs().max().item() for k in wa) < 1e-5
     capsys.readouterr()
     assert train.main([*base, '--experiment', 'bad', '--opt', 'sam', '--sam-chunks', 'batched']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert 'Traceback' not in '\n'.join(err)
     assert err[-1].endswith('--sam-chunks batched: the chunks cannot share one pass: 17 perturbed tensors are not '
-                            'affine parameters of a normalization layer (SAM-ON perturbs only those); use --sam-chunks auto')
+                            'affine parameters of a normalization layer (SAM-ON perturbs only those); use '
+                            '--sam-chunks auto')

@@ -35,7 +35,8 @@ def wrn28_10(c):      # pre-activation blocks, bare 1x1 shortcut conv, BN + ReLU
     n, cin = conv(3, 16, 3), 16
     for i, w in enumerate((160, 320, 640)):
         for j in range(4):
-            n += 2 * cin + conv(cin, w, 3) + 2 * w + conv(w, w, 3) + (conv(cin, w, 1) if cin != w or (i and not j) else 0)
+            n += (2 * cin + conv(cin, w, 3) + 2 * w + conv(w, w, 3)
+                  + (conv(cin, w, 1) if cin != w or (i and not j) else 0))
             cin = w
     return n + 2 * 640 + 640 * c + c
 
@@ -57,7 +58,8 @@ def vit(d, c, depth=12, tokens=65):   # 4x4 patches of 32x32: 64 tokens + the cl
 
 
 EXPECTED = {   # name -> (parameter count for c classes, published size in millions for CIFAR-10, tolerance)
-    'cifar_resnet56': (lambda c: basic_resnet(c, (16, 32, 64), 9), 0.86, 0.005),   # He et al.'s 0.85M: option-A shortcut
+    # He et al.'s 0.85M: option-A shortcut
+    'cifar_resnet56': (lambda c: basic_resnet(c, (16, 32, 64), 9), 0.86, 0.005),
     'cifar_resnet18': (lambda c: basic_resnet(c, (64, 128, 256, 512), 2), 11.17, 0.005),
     'cifar_resnext29_32x4d': (resnext29_32x4d, 4.78, 0.005),
     'cifar_wrn28_10': (wrn28_10, 36.5, 0.05),             # Zagoruyko & Komodakis 2016, Table 1

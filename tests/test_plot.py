@@ -97,7 +97,8 @@ def test_curves_draw_the_summary_columns(tmp_path):
 
 def test_sharpness_plot_reads_results(tmp_path):
     files = []
-    for name, params, worst, top1 in (('sgd', 'all', 0.2, 97.0), ('sam-on', 'all', 0.3, 98.0), ('sam-on', 'on', 0.05, 98.0)):
+    for name, params, worst, top1 in (('sgd', 'all', 0.2, 97.0), ('sam-on', 'all', 0.3, 98.0),
+                                      ('sam-on', 'on', 0.05, 98.0)):
         r = dict(name=name, params=params, sharpness={'worst': worst, 'one-step': worst / 2}, checkpoint_metric=top1,
                  clean_top1=99.0, p='inf', adaptive=True, rho=0.005, m=128, normalize_logits=True)
         files.append(tmp_path / f'{name}-{params}.json')

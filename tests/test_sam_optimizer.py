@@ -355,7 +355,8 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
     assert all(p in copied for p in c.perturbed) and c.is_perturbed
     c.restore()
     opt.restore()
-    for p, q in zip((p for g in opt.param_groups for p in g['params']), (p for g in c.param_groups for p in g['params'])):
+    for p, q in zip((p for g in opt.param_groups for p in g['params']),
+                    (p for g in c.param_groups for p in g['params'])):
         assert torch.equal(p, q)
     # any timm base optimizer
     a = create_optimizer_v2(model, 'sam-on', lr=1e-3, rho=0.05, base_opt='adamw', betas=(0.8, 0.9))
@@ -382,7 +383,8 @@ def test_optimizer_api_shares_groups_and_deepcopies_whole():
 @pytest.mark.parametrize('path', ['GradScaler.step', 'second_step', 'second_step NativeScaler'])
 def test_GradScaler_step_restores_then_steps(device, path):
     """An overflow skips the base step and still leaves w restored, also through a bare
-    ``scaler.step(opt)`` (docs/design.md, sections 3 and 4); otherwise the step is SGD's on the unscaled gradient at w + eps."""
+    ``scaler.step(opt)`` (docs/design.md, sections 3 and 4); otherwise the step is SGD's on the unscaled gradient at
+    w + eps."""
     from timm.utils import NativeScaler
     model, x, y = _toy_problem(device=device)
     opt = create_optimizer_v2(model, 'sam-on', lr=0.05, rho=0.05, weight_decay=1e-4)

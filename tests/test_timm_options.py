@@ -183,8 +183,8 @@ def test_head_init_and_tta_in_validation(data16, tmp_path, monkeypatch):
 
 
 def test_recovery_checkpoint_resumes_and_val_interval(data16, tmp_path):
-    """--recovery-interval 1 writes recovery-EPOCH-UPDATE files (the last two kept); --resume of the one at the epoch's last
-    update continues at the next epoch (timm's rule) with the weights of that epoch's checkpoint.
+    """--recovery-interval 1 writes recovery-EPOCH-UPDATE files (the last two kept); --resume of the one at the
+    epoch's last update continues at the next epoch (timm's rule) with the weights of that epoch's checkpoint.
     --val-interval 2: no validation, summary row or checkpoint in epoch 0."""
     common = ['--experiment', 'r', '--recovery-interval', '1', '--val-interval', '2']
     assert run(data16, tmp_path, *common, '--epochs', '2') == 0
@@ -211,7 +211,8 @@ def test_distillation_perturbs_the_student_only_and_calls_the_teacher_once_per_c
     torch.save(teacher.state_dict(), path)
     calls = []
     forward = DistillationTeacher.forward
-    monkeypatch.setattr(DistillationTeacher, 'forward', lambda self, x, **k: calls.append(x.shape[0]) or forward(self, x, **k))
+    monkeypatch.setattr(DistillationTeacher, 'forward',
+                        lambda self, x, **k: calls.append(x.shape[0]) or forward(self, x, **k))
     assert run(data16, tmp_path, '--experiment', 'kd', '--model', 'test_resnet', '--kd-model-name', 'test_resnet',
                '--kd-pretrained-path', str(path), '--sam-m', '4', '--kd-temperature', '2',
                '--task-loss-weight', '0.3') == 0

@@ -12,7 +12,8 @@ import train
 from tests.helpers import evaluate_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu', '--workers', '0',
+BASE = ['--model', 'test_resnet', '--num-classes', '2', '--img-size', '32', '-b', '4', '--device', 'cpu',
+        '--workers', '0',
         '--epochs', '2', '--warmup-epochs', '0', '--lr', '0.05', '--log-interval', '2', '--seed', '3']
 SAM_COLUMNS = ['train_ascent_loss', 'train_descent_loss', 'train_sharpness', 'train_eps_norm',
                'train_skipped_perturbations']
@@ -202,7 +203,8 @@ def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_pa
     saver = CheckpointSaver(model, sgd, args=argparse.Namespace(model='test_resnet'), checkpoint_dir=str(up),
                             recovery_dir=str(up))
     saver.save_checkpoint(epoch=0, metric=50.0)
-    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'r', '--resume', str(up / 'last.pth.tar')) == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'r',
+               '--resume', str(up / 'last.pth.tar')) == 0
     assert [r['epoch'] for r in read_summary(tmp_path / 'r' / 'summary.csv')] == ['1']   # continued after epoch 0
     # an optimizer state of another layout (one group: no weight decay there) is refused, with the way out
     (up / 'one').mkdir()
@@ -229,7 +231,8 @@ def test_data_dir_may_be_an_image_tar(image_folder, tmp_path, capsys):
     tar = tmp_path / 'images.tar'
     with tarfile.open(tar, 'w') as t:
         t.add(os.path.join(image_folder, 'train'), arcname='.')
-    assert train.main(['--data-dir', str(tar), '--output', str(tmp_path), *BASE, '--epochs', '1', '--experiment', 't']) == 0
+    assert train.main(['--data-dir', str(tar), '--output', str(tmp_path), *BASE, '--epochs', '1',
+                       '--experiment', 't']) == 0
     assert len(read_summary(tmp_path / 't' / 'summary.csv')) == 1
     assert train.main(['--data-dir', str(tmp_path / 't' / 'summary.csv'), '--output', str(tmp_path), *BASE]) == 2
     assert 'is a file: pass a folder or an image .tar' in capsys.readouterr().err
@@ -240,7 +243,8 @@ def test_yaml_of_timms_own_train_script(image_folder, tmp_path, capsys):
     no release of this script or timm's (a typo, or one of an older timm) is an error."""
     cfg = tmp_path / 'timm_args.yaml'
     cfg.write_text('opt: sam-on\nlog_wandb: false\naug_repeats: 0\nworker_seeding: all\n'
-                   'drop_block: null\nwandb_tags: []\ndecay_epochs: 90\nnaflex_train_seq_lens: [128, 256, 576, 784, 1024]\n'
+                   'drop_block: null\nwandb_tags: []\ndecay_epochs: 90\n'
+                   'naflex_train_seq_lens: [128, 256, 576, 784, 1024]\n'
                    'kd_temperature: 4.0\nbce_loss: true\nmodel_kwargs: {}\n')
     args = train.parse_args(['-c', str(cfg), '--data-dir', image_folder])
     assert args.opt == 'sam-on' and args.decay_epochs == 90 and args.log_wandb is False and args.bce_loss is True
@@ -257,7 +261,8 @@ def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsy
     columns, and the resumed run's args.yaml repeats the run rather than resuming it again."""
     import timm.scheduler
     scheds, create = [], timm.scheduler.create_scheduler_v2
-    monkeypatch.setattr(timm.scheduler, 'create_scheduler_v2', lambda *a, **k: scheds.append(create(*a, **k)) or scheds[-1])
+    monkeypatch.setattr(timm.scheduler, 'create_scheduler_v2',
+                        lambda *a, **k: scheds.append(create(*a, **k)) or scheds[-1])
     common = ['--opt', 'sam-on', '--experiment', 'v', '--val-split', '', '--model-ema', '--epochs', '2',
               '--sched', 'plateau']
     assert run(image_folder, tmp_path, *common, '--stop-epoch', '1') == 0
@@ -273,7 +278,8 @@ def test_empty_val_split_trains_without_validation(image_folder, tmp_path, capsy
     import json
     out = capsys.readouterr().out
     result = json.loads(out.split('--result\n')[-1])
-    assert [r['epoch'] for r in result] == [1] and result[0]['train']['loss'] == pytest.approx(float(rows[1]['train_loss']))
+    assert [r['epoch'] for r in result] == [1] and result[0]['train']['loss'] == pytest.approx(
+        float(rows[1]['train_loss']))
 
 
 def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
@@ -301,17 +307,19 @@ def test_stop_and_resume_equals_uninterrupted_run(image_folder, tmp_path):
 def test_stop_and_resume_of_a_plateau_schedule_equals_uninterrupted_run(image_folder, tmp_path):
     """A plateau schedule is not a function of the epoch: the resumed run keeps the lr the plateau had
     reached (not the warmup start timm's factory sets) and its best metric / patience count."""
-    common = ['--opt', 'sam-on', '--sched', 'plateau', '--warmup-epochs', '1', '--epochs', '5', '--patience-epochs', '0',
-              '--eval-metric', 'loss', '--decay-rate', '0.5']
+    common = ['--opt', 'sam-on', '--sched', 'plateau', '--warmup-epochs', '1', '--epochs', '5',
+              '--patience-epochs', '0', '--eval-metric', 'loss', '--decay-rate', '0.5']
     assert run(image_folder, tmp_path, *common, '--experiment', 'full') == 0
     assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--stop-epoch', '3') == 0
-    assert run(image_folder, tmp_path, *common, '--experiment', 'part', '--resume', str(tmp_path / 'part' / 'last.pth.tar')) == 0
+    assert run(image_folder, tmp_path, *common, '--experiment', 'part',
+               '--resume', str(tmp_path / 'part' / 'last.pth.tar')) == 0
     lrs = [[float(r['lr']) for r in read_summary(tmp_path / e / 'summary.csv')] for e in ('full', 'part')]
     assert lrs[0] == lrs[1] and len(set(lrs[0])) == 3, lrs   # warmup, base lr and a reduction: each resumed
     a = torch.load(tmp_path / 'full' / 'last.pth.tar', weights_only=True)
     b = torch.load(tmp_path / 'part' / 'last.pth.tar', weights_only=True)
     assert a['lr_scheduler']['reduce_on_plateau']['best'] == b['lr_scheduler']['reduce_on_plateau']['best']
-    assert max((a['state_dict'][k].double() - b['state_dict'][k].double()).abs().max().item() for k in a['state_dict']) < 1e-5
+    assert max((a['state_dict'][k].double() - b['state_dict'][k].double()).abs().max().item()
+               for k in a['state_dict']) < 1e-5
 
 
 def test_resume_plateau_takes_progress_not_settings():
@@ -397,7 +405,8 @@ BAD_INPUTS = [
     (['--hflip', '-0.5'], '--hflip must be a finite number in [0, 1], got -0.5'),
     (['--gaussian-blur-prob', '0.5', '--img-size', '8'], '--gaussian-blur-prob needs images of at least 12 px'),
     (['--model-ema', '--model-ema-decay', '2'], '--model-ema-decay must be a finite number in [0, 1], got 2.0'),
-    (['--opt', 'sam-on', '--sam-m', '1'], "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
+    (['--opt', 'sam-on', '--sam-m', '1'],
+     "'test_resnet' has BatchNorm, which needs at least 2 samples per pass: a chunk has 1"),
     (['--opt', 'sam-on', '--sam-ascent-frac', '0.1'], 'the ascent chunk has 1 (--sam-m / -b 4, --sam-ascent-frac 0.1)'),
 ] + ([(['--device', 'cuda'], '--device cuda: CUDA is not available on this machine; use --device cpu')]
      if not torch.cuda.is_available() else [])   # on a CUDA machine '--device cuda' is good input
@@ -502,7 +511,8 @@ def test_more_bad_inputs_are_one_line(image_folder, tmp_path, capsys):
                             "--sched 'plateau': Plateau LR only supports step per epoch"),
                            (['--resume', readme],
                             f"--resume '{readme}' cannot be loaded into this run: not a PyTorch checkpoint"),
-                           (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'], "cannot create optimizer 'sam'"),
+                           (['--opt', 'sam', '--sam-base', 'adamw', '--opt-betas', '0.9'],
+                            "cannot create optimizer 'sam'"),
                            (['--num-classes', '1'], 'the training data has 2 classes but the model head has 1')):
         assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
@@ -529,7 +539,8 @@ def test_grad_checkpointing_gives_the_same_run(image_folder, tmp_path):
 
 def test_compile_and_checkpointing_flags_reject_bad_values(image_folder, tmp_path, capsys):
     for extra, message in ((['--torchcompile', 'nosuch'], "--torchcompile nosuch"),
-                           (['--torchcompile', 'inductor', '--torchcompile-mode', 'nosuch'], 'Unrecognized mode=nosuch'),
+                           (['--torchcompile', 'inductor', '--torchcompile-mode', 'nosuch'],
+                            'Unrecognized mode=nosuch'),
                            (['--model', 'dla34', '--grad-checkpointing'],
                             "--grad-checkpointing: model 'dla34' does not support activation checkpointing")):
         assert run(image_folder, tmp_path, '--experiment', 'bad', *extra) == 2, extra
@@ -558,7 +569,8 @@ def test_demo_data_never_replaces_a_foreign_folder(image_folder, tmp_path, capsy
 
 def test_yaml_syntax_and_choices_are_one_line_errors(image_folder, tmp_path, capsys):
     for text, message in (('lr: [1\n', 'is not valid YAML'),
-                          ('sam_bn_update: bogus\n', "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)"),
+                          ('sam_bn_update: bogus\n',
+                           "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)"),
                           ('epochs: 1.5\n', "bad value 1.5 for 'epochs' (expected an integer)")):
         cfg = tmp_path / 'c.yaml'
         cfg.write_text(text)
@@ -570,7 +582,8 @@ def test_yaml_syntax_and_choices_are_one_line_errors(image_folder, tmp_path, cap
 def test_resume_or_reuse_never_mixes_summary_columns(image_folder, tmp_path, capsys):
     """summary.csv rows always match its header: resuming a SAM run as SGD (other columns) and reusing the
     folder of a run that stopped before its first checkpoint are refused, and nothing is written."""
-    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '2', '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's', '--epochs', '2',
+               '--stop-epoch', '1') == 0
     d = tmp_path / 's'
     files = {p.name: p.read_bytes() for p in d.iterdir()}
     assert run(image_folder, tmp_path, '--opt', 'sgd', '--experiment', 's', '--epochs', '2',
@@ -582,7 +595,8 @@ def test_resume_or_reuse_never_mixes_summary_columns(image_folder, tmp_path, cap
     assert run(image_folder, tmp_path, '--opt', 'sgd', '--experiment', 's', '--epochs', '1') == 2
     assert "already holds another run's summary.csv" in capsys.readouterr().err
     # the right resume still works
-    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's2', '--epochs', '2', '--stop-epoch', '1') == 0
+    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's2', '--epochs', '2',
+               '--stop-epoch', '1') == 0
     assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 's2', '--epochs', '2',
                '--resume', str(tmp_path / 's2' / 'last.pth.tar')) == 0
     assert len(read_summary(tmp_path / 's2' / 'summary.csv')) == 2

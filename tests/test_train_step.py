@@ -405,8 +405,8 @@ def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation():
 
 def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
     """Under torch.compile the ascent runs its own graph whose backward computes no convolution weight
-    gradient (without the flags off, a compiled graph computes every weight gradient), compiled once, not every step, and
-    the updates equal eager ones."""
+    gradient (without the flags off, a compiled graph computes every weight gradient), compiled once, not every step,
+    and the updates equal eager ones."""
     import torch._dynamo
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
