@@ -49,16 +49,21 @@ config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='timm training with SAM / SAM-ON', parents=[config_parser])
     g = p.add_argument_group('Dataset')
-    g.add_argument('data', nargs='?', metavar='DIR', const=None, help='path to dataset (positional is *deprecated*, use --data-dir)')
+    g.add_argument('data', nargs='?', metavar='DIR', const=None,
+                   help='path to dataset (positional is *deprecated*, use --data-dir)')
     g.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
-    g.add_argument('--dataset', metavar='NAME', default='', help='dataset type + name ("<type>/<name>"), default: ImageFolder/ImageTar')
+    g.add_argument('--dataset', metavar='NAME', default='',
+                   help='dataset type + name ("<type>/<name>"), default: ImageFolder/ImageTar')
     g.add_argument('--train-split', metavar='NAME', default='train')
     g.add_argument('--val-split', metavar='NAME', default='validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
-    g.add_argument('--train-num-samples', default=None, type=int, metavar='N', help='samples in the train split (iterable datasets)')
-    g.add_argument('--val-num-samples', default=None, type=int, metavar='N', help='samples in the validation split (iterable datasets)')
-    g.add_argument('--input-img-mode', default=None, type=str, help="image conversion mode (default: 'RGB', 'L' for 1 channel)")
+    g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the train split (iterable datasets)')
+    g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                   help='samples in the validation split (iterable datasets)')
+    g.add_argument('--input-img-mode', default=None, type=str,
+                   help="image conversion mode (default: 'RGB', 'L' for 1 channel)")
     g.add_argument('--input-key', default=None, type=str, help='dataset key of the input images')
     g.add_argument('--target-key', default=None, type=str, help='dataset key of the target labels')
     g.add_argument('--dataset-trust-remote-code', action='store_true', default=False,
@@ -70,9 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--model', default='resnet50', type=str, metavar='MODEL')
     g.add_argument('--pretrained', action=argparse.BooleanOptionalAction, default=False,
                    help='start from timm\'s pretrained weights (--no-pretrained overrides a recipe)')
-    g.add_argument('--pretrained-path', default=None, type=str, help='load this file as the pretrained weights (head adapted as for hub weights)')
-    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH', help='load this checkpoint into the model (strict)')
-    g.add_argument('--resume', default='', type=str, metavar='PATH', help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
+    g.add_argument('--pretrained-path', default=None, type=str,
+                   help='load this file as the pretrained weights (head adapted as for hub weights)')
+    g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                   help='load this checkpoint into the model (strict)')
+    g.add_argument('--resume', default='', type=str, metavar='PATH',
+                   help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
     g.add_argument('--no-resume-opt', action='store_true', default=False)
     g.add_argument('--num-classes', type=int, default=None, metavar='N')
     g.add_argument('--gp', default=None, type=str, metavar='POOL')
@@ -88,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--channels-last', action='store_true', default=False)
     g.add_argument('--grad-accum-steps', type=int, default=1, metavar='N')
     g.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
-                   help='torch.compile the model with this backend (default inductor); the SAM ascent keeps its lean graph')
+                   help='torch.compile the model with this backend (default inductor); '
+                        'the SAM ascent keeps its lean graph')
     g.add_argument('--torchcompile-mode', type=str, default=None, help='torch.compile mode (default: None)')
     g.add_argument('--grad-checkpointing', action='store_true', default=False,
                    help="activation checkpointing (timm's non-reentrant checkpoints)")
@@ -105,13 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--amp-dtype', default='float16', type=str, help='float16 (GradScaler) or bfloat16 (no scaler)')
     g.add_argument('--model-dtype', default=None, type=str, help='model dtype without AMP (float32, bfloat16, float16)')
     g.add_argument('--no-ddp-bb', action='store_true', default=False, help='DDP without buffer broadcast')
-    g.add_argument('--synchronize-step', action='store_true', default=False, help='synchronize the device after each update')
+    g.add_argument('--synchronize-step', action='store_true', default=False,
+                   help='synchronize the device after each update')
     g.add_argument('--device-modules', default=None, type=str, nargs='+', help='modules to import for a device backend')
     g.add_argument('--sync-bn', action='store_true', default=False)
-    g.add_argument('--dist-bn', type=str, default='reduce', help='BN stats across ranks at epoch end ("broadcast", "reduce", "")')
+    g.add_argument('--dist-bn', type=str, default='reduce',
+                   help='BN stats across ranks at epoch end ("broadcast", "reduce", "")')
 
     g = p.add_argument_group('Optimizer')
-    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='timm optimizer name, or a SAM name (sam-on-layerl2, ...)')
+    g.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER',
+                   help='timm optimizer name, or a SAM name (sam-on-layerl2, ...)')
     g.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON')
     g.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA')
     g.add_argument('--momentum', type=float, default=0.9, metavar='M')
@@ -159,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group('Learning rate schedule')
     g.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER')
     g.add_argument('--sched-on-updates', action='store_true', default=False)
-    g.add_argument('--lr', type=float, default=None, metavar='LR', help='learning rate (default: lr-base scaled by global batch)')
+    g.add_argument('--lr', type=float, default=None, metavar='LR',
+                   help='learning rate (default: lr-base scaled by global batch)')
     g.add_argument('--lr-base', type=float, default=0.1, metavar='LR')
     g.add_argument('--lr-base-size', type=int, default=256, metavar='DIV')
-    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE', help='"linear" or "sqrt" (default by optimizer)')
+    g.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                   help='"linear" or "sqrt" (default by optimizer)')
     g.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct')
     g.add_argument('--lr-noise-pct', type=float, default=0.67)
     g.add_argument('--lr-noise-std', type=float, default=1.0)
@@ -177,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--epochs', type=int, default=300)
     g.add_argument('--epoch-repeats', type=float, default=0., help='repeat the dataset this many times per epoch')
     g.add_argument('--start-epoch', default=None, type=int)
-    g.add_argument('--stop-epoch', default=None, type=int, help='stop after this many epochs (the schedule still spans --epochs)')
+    g.add_argument('--stop-epoch', default=None, type=int,
+                   help='stop after this many epochs (the schedule still spans --epochs)')
     g.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+')
     g.add_argument('--decay-epochs', type=float, default=None, help='step interval; wsd / rsqrt: decay length '
                    '(a fraction < 1 of the schedule; default: step 90, wsd / rsqrt 0.2)')
@@ -199,14 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help='apply the color jitter with this probability (default: always)')
     g.add_argument('--grayscale-prob', type=float, default=0., metavar='P', help='random grayscale probability')
     g.add_argument('--gaussian-blur-prob', type=float, default=0., metavar='P', help='random gaussian blur probability')
-    g.add_argument('--aa', type=str, default=None, metavar='NAME', help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
+    g.add_argument('--aa', type=str, default=None, metavar='NAME',
+                   help='auto augment policy, e.g. rand-m9-mstd0.5-inc1')
     g.add_argument('--cifar-aug', type=str, default='', metavar='NAME',
                    help="the paper's CIFAR training transform instead of timm's: 'basic' (4 px padded random crop + "
-                        "flip) or 'basic+aa' (+ AutoAugment, CIFAR-10 policy); --scale/--ratio/--hflip/--color-jitter unused")
+                        "flip) or 'basic+aa' (+ AutoAugment, CIFAR-10 policy); "
+                        "--scale/--ratio/--hflip/--color-jitter unused")
     g.add_argument('--aug-repeats', type=float, default=0, help="repeated augmentation: each image this many times "
                    "per epoch (timm's RepeatAugSampler)")
     g.add_argument('--aug-splits', type=int, default=0, help='AugMix splits (0 or >= 2); a SAM chunk keeps its splits')
-    g.add_argument('--jsd-loss', action='store_true', default=False, help='Jensen-Shannon + CE loss (with --aug-splits)')
+    g.add_argument('--jsd-loss', action='store_true', default=False,
+                   help='Jensen-Shannon + CE loss (with --aug-splits)')
     g.add_argument('--bce-loss', action='store_true', default=False, help='binary cross-entropy loss')
     g.add_argument('--bce-sum', action='store_true', default=False, help='BCE summed over classes')
     g.add_argument('--bce-target-thresh', type=float, default=None, help='binarize soft BCE targets at this threshold')
@@ -267,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--pin-mem', action='store_true', default=False)
     g.add_argument('--no-prefetcher', action='store_true', default=False)
     g.add_argument('--output', default='', type=str, metavar='PATH', help='output folder (default: ./output/train)')
-    g.add_argument('--experiment', default='', type=str, metavar='NAME', help='run folder name (default: date-model-size)')
+    g.add_argument('--experiment', default='', type=str, metavar='NAME',
+                   help='run folder name (default: date-model-size)')
     g.add_argument('--eval-metric', default='top1', type=str)
     g.add_argument('--tta', type=int, default=0, metavar='N', help='test-time augmentation factor of validation')
     g.add_argument('--use-multi-epochs-loader', action='store_true', default=False)
@@ -472,7 +491,8 @@ def validate_args(args) -> None:
         clash = [f for f, on in (('--aa', args.aa), ('--no-aug', args.no_aug), ('--reprob', args.reprob),
                                  ('--aug-splits', args.aug_splits)) if on]
         if clash:
-            raise UsageError(f"--cifar-aug {args.cifar_aug} replaces timm's training transform: drop {', '.join(clash)}")
+            raise UsageError(f"--cifar-aug {args.cifar_aug} replaces timm's training transform: "
+                             f"drop {', '.join(clash)}")
     if args.fix_norm and args.train_only_norm:
         raise UsageError('--fix-norm and --train-only-norm together leave nothing to train: choose one')
     if args.amp and args.amp_dtype not in ('float16', 'bfloat16'):
@@ -495,7 +515,8 @@ def validate_args(args) -> None:
         if not args.data_dir:
             raise UsageError('no data: pass --data-dir DIR (an ImageFolder with train/ and validation/ folders)')
         if os.path.isfile(args.data_dir) and not args.data_dir.endswith('.tar'):
-            raise UsageError(f"--data-dir '{args.data_dir}' is a file: pass a folder or an image .tar (timm's ImageTar)")
+            raise UsageError(f"--data-dir '{args.data_dir}' is a file: pass a folder or an image .tar "
+                             f"(timm's ImageTar)")
         if not os.path.exists(args.data_dir):
             raise UsageError(f"data directory '{args.data_dir}' does not exist")
     for dest in ('resume', 'initial_checkpoint', 'pretrained_path'):
@@ -586,7 +607,8 @@ def validate_timm_options(args) -> None:
     if args.drop_connect is not None:
         raise UsageError('--drop-connect is deprecated in timm (its train.py ignores it): use --drop-path')
     if args.aug_splits == 1 or args.aug_splits < 0:
-        raise UsageError(f'--aug-splits must be 0 (off) or at least 2 (clean + augmented splits), got {args.aug_splits}')
+        raise UsageError(f'--aug-splits must be 0 (off) or at least 2 (clean + augmented splits), '
+                         f'got {args.aug_splits}')
     if args.jsd_loss and args.aug_splits < 2:
         raise UsageError('--jsd-loss compares the AugMix splits of each image: it needs --aug-splits 2 or more')
     if args.split_bn and args.aug_splits < 2 and not args.resplit:
@@ -702,8 +724,10 @@ def check_output_dir(args, output_dir: str) -> None:
         ema = bool(args.model_ema and not args.model_ema_force_cpu and args.val_split)
         for what, flag, column in (('SAM', args.is_sam, 'train_eps_norm'), ('EMA', ema, 'eval_ema_top1')):
             if (column in header) != flag:
-                raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {'with' if column in header else 'without'} "
-                                 f"{what} columns and this run has {'none' if not flag else 'them'}: resume with the run's "
+                had = 'with' if column in header else 'without'
+                raise UsageError(f"--resume into '{output_dir}': its summary.csv was written {had} "
+                                 f"{what} columns and this run has {'none' if not flag else 'them'}: "
+                                 f"resume with the run's "
                                  f"--opt / --model-ema, or pass another --experiment")
 
 
@@ -759,7 +783,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             continue
         scale = 1.0   # --variable-batch-loss-scale: the update's loss scaled by (batch / average batch)^p, as timm
         if args.train_img_sizes is not None and args.variable_batch_loss_scale != 'none':
-            scale = (x.shape[0] / batch_size_reference(args)) ** (0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.)
+            power = 0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.
+            scale = (x.shape[0] / batch_size_reference(args)) ** power
         step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
         stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
@@ -789,7 +814,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             if args.rank == 0:
                 s = (shown / shown[4]).tolist()
                 lr = optimizer.param_groups[0]['lr']
-                msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({100. * (batch_idx + 1) / len(loader):>3.0f}%)]  '
+                done = 100. * (batch_idx + 1) / len(loader)
+                msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({done:>3.0f}%)]  '
                        f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
                 if args.is_sam and sam_step:
                     msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
@@ -1025,7 +1051,8 @@ def create_model(args):
         try:
             model.set_grad_checkpointing(enable=True)
         except (AssertionError, AttributeError, NotImplementedError):
-            raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support activation checkpointing") from None
+            raise UsageError(f"--grad-checkpointing: model '{args.model}' does not support "
+                             f"activation checkpointing") from None
     if args.fix_norm or args.train_only_norm:   # before the optimizer: frozen parameters stay out of its groups
         from sam_on_timm.ablations import fix_norm, train_only_norm
         try:
@@ -1081,8 +1108,9 @@ def create_optimizer(args, model):
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     global_batch = batch_size_reference(args) * args.world_size * args.grad_accum_steps
     if args.lr is None:
-        scale = args.lr_base_scale or ('sqrt' if any(o in name.lower() for o in ('ada', 'lamb')
-                                                     for name in (args.opt, args.sam_base if args.is_sam else '')) else 'linear')
+        names = (args.opt, args.sam_base if args.is_sam else '')
+        adaptive = any(o in name.lower() for o in ('ada', 'lamb') for name in names)
+        scale = args.lr_base_scale or ('sqrt' if adaptive else 'linear')
         args.lr = args.lr_base * (global_batch / args.lr_base_size) ** (0.5 if scale == 'sqrt' else 1.0)
         if args.rank == 0:
             _logger.info(f'lr {args.lr:.4g} from lr-base {args.lr_base} and global batch {global_batch} ({scale})')
@@ -1216,7 +1244,8 @@ def create_data(args, data_config, device) -> Data:
     except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:   # unknown dataset, class map, ...
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
                          f"--class-map): {_first_line(e)}") from None
-    for split, ds in [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else []):
+    splits = [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else [])
+    for split, ds in splits:
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
         # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
         labels = (getattr(getattr(ds, 'reader', None), 'class_to_idx', None) or {}).values()
@@ -1263,7 +1292,8 @@ def create_data(args, data_config, device) -> Data:
             pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
             persistent_workers=False)  # fresh workers each epoch: their seeds follow the restored RNG on resume
         loader_eval = None if dataset_eval is None else create_loader(
-            dataset_eval, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+            dataset_eval, input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size,
             is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
             std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
             crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
@@ -1319,7 +1349,8 @@ def create_distillation(args, model, criterion, device):
             temperature=args.kd_temperature, device=device,
             dtype=getattr(torch, args.model_dtype) if args.model_dtype else None, verbose=args.rank == 0)
     except Exception as e:   # unknown teacher, weights that cannot be fetched or do not fit
-        raise UsageError(f"cannot create the teacher --kd-model-name '{args.kd_model_name}': {_first_line(e)}") from None
+        raise UsageError(f"cannot create the teacher --kd-model-name '{args.kd_model_name}': "
+                         f"{_first_line(e)}") from None
     for p in task.teacher.parameters():   # never trained, never perturbed
         p.requires_grad_(False)
     return LogitDistillation(task)
@@ -1342,8 +1373,8 @@ def create_schedule(args, optimizer, data: Data, resumed) -> Schedule:
     updates_per_epoch = (len(data.loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     decreasing = args.eval_metric == 'loss' or data.loader_eval is None   # no validation: the training loss ranks
     try:   # a plateau schedule follows the same metric in the same direction
-        lr_scheduler, num_epochs = create_scheduler_v2(optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing),
-                                                       updates_per_epoch=updates_per_epoch)
+        lr_scheduler, num_epochs = create_scheduler_v2(
+            optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=updates_per_epoch)
     except (ValueError, KeyError, AssertionError) as e:   # e.g. plateau with --sched-on-updates
         raise UsageError(f"--sched '{args.sched}': {_first_line(e)}") from None
     if lr_scheduler is None and args.sched not in ('', 'none'):  # older timm returns None for an unknown name
@@ -1463,7 +1494,8 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
                                write_header=not os.path.isfile(summary) or os.path.getsize(summary) == 0)
                 if args.log_wandb:   # the summary row, SAM columns included, as timm's update_summary logs it
                     import wandb
-                    wandb.log({'epoch': epoch, 'lr': sum(lrs) / len(lrs), **{f'train_{k}': v for k, v in train_metrics.items()},
+                    wandb.log({'epoch': epoch, 'lr': sum(lrs) / len(lrs),
+                               **{f'train_{k}': v for k, v in train_metrics.items()},
                                **{f'eval_{k}': v for k, v in eval_metrics.items()}})
             results.append({'epoch': epoch, 'train': dict(train_metrics), 'validation': eval_metrics, 'metric': metric})
             if lr_scheduler is not None:
