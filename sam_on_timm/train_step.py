@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
 from .norm_params import is_norm_module
-from .perturbations import VARIANTS, FlatSet, compute_eps, flat_ok
+from .flat import FlatSet, flat_ok
+from .perturbations import VARIANTS, compute_eps
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn_stats', 'requires_grad_off',
