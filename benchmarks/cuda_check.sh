@@ -7,6 +7,8 @@
 #                then --resume; each must finish with finite losses in summary.csv
 #   3. tests:    the device-generic tests on CUDA (Table 10 formulas in float64, GradScaler, bf16/fp16 AMP)
 #   4. perturb:  host cost of perturb + restore on CUDA (benchmarks/perturb_cost.py)
+#   4b. guards:  compiled SAM-ON equals eager on this torch (benchmarks/compile_check.py; torch 2.11's
+#                dynamo needs the guard switch of train_step)
 #   5. compile:  with COMPILE=1, sgd / sam / sam-on under torch.compile on ResNet-50 b256
 #
 #   bash benchmarks/cuda_check.sh [OUTDIR [PACKDIR]]   # default ./output/cuda_check; ~6 min on an H100
@@ -110,6 +112,10 @@ run_perturb() {
   "$py" "$here/perturb_cost.py" --device "$dev" --model resnet50
 }
 
+run_guards() {
+  "$py" "$here/compile_check.py"
+}
+
 run_table() {
   PYTHON="$py" bash "$here/gpu_table.sh" "$out/step_cost"
 }
@@ -124,6 +130,7 @@ part table 330 run_table
 part train 150 run_train
 part tests 150 run_tests
 part perturb 90 run_perturb
+part guards 60 run_guards
 if [ "${COMPILE:-0}" = 1 ]; then part compile 240 run_compile; fi
 echo "=== summary ($out/SUMMARY)"
 cat "$summary"
