@@ -6,7 +6,7 @@ MODE in {on, nonorm} (omitted: all), VARIANT in {eleml2, eleml2orig, elemlinf, l
 timm's factory hands an optimizer class only the parameter groups it built from the model, so
 SAM-ON could not find the norm layers from them. On import we therefore wrap the registry's
 ``create_optimizer`` once: for a SAM name given a model it adds ``model=model``; every other call
-passes through unchanged.
+passes through unchanged. It also hands ``eps`` / ``betas`` on to the base optimizer (SIGNATURE_FLAGS).
 """
 import functools
 from typing import Dict, List, Tuple
@@ -22,6 +22,12 @@ __all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'pars
 
 # the prefixes timm's factory understands before an optimizer name ('lookahead_sgd')
 OPT_PREFIXES = ('lookahead',)
+
+# OptimInfo flags of the SAM names. timm reads them as "the class takes this argument" (its optimizer tests check
+# them against the signature, and that the group then holds the value): SAM takes ``momentum`` (handed to its base,
+# SGD by default) but not ``eps`` / ``betas``, which belong to the base optimizer alone. The factory would drop
+# eps / betas on that account; the wrapper in ``register_sam_optimizers`` hands them on to the base instead.
+SIGNATURE_FLAGS = dict(has_eps=False, has_momentum=True, has_betas=False)
 
 
 def sam_name(mode: str, variant: str) -> str:
@@ -84,9 +90,7 @@ def register_sam_optimizers() -> List[str]:
             opt_class=SAM,
             description=f'{VARIANTS[variant].description}; perturbs {what}; default eta '
                         f'{VARIANTS[variant].default_eta}',
-            has_eps=True,       # forwarded to the base optimizer, which drops what it does not take
-            has_momentum=True,
-            has_betas=True,
+            **SIGNATURE_FLAGS,
             defaults={'variant': variant, 'mode': mode},
         ))
     masks = dict(rand='a fixed random', fisher='a Fisher (SSAM-F)', dynamic='a dynamic (SSAM-D)')
@@ -94,7 +98,7 @@ def register_sam_optimizers() -> List[str]:
         if name in registered:
             continue
         default_registry.register(OptimInfo(
-            name=name, opt_class=SAM, has_eps=True, has_momentum=True, has_betas=True,
+            name=name, opt_class=SAM, **SIGNATURE_FLAGS,
             description=f'SAM with {masks[kind]} mask on the perturbation',
             defaults={'variant': 'sam', 'mode': 'all', 'sparse': kind},
         ))
@@ -103,8 +107,14 @@ def register_sam_optimizers() -> List[str]:
 
         @functools.wraps(original)
         def create_optimizer(model_or_params, opt, *args, **kwargs):
-            if isinstance(model_or_params, nn.Module) and is_sam_name(opt):
-                kwargs.setdefault('model', model_or_params)
+            if is_sam_name(opt):
+                if isinstance(model_or_params, nn.Module):
+                    kwargs.setdefault('model', model_or_params)
+                # the factory drops eps / betas for a class whose info lacks them (SIGNATURE_FLAGS): hand them
+                # on to the base optimizer, whose own factory call keeps what the base takes and drops the rest
+                carried = {k: kwargs.pop(k) for k in ('eps', 'betas') if kwargs.get(k) is not None}
+                if carried:
+                    kwargs['base_args'] = {**carried, **(kwargs.get('base_args') or {})}
             return original(model_or_params, opt, *args, **kwargs)
 
         create_optimizer._sam_on_timm = True

@@ -12,7 +12,7 @@ One SAM update:
     w_P    = saved originals           copy, bit-exact (never w - eps)
     w      = base_step(w, g')          weight decay / momentum live only here
 """
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -63,7 +63,9 @@ class SAM(torch.optim.Optimizer):
         mode: 'all' (every parameter), 'on' (norm-layer affine parameters only), 'nonorm' (the rest).
         model: the model, to find norm and bias parameters by module type. The timm factory passes it.
         norm_params / bias_params: the same sets given explicitly (instead of ``model``).
-        **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer.
+        momentum, **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer
+            through timm's factory, which keeps what the base takes and drops the rest (as for any timm name).
+        base_args: the same as a dict; how ``create_optimizer_v2`` hands on ``eps`` / ``betas`` (registry.py).
     """
 
     def __init__(
@@ -84,6 +86,7 @@ class SAM(torch.optim.Optimizer):
             mask_update_epochs: int = 5,
             fisher_samples: int = 1024,
             drop_rate: float = 0.5,
+            base_args: Optional[Dict[str, Any]] = None,
             **base_kwargs,
     ) -> None:
         check_variant(variant)
@@ -93,6 +96,7 @@ class SAM(torch.optim.Optimizer):
         eta = VARIANTS[variant].default_eta if eta is None else eta
         check_arg('eta', eta)
         check_base_opt(base_opt)
+        base_kwargs = {**base_kwargs, **(base_args or {})}
         check_optimizer_args({'momentum': momentum, **base_kwargs})
         if model is not None:
             norm_params = norm_parameters(model) if norm_params is None else norm_params
@@ -175,11 +179,10 @@ class SAM(torch.optim.Optimizer):
         Called by ``perturb`` / ``first_step`` and by ``train_step`` before it reads ``perturbed``."""
         if len(self.param_groups) == self._n_groups:
             return
-        if self.mask is not None:
-            raise ValueError(f"'{self.name}': its perturbation mask covers the parameter groups it was built with; "
-                             f"a new group cannot join it")
         new = [p for group in self.param_groups[self._n_groups:] for p in group['params'] if self._selects(p)]
         self.perturbed = self.perturbed + new   # a new list: the backup / flat buffer are keyed on it and renewed
+        if self.mask is not None:
+            self.mask.extend(new)
         if self.is_bias is not None:
             self.is_bias = self.is_bias + [p in self._bias_set for p in new]
         self._n_groups = len(self.param_groups)

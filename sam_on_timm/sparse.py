@@ -85,6 +85,23 @@ class PerturbationMask:
             i += p.numel()
         return out
 
+    def extend(self, params: Sequence[Tensor]) -> None:
+        """Tensors that joined the perturbed set later (a parameter group added) join the mask at its sparsity.
+        sam-rand and ssam-d draw theirs at random, as their first mask was drawn; ssam-f perturbs none of them
+        until its next Fisher mask, which ranks every element together."""
+        n = sum(p.numel() for p in params)
+        if n == 0:
+            return
+        flat = torch.zeros(n)
+        self.numel += n
+        if self.kind == 'fisher':
+            self.live = live_count(self.numel, self.sparsity)
+        else:
+            k = live_count(n, self.sparsity)
+            flat[torch.randperm(n, generator=self.generator)[:k]] = 1.0
+            self.live += k
+        self.masks = self.masks + self._split(flat, params)
+
     def _flat(self) -> Tensor:
         return torch.cat([m.detach().reshape(-1).float().cpu() for m in self.masks])
 
