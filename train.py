@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--clip-grad', type=float, default=None, metavar='NORM')
     g.add_argument('--clip-mode', type=str, default='norm', help='"norm", "value" or "agc"')
     g.add_argument('--layer-decay', type=float, default=None)
-    g.add_argument('--layer-decay-min-scale', type=float, default=None)
+    g.add_argument('--layer-decay-min-scale', type=float, default=0)
     g.add_argument('--layer-decay-no-opt-scale', type=float, default=None)
     g.add_argument('--opt-foreach', action='store_true', default=None, help='force foreach optimizer kernels')
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',

@@ -382,3 +382,40 @@ def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeyp
         batch = 4 * len(shapes)
         assert batch == (8 if shapes[0][2] == 16 else 4) and scale == pytest.approx(batch / 6)
     assert {s[0][0][2] for s in steps} == {16, 24}
+
+
+# the options of timm 1.0.31's train.py, read off its parser (options, dest, default, action, choices)
+TIMM_TRAIN_OPTIONS = REPO / 'tests' / 'data' / 'timm_1.0.31_train_options.json'
+# where train.py differs on purpose (docs/differences.md): --pretrained also takes --no-pretrained (a YAML false);
+# these defaults are the ones timm's own functions take when the option is left out
+DIFFERENT = {'--pretrained': {'kind'}, '--decay-epochs': {'default'}, '--grayscale-prob': {'default'},
+             '--gaussian-blur-prob': {'default'}}
+
+
+def test_every_option_of_timms_train_py_has_its_dest_default_and_choices():
+    import json
+    rows = json.loads(TIMM_TRAIN_OPTIONS.read_text())
+    actions = train.build_parser()._actions
+    ours = {o: a for a in actions for o in a.option_strings}
+    positional = {a.dest for a in actions if not a.option_strings}
+    assert len(rows) == 172
+    seen_different = set()
+    for row in rows:
+        if not row['options']:
+            assert row['dest'] in positional
+            continue
+        for opt in row['options']:
+            assert opt in ours, f'{opt} of timm\'s train.py is missing'
+            a = ours[opt]
+            default = list(a.default) if isinstance(a.default, tuple) else a.default
+            got = dict(dest=a.dest, default=default, kind=type(a).__name__,
+                       choices=list(a.choices) if a.choices else None)
+            for key, value in got.items():
+                if key in DIFFERENT.get(opt, ()):
+                    seen_different.add(opt)
+                    assert value != row[key]
+                else:
+                    assert value == row[key], (opt, key, value, row[key])
+    assert seen_different == set(DIFFERENT)
+    # every key of a timm args.yaml is a key of ours: the YAML keys are the dests
+    assert {r['dest'] for r in rows} <= {a.dest for a in actions}
