@@ -904,13 +904,15 @@ def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn,
     from sam_on_timm.sparse import fisher_diagonal
     from timm.utils import unwrap_model
 
+    teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's output with the labels
+
     def batches():
         for x, y in loader:
             if not args.prefetcher:
                 x, y = x.to(device), y.to(device)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
-            yield x, y
+            yield x, (y if teacher_targets is None else teacher_targets(x, y))
 
     def fisher():   # the bare module: DDP would wait for a gradient all-reduce that autograd.grad never starts
         return fisher_diagonal(unwrap_model(model), sam.perturbed, batches(), loss_fn, args.ssam_fisher_samples)

@@ -214,6 +214,29 @@ def test_token_distillation(data, tmp_path, teacher_file, spy, sam):
         assert not head_dist & {id(p) for p in find_sam(e['optimizer']).perturbed}
 
 
+def test_ssam_fisher_takes_the_distillation_loss(data, tmp_path, teacher_file, spy, monkeypatch):
+    """ssam-f's empirical Fisher is taken on the training loss, here the distillation loss: its batches carry
+    the teacher's logits for the same images (the loss cannot be called on bare labels)."""
+    import sam_on_timm.sparse as sparse
+    from sam_on_timm.distill import TeacherTargets
+    seen, fisher = [], sparse.fisher_diagonal
+
+    def recording_fisher(model, params, batches, loss_fn, num_samples):
+        def recorded():
+            for x, y in batches:
+                seen.append((x.clone(), y))
+                yield x, y
+        return fisher(model, params, recorded(), loss_fn, num_samples)
+
+    monkeypatch.setattr(sparse, 'fisher_diagonal', recording_fisher)
+    assert run(data, tmp_path, teacher_file, '--experiment', 's', '--model', 'test_vit', '--opt', 'ssam-f',
+               '--ssam-fisher-samples', '4') == 0
+    assert seen and all(isinstance(y, TeacherTargets) for _, y in seen)
+    teacher = teacher_from(teacher_file).eval()   # student and teacher share mean / std (0.5): the same input
+    with torch.no_grad():
+        assert torch.allclose(seen[0][1].teacher, teacher(seen[0][0]), atol=1e-6)
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--model', 'test_resnet', '--kd-distill-type', 'token'], "'test_resnet' has none"),
     ([*DEIT, '--kd-distill-type', 'token', '--torchscript', '--opt', 'sgd'], 'drop --torchscript'),
