@@ -645,13 +645,16 @@ def validate_timm_options(args) -> None:
         if getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     if args.kd_model_name is not None:
-        if args.kd_distill_type != 'logit':
-            raise UsageError(f"--kd-distill-type {args.kd_distill_type}: this script distills logits only (its SAM "
-                             f"passes reuse the teacher's logits); use --kd-distill-type logit")
+        if args.kd_distill_type == 'token' and args.torchscript:   # a scripted DeiT never returns its two heads
+            raise UsageError('--kd-distill-type token with --torchscript: a scripted student returns the average of '
+                             'its two heads, never the distillation token\'s logits; drop --torchscript')
         if args.kd_loss_type != 'kl':
             raise UsageError(f"--kd-loss-type must be 'kl' (timm's only one), got '{args.kd_loss_type}'")
         if args.kd_pretrained_path and not os.path.isfile(args.kd_pretrained_path):
             raise UsageError(f"--kd-pretrained-path '{args.kd_pretrained_path}' does not exist")
+        for flag in ('kd_student_feature_dim', 'kd_teacher_feature_dim'):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise UsageError(f'{flag_name(flag)} must be a positive number of channels, got {getattr(args, flag)}')
     if args.naflex_loader:
         raise UsageError('--naflex-loader is not supported by this script (the SAM chunks would cut NaFlex '
                          'patch batches); use timm\'s loader')
@@ -762,7 +765,11 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
     first_bad = torch.full((), -1, device=device)
     chunks, t0, n_img = [], time.time(), 0
-    teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's logits, once per chunk
+    teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's output, once per chunk
+    ema_source = None
+    if model_ema is not None and teacher_targets is not None:
+        from sam_on_timm.distill import student_of
+        ema_source = student_of(model)
     m = None if args.sam_m is None else args.sam_m * (args.aug_splits or 1)   # rows of a chunk
     for batch_idx, (x, y) in enumerate(loader):
         if isinstance(x, (list, tuple)):   # AugMix splits without the prefetcher: the splits one after the other
@@ -794,8 +801,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                            chunks_per_pass=len(new_chunks), sam_step=sam_step)
         chunks = []
         num_updates += 1
-        if model_ema is not None:
-            model_ema.update(model, step=num_updates)
+        if model_ema is not None:   # the student's weights (feature distillation trains student + projection)
+            model_ema.update(model if ema_source is None else ema_source, step=num_updates)
         if args.synchronize_step and device.type in ('cuda', 'npu'):
             getattr(torch, device.type).synchronize()
         zero = torch.zeros((), device=stats.loss.device)
@@ -897,13 +904,15 @@ def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn,
     from sam_on_timm.sparse import fisher_diagonal
     from timm.utils import unwrap_model
 
+    teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's output with the labels
+
     def batches():
         for x, y in loader:
             if not args.prefetcher:
                 x, y = x.to(device), y.to(device)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
-            yield x, y
+            yield x, (y if teacher_targets is None else teacher_targets(x, y))
 
     def fisher():   # the bare module: DDP would wait for a gradient all-reduce that autograd.grad never starts
         return fisher_diagonal(unwrap_model(model), sam.perturbed, batches(), loss_fn, args.ssam_fisher_samples)
@@ -953,14 +962,18 @@ def run(args) -> int:
     output_dir = output_dir_for(args)
     check_output_dir(args, output_dir)
     model = place_model(args, model, device)
-    optimizer = create_optimizer(args, model)
+    # distillation: the task's trainable module (feature: student + projection) is what the optimizer trains
+    task = create_distillation(args, model, device) if args.kd_model_name else None
+    student, trained = model, (model if task is None else task.get_trainable_module())
+    optimizer = create_optimizer(args, trained)
     amp_autocast, loss_scaler = setup_amp(args, device)
-    resumed = resume(args, model, optimizer, loss_scaler)
+    resumed = resume(args, model, optimizer, loss_scaler, task)
     model_ema = create_ema(args, model, device, resumed)
-    model, clip_parameters = wrap_model(args, model, device)
+    model, clip_parameters = wrap_model(args, trained, device, task)
     data = create_data(args, data_config, device)
-    if args.kd_model_name:
-        data = data._replace(train_loss_fn=create_distillation(args, model, data.train_loss_fn, device))
+    if task is not None:   # the teacher's part once per SAM chunk (sam_on_timm.distill)
+        from sam_on_timm.distill import distillation_loss
+        data = data._replace(train_loss_fn=distillation_loss(task, data.train_loss_fn))
     schedule = create_schedule(args, optimizer, data, resumed)
     if schedule.end_epoch <= schedule.start_epoch:   # nothing left: write nothing (args.yaml, checkpoints stay)
         if args.rank == 0:
@@ -969,7 +982,8 @@ def run(args) -> int:
         if args.distributed:
             torch.distributed.destroy_process_group()
         return 0
-    saver = create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule, resumed)
+    saver = create_saver(args, as_given, output_dir, student, optimizer, model_ema, loss_scaler, schedule, resumed,
+                         task)
     resume_random_state(args, resumed, schedule.start_epoch)
     return train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
                       saver, output_dir, device)
@@ -1167,14 +1181,22 @@ def setup_amp(args, device):
     return amp_autocast, loss_scaler
 
 
-def resume(args, model, optimizer, loss_scaler):
-    """--resume: weights, optimizer (unless --no-resume-opt), scaler and epoch (see sam_on_timm.checkpoint)."""
+def resume(args, model, optimizer, loss_scaler, task=None):
+    """--resume: weights, optimizer (unless --no-resume-opt), scaler and epoch (see sam_on_timm.checkpoint);
+    a distillation task's own state (feature distillation's projection) from the checkpoint's task_state."""
     from sam_on_timm.checkpoint import Resumed, load_resume
     if not args.resume:
         return Resumed()
     try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
         resumed = load_resume(args.resume, model, None if args.no_resume_opt else optimizer, loss_scaler,
                               opt_name=args.opt)
+        task_state = (resumed.checkpoint or {}).get('task_state')
+        if task is not None and task.get_task_state():   # a task with state of its own: the file's, if it has it
+            if task_state:
+                task.load_task_state(task_state)
+            elif args.rank == 0:
+                _logger.warning(f"--resume '{args.resume}' holds no distillation task state (the feature "
+                                f"projection): it starts afresh")
     except Exception as e:  # not a checkpoint, or one of another model / optimizer
         raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
     if resumed.checkpoint is None:
@@ -1194,12 +1216,15 @@ def create_ema(args, model, device, resumed):
     return model_ema
 
 
-def wrap_model(args, model, device):
-    """Parameters to clip (before wrapping), then DDP and torch.compile around the model."""
+def wrap_model(args, model, device, task=None):
+    """Parameters to clip (before wrapping), then DDP and torch.compile around the model (the distillation
+    task's trainable module, when distilling)."""
     clip_parameters = None
     if args.clip_grad is not None:   # as timm's train.py: AGC leaves the classifier head (its last two tensors) out
         from timm.models import model_parameters
-        clip_parameters = list(model_parameters(model, exclude_head='agc' in args.clip_mode))
+        exclude_head = 'agc' in args.clip_mode
+        clip_parameters = list(model_parameters(model, exclude_head=exclude_head) if task is None else
+                               task.get_clip_parameters(exclude_head=exclude_head))   # feature: + the projection
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model = DDP(model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
@@ -1336,24 +1361,45 @@ def with_sampler(loader, sampler):
     return loader
 
 
-def create_distillation(args, model, criterion, device):
-    """timm's LogitDistillationTask builds the teacher and the loss weights; its loss, with the teacher's
-    logits computed once per SAM chunk, is the training loss (sam_on_timm.distill)."""
-    from sam_on_timm.distill import LogitDistillation
-    from timm.task import LogitDistillationTask
-    try:
-        task = LogitDistillationTask(
-            student_model=model, teacher_model=args.kd_model_name, criterion=criterion,
-            teacher_pretrained_path=args.kd_pretrained_path, loss_type=args.kd_loss_type,
-            distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight,
-            temperature=args.kd_temperature, device=device,
-            dtype=getattr(torch, args.model_dtype) if args.model_dtype else None, verbose=args.rank == 0)
+def create_distillation(args, model, device):
+    """timm's distillation task for --kd-distill-type (logit, feature, token): it builds the teacher (frozen
+    here: never trained, never perturbed), the loss weights and the trainable module (feature: student +
+    projection). Its loss, with the teacher's part computed once per SAM chunk, is sam_on_timm.distill's."""
+    from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
+    from sam_on_timm.distill import check_feature_dims
+    kind = args.kd_distill_type
+    if kind == 'token' and not hasattr(model, 'set_distilled_training'):
+        raise UsageError(f"--kd-distill-type token needs a student with a distillation token (timm's "
+                         f"deit_*_distilled_* models, e.g. deit_tiny_distilled_patch16_224): '{args.model}' has none; "
+                         f"use --kd-distill-type logit or feature")
+    common = dict(student_model=model, teacher_model=args.kd_model_name, criterion=torch.nn.CrossEntropyLoss(),
+                  teacher_pretrained_path=args.kd_pretrained_path, distill_loss_weight=args.distill_loss_weight,
+                  task_loss_weight=args.task_loss_weight, device=device,
+                  dtype=getattr(torch, args.model_dtype) if args.model_dtype else None, verbose=args.rank == 0)
+    try:   # (the criterion is the run's training loss, set once the data side has built it)
+        if kind == 'feature':
+            task = FeatureDistillationTask(**common, student_feature_dim=args.kd_student_feature_dim,
+                                           teacher_feature_dim=args.kd_teacher_feature_dim)
+        elif kind == 'token':
+            task = TokenDistillationTask(**common, distill_type=args.kd_token_distill_type,
+                                         temperature=args.kd_temperature)
+        else:
+            task = LogitDistillationTask(**common, loss_type=args.kd_loss_type, temperature=args.kd_temperature)
     except Exception as e:   # unknown teacher, weights that cannot be fetched or do not fit
-        raise UsageError(f"cannot create the teacher --kd-model-name '{args.kd_model_name}': "
-                         f"{_first_line(e)}") from None
+        raise UsageError(f"cannot create the teacher --kd-model-name '{args.kd_model_name}' "
+                         f"(--kd-distill-type {kind}): {_first_line(e)}") from None
     for p in task.teacher.parameters():   # never trained, never perturbed
         p.requires_grad_(False)
-    return LogitDistillation(task)
+    if kind == 'feature':
+        try:
+            check_feature_dims(task, args.input_size)
+        except Exception as e:   # a wrong --kd-*-feature-dim, or a model without forward_features / forward_head
+            given = [f'{flag_name(k)} {getattr(args, k)}' for k in ('kd_student_feature_dim', 'kd_teacher_feature_dim')
+                     if getattr(args, k) is not None]
+            hint = f" ({', '.join(given)}: leave them out to detect the widths)" if given else ''
+            raise UsageError(f"--kd-distill-type feature with student '{args.model}' and teacher "
+                             f"'{args.kd_model_name}': {_first_line(e)}{hint}") from None
+    return task
 
 
 class Schedule(NamedTuple):
@@ -1396,8 +1442,11 @@ def create_schedule(args, optimizer, data: Data, resumed) -> Schedule:
     return Schedule(lr_scheduler, num_epochs, start_epoch, end_epoch, updates_per_epoch, decreasing)
 
 
-def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule: Schedule, resumed):
-    """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None."""
+def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule: Schedule, resumed,
+                 task=None):
+    """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None.
+    ``model`` is the student (its weights are the checkpoint's ``state_dict``); a distillation task's own
+    trainable state (feature distillation's projection) goes into ``task_state``, as in timm's checkpoints."""
     from sam_on_timm.checkpoint import RngCheckpointSaver, plain_args, resume_saver
     if args.rank != 0:
         return None
@@ -1408,6 +1457,7 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
+    saver.task_state = None if task is None else task.get_task_state
     resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
     if args.log_wandb:   # as timm's train.py
         import wandb

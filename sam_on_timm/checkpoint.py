@@ -1,7 +1,8 @@
 """timm-format checkpoints that also carry the RNG states, so a resumed run is the same run.
 
 The file is what timm's ``CheckpointSaver`` writes (``state_dict``, ``optimizer``, ``epoch``,
-``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``) plus ``rng_states`` (one per
+``arch``, ``amp_scaler``, ``state_dict_ema``, ``metric``, ``version``, and a distillation task's
+``task_state``: feature distillation's projection) plus ``rng_states`` (one per
 rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (what it has learnt);
 ``args`` is stored as a plain dict so that ``torch.load(weights_only=True)`` reads the whole file.
 """
@@ -163,6 +164,7 @@ class RngCheckpointSaver(CheckpointSaver):
     """
     rng_states = None
     scheduler_state = None
+    task_state = None   # a callable: a distillation task's own state (feature projection), saved as timm does
 
     def _save(self, save_path, epoch, metric=None):
         rng_states = self.rng_states or [get_rng_state()]
@@ -187,6 +189,9 @@ class RngCheckpointSaver(CheckpointSaver):
             state['metric'] = metric
         if self.scheduler_state is not None:
             state['lr_scheduler'] = self.scheduler_state
+        task_state = self.task_state() if self.task_state is not None else None
+        if task_state:
+            state['task_state'] = task_state
         try:
             torch.save(state, save_path)
         except BaseException:   # a full disk, Ctrl-C: no partial tmp file
