@@ -84,10 +84,11 @@ def test_split_chunks_cuts_a_dict_batch_into_whole_images():
         split_chunks(bad, TARGETS, 2)
 
 
-def reference_update(model, groups, weights):
-    """Float64 two-pass SAM-ON (layerl2, eta 0) written out by hand over the chunks ``groups`` (image indices),
-    each chunk stacked here; descent gradient sum_c weights[c] * grad L_c(w + eps_c); then timm's Nesterov
-    SGD first step (no weight decay). Returns sum_c n_c L_c(w + eps_c) / N, the logged loss."""
+def reference_update(model, groups, weights, variant='layerl2'):
+    """Float64 two-pass SAM-ON (layerl2 with eta 0, or fisher with eta 1) written out by hand over the chunks
+    ``groups`` (image indices), each chunk stacked here, eps from the chunk's unweighted mean loss; descent
+    gradient sum_c weights[c] * grad L_c(w + eps_c); then timm's Nesterov SGD first step (no weight decay).
+    Returns sum_c n_c L_c(w + eps_c) / N, the logged loss."""
     params = list(model.parameters())
     P = [p for mod in model.modules() if isinstance(mod, nn.LayerNorm) for p in (mod.weight, mod.bias)]
     acc = [torch.zeros_like(p) for p in params]
@@ -95,7 +96,7 @@ def reference_update(model, groups, weights):
     for idx, w in zip(groups, weights):
         x, y = stacked(idx), TARGETS[idx]
         g = torch.autograd.grad(F.cross_entropy(model(x), y), P)
-        t = [p.detach().norm() for p in P]
+        t = [p.detach().norm() for p in P] if variant == 'layerl2' else [(1 + gi ** 2) ** -0.5 for gi in g]
         denom = math.sqrt(sum(((ti * gi) ** 2).sum().item() for ti, gi in zip(t, g)))
         saved = [p.detach().clone() for p in P]
         with torch.no_grad():
@@ -114,18 +115,19 @@ def reference_update(model, groups, weights):
     return logged
 
 
-@pytest.mark.parametrize('m, path, weights', [
-    (4, 'auto', None),                    # chunks 4 + 2: sequential (auto), weights 4/6 and 2/6
-    (5, 'sequential', None),              # 5 + 1
-    (2, 'sequential', None),              # 3 equal chunks, 1/3 each
-    (2, 'batched', None),                 # the same in one ascent and one descent pass
-    (2, 'batched', [0.5, 0.2, 0.3]),      # weights given (train.py's loss scale)
-    (4, 'sequential', [0.25, 1.5]),
+@pytest.mark.parametrize('m, path, weights, variant', [
+    (4, 'auto', None, 'layerl2'),                    # chunks 4 + 2: sequential (auto), weights 4/6 and 2/6
+    (5, 'sequential', None, 'layerl2'),              # 5 + 1
+    (2, 'sequential', None, 'layerl2'),              # 3 equal chunks, 1/3 each
+    (2, 'batched', None, 'layerl2'),                 # the same in one ascent and one descent pass
+    (2, 'batched', [0.5, 0.2, 0.3], 'layerl2'),      # weights given (train.py's loss scale)
+    (4, 'sequential', [0.25, 1.5], 'fisher'),        # fisher's eps depends on the gradient's scale: never weighted
 ])
-def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights):
+def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights, variant):
     model = tiny_naflexvit().double()
     ref = copy.deepcopy(model)
-    opt = create_optimizer_v2(model, 'sam-on-layerl2', lr=LR, momentum=MOM, weight_decay=0.0, rho=RHO)
+    opt = create_optimizer_v2(model, f'sam-on-{variant}', lr=LR, momentum=MOM, weight_decay=0.0, rho=RHO,
+                              eta=0.0 if variant == 'layerl2' else 1.0)
     sam = find_sam(opt)
     assert {id(p) for p in sam.perturbed} == {id(p) for mod in model.modules() if isinstance(mod, nn.LayerNorm)
                                               for p in (mod.weight, mod.bias)}
@@ -137,7 +139,7 @@ def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights):
     stats = train_step(model, opt, chunks, loss_fn, chunk_path=path, chunk_weights=weights)
     groups = [list(range(i, min(i + m, 6))) for i in range(0, 6, m)]
     sizes = [len(g) for g in groups]
-    logged = reference_update(ref, groups, weights or [n / 6 for n in sizes])
+    logged = reference_update(ref, groups, weights or [n / 6 for n in sizes], variant)
     batched = path == 'batched'
     assert seen == ([m] * len(sizes) * 2 if batched else [n for n in sizes for _ in range(2)])  # per-chunk losses
     # NaFlexVit interpolates its position table in float32 even in a float64 model (timm's .float()), so a pass
