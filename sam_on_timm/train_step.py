@@ -128,10 +128,7 @@ def split_chunks(x: Batch, y: Tensor, m: Optional[int], splits: int = 1,
     if is_dict or ragged:
         if splits != 1:
             raise ValueError(f'a NaFlex (dict) or ragged batch cannot be cut into {splits} equal splits per chunk')
-        if isinstance(m, bool) or not isinstance(m, int) or m <= 0:
-            raise ValueError(f'm {m} must be a positive integer')
-        if not ragged:
-            check_sam_m(m, n)
+        check_sam_m(m, None if ragged else n)
         return [(take_rows(x, slice(i, i + m)), y[i:i + m]) for i in range(0, n, m)]
     check_sam_m(m, n)
     if splits == 1:

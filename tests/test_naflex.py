@@ -123,7 +123,7 @@ def reference_update(model, groups, weights, variant='layerl2'):
     (2, 'batched', [0.5, 0.2, 0.3], 'layerl2'),      # weights given (train.py's loss scale)
     (4, 'sequential', [0.25, 1.5], 'fisher'),        # fisher's eps depends on the gradient's scale: never weighted
 ])
-def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights, variant):
+def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights, variant, one_thread):
     model = tiny_naflexvit().double()
     ref = copy.deepcopy(model)
     opt = create_optimizer_v2(model, f'sam-on-{variant}', lr=LR, momentum=MOM, weight_decay=0.0, rho=RHO,
@@ -152,7 +152,7 @@ def test_dict_batch_step_matches_float64_two_pass_reference(m, path, weights, va
     assert not sam.is_perturbed
 
 
-def test_ssam_f_fisher_over_dict_batches():
+def test_ssam_f_fisher_over_dict_batches(one_thread):
     """ssam-f's empirical Fisher over NaFlex batches: each image alone through the model (its own patches,
     coordinates and mask), compared with the images built one by one here."""
     model = tiny_naflexvit().double()
@@ -201,28 +201,36 @@ def _spy(monkeypatch):
     return calls
 
 
-def test_train_py_sam_on_with_naflex_batches(naflex_data, tmp_path, monkeypatch, one_thread):
+@pytest.mark.parametrize('accum', [1, 2])
+def test_train_py_sam_on_with_naflex_batches(naflex_data, tmp_path, monkeypatch, one_thread, accum):
     """--naflex-loader --opt sam-on-layerl2 --sam-m 3: every update gets NaFlex dicts cut in chunks of 3 images
     (the last smaller), the batch sizes of timm's token budget (-b 8 x 64 tokens: up to 8 images at 64, 16 at 32),
-    the linear loss scale's weights n_c / b (the update's images over -b), and SAM perturbs."""
+    the linear loss scale's weights (n_b / b) (n_c / n_b) / B = n_c / (b B) for B micro-batches of n_b images,
+    and SAM perturbs."""
     calls = _spy(monkeypatch)
     assert train.main(['--data-dir', naflex_data, '--output', str(tmp_path), '--experiment', 'e', *NAFLEX,
                        '-b', '8', '--naflex-train-seq-lens', '32', '64', '--opt', 'sam-on-layerl2',
-                       '--sam-m', '3']) == 0
+                       '--sam-m', '3', '--grad-accum-steps', str(accum)]) == 0
     sizes = []
+    assert len(calls) == 2 // accum   # seed 3: 16 images at 32 patches, then 8 (checked below)
     for call in calls:
         n_chunks = [x['patches'].shape[0] for x, _ in call['chunks']]
         n = sum(n_chunks)
         sizes.append(n)
-        assert n_chunks == [3] * (n // 3) + ([n % 3] if n % 3 else []), n_chunks
-        seq = {x['patches'].shape[1] for x, _ in call['chunks']}
-        assert len(seq) == 1 and n <= 8 * 64 // seq.pop(), n   # the token budget: -b 8 x 64 tokens
+        if accum == 1:
+            assert n_chunks == [3] * (n // 3) + ([n % 3] if n % 3 else []), n_chunks
+        else:   # the two micro-batches' chunks, each cut on its own
+            assert n_chunks == [3, 3, 3, 3, 3, 1, 3, 3, 2], n_chunks
+        seqs = [x['patches'].shape[1] for x, _ in call['chunks']]
+        assert set(seqs) <= {32, 64}
+        if accum == 1:   # one batch: one sequence length, as many images as the token budget -b 8 x 64 allows
+            assert len(set(seqs)) == 1 and n <= 8 * 64 // seqs[0], (n, seqs)
         for x, y in call['chunks']:
             assert x['patch_coord'].shape[:2] == x['patch_valid'].shape == x['patches'].shape[:2]
             assert y.shape[0] == x['patches'].shape[0] and x['patch_valid'].any(1).all()
-        assert call['weights'] == pytest.approx([c / 8 for c in n_chunks], rel=1e-12)   # (n / b) * (n_c / n)
+        assert call['weights'] == pytest.approx([c / 8 / accum for c in n_chunks], rel=1e-12)
         assert call['eps_norm'] > 0
-    assert sum(sizes) == 24 and len(set(sizes)) > 1   # (seed 3: 16 images at 32 patches, then 8)
+    assert sum(sizes) == 24 and sizes == ([16, 8] if accum == 1 else [24])
     rows = (tmp_path / 'e' / 'summary.csv').read_text().splitlines()
     assert 'train_eps_norm' in rows[0] and len(rows) == 2
 
@@ -308,7 +316,7 @@ def test_naflex_chunk_weights_under_ddp(monkeypatch):
     (['--train-img-sizes', '32'], 'cannot be combined with --train-img-sizes'),
     (['--aug-splits', '2'], 'cannot be combined with --aug-splits'),
     (['--mixup', '0.2', '--cutmix-minmax', '0.2', '0.8'], 'cannot be combined with --cutmix-minmax'),
-    (['--sam-m', '0'], '--sam-m must be a positive integer'),
+    (['--sam-m', '0'], '--sam-m 0 must be a positive integer'),
     (['--naflex-patchify-channels-first'], "reads channels-last (P-P-C) patches"),
 ])
 def test_bad_naflex_input_is_one_line(naflex_data, tmp_path, capsys, extra, message):
