@@ -465,11 +465,9 @@ def validate_args(args) -> None:
     try:   # the rules are the library's: its one-line ValueError is this script's error
         if args.is_sam:
             check_base_opt(args.sam_base, '--sam-base')
-        if args.sam_m is not None and args.naflex_loader:   # the loader sizes each batch: the last chunk may be smaller
-            if args.sam_m <= 0:
-                raise ValueError(f'--sam-m must be a positive integer, got {args.sam_m}')
-        elif args.sam_m is not None:
-            check_sam_m(args.sam_m, args.batch_size, '--sam-m', 'the per-GPU batch size -b')
+        if args.sam_m is not None:   # NaFlex: the loader sizes each batch, the last chunk may be smaller
+            check_sam_m(args.sam_m, None if args.naflex_loader else args.batch_size, '--sam-m',
+                        'the per-GPU batch size -b')
         check_numbers(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
