@@ -21,7 +21,7 @@ from collections import OrderedDict
 from contextlib import nullcontext
 from datetime import datetime
 from functools import partial
-from typing import Any, Dict, NamedTuple
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import yaml
@@ -415,6 +415,8 @@ OPTION_RANGES = {
     'mixup_off_epoch': (0, None, False, False), 'sam_sparsity': (0, 1, False, True), 'ssam_drop_rate': _PROB,
     'num_classes': (1, None, False, False), 'in_chans': (1, None, False, False),
     'validation_batch_size': (1, None, False, False), 'decay_milestones': (0, None, False, False),
+    'naflex_train_seq_lens': (1, None, False, False), 'naflex_max_seq_len': (1, None, False, False),
+    'naflex_patch_sizes': (1, None, False, False), 'naflex_patch_size_probs': (0, None, False, False),
 }
 
 
@@ -463,8 +465,9 @@ def validate_args(args) -> None:
     try:   # the rules are the library's: its one-line ValueError is this script's error
         if args.is_sam:
             check_base_opt(args.sam_base, '--sam-base')
-        if args.sam_m is not None:
-            check_sam_m(args.sam_m, args.batch_size, '--sam-m', 'the per-GPU batch size -b')
+        if args.sam_m is not None:   # NaFlex: the loader sizes each batch, the last chunk may be smaller
+            check_sam_m(args.sam_m, None if args.naflex_loader else args.batch_size, '--sam-m',
+                        'the per-GPU batch size -b')
         check_numbers(args)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -655,9 +658,7 @@ def validate_timm_options(args) -> None:
         for flag in ('kd_student_feature_dim', 'kd_teacher_feature_dim'):
             if getattr(args, flag) is not None and getattr(args, flag) < 1:
                 raise UsageError(f'{flag_name(flag)} must be a positive number of channels, got {getattr(args, flag)}')
-    if args.naflex_loader:
-        raise UsageError('--naflex-loader is not supported by this script (the SAM chunks would cut NaFlex '
-                         'patch batches); use timm\'s loader')
+    validate_naflex_options(args)
     if args.train_img_sizes is not None:   # timm's scheduled resolution: batch sizes vary per update
         sizes = args.train_batch_sizes or [args.batch_size] * len(args.train_img_sizes)
         if len(sizes) != len(args.train_img_sizes) or min(sizes) <= 0 or min(args.train_img_sizes) <= 0:
@@ -686,6 +687,42 @@ def validate_timm_options(args) -> None:
                 importlib.import_module(module)
             except ImportError as e:
                 raise UsageError(f"--device-modules: cannot import '{module}': {_first_line(e)}") from None
+
+
+NAFLEX_OPTIONS = ('naflex_train_seq_lens', 'naflex_max_seq_len', 'naflex_patch_sizes', 'naflex_patch_size_probs',
+                  'naflex_loss_scale', 'naflex_patchify_channels_first')
+
+
+def validate_naflex_options(args) -> None:
+    """--naflex-loader (timm's create_naflex_loader: patch-sequence batches sized by a token budget) and its options:
+    timm's own refusals as one line, plus the combinations that would fail mid-run or be silently ignored."""
+    if not args.naflex_loader:
+        defaults = build_parser()
+        given = [flag_name(k) for k in NAFLEX_OPTIONS if getattr(args, k) != defaults.get_default(k)]
+        if given:
+            raise UsageError(f"{', '.join(given)}: option(s) of the NaFlex loader; add --naflex-loader")
+        return
+    clash = [flag for flag, on in (
+        ('--train-img-sizes', args.train_img_sizes is not None),    # timm: alternative loader modes
+        ('--use-multi-epochs-loader', args.use_multi_epochs_loader),   # timm refuses it too
+        ('--aug-splits', args.aug_splits), ('--split-bn', args.split_bn),   # timm asserts: no splits in NaFlex batches
+        ('--aug-repeats', args.aug_repeats),       # timm's NaFlex loader asserts none
+        ('--cifar-aug', args.cifar_aug),           # the NaFlex loader builds its own sequence transforms
+        ('--cutmix-minmax', args.cutmix_minmax is not None),   # NaFlexMixup has none (timm drops it silently)
+        ('--mixup-mode', args.mixup_mode != 'batch'),          # nor modes: it pairs images by aspect ratio
+        ('--kd-model-name', args.kd_model_name),   # timm's teacher normalizes image tensors, not patch dicts
+        ('--channels-last', args.channels_last),   # a memory format of image tensors
+        ('--save-images', args.save_images)) if on]
+    if clash:
+        raise UsageError(f"--naflex-loader cannot be combined with {', '.join(clash)}")
+    if args.naflex_patch_size_probs is not None:
+        if args.naflex_patch_sizes is None:
+            raise UsageError('--naflex-patch-size-probs weighs the --naflex-patch-sizes choices: pass those too')
+        if len(args.naflex_patch_size_probs) != len(args.naflex_patch_sizes):
+            raise UsageError(f'--naflex-patch-size-probs must have same length as --naflex-patch-sizes '
+                             f'({len(args.naflex_patch_size_probs)} vs {len(args.naflex_patch_sizes)})')
+        if sum(args.naflex_patch_size_probs) <= 0:   # relative weights, normalized by timm
+            raise UsageError('--naflex-patch-size-probs are relative weights: at least one must be positive')
 
 
 def given_args(args) -> Dict[str, Any]:
@@ -757,14 +794,14 @@ def trim_summary(path: str, start_epoch: int) -> None:
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
                     loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None, saver=None, output_dir=None):
     from sam_on_timm.ablations import in_window
-    from sam_on_timm.train_step import split_chunks, train_step
+    from sam_on_timm.train_step import batch_rows, split_chunks, train_step
     accum = args.grad_accum_steps
     last_idx = len(loader) - 1
     model.train()
     sam_step = args.sam_window is None or in_window(epoch, args.sam_window)   # --sam-epochs
     sums = None  # device tensors: loss, ascent loss, ||eps||, skipped, updates
     first_bad = torch.full((), -1, device=device)
-    chunks, t0, n_img = [], time.time(), 0
+    chunks, micro, t0, n_img = [], [], time.time(), 0   # micro: the chunk sizes of each micro-batch of the update
     teacher_targets = getattr(loss_fn, 'targets', None)   # distillation: the teacher's output, once per chunk
     ema_source = None
     if model_ema is not None and teacher_targets is not None:
@@ -775,17 +812,18 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if isinstance(x, (list, tuple)):   # AugMix splits without the prefetcher: the splits one after the other
             x, y = torch.cat(x), y.repeat(len(x))
         if not args.prefetcher:
-            x, y = x.to(device=device, dtype=args.model_dtype and getattr(torch, args.model_dtype)), y.to(device)
+            x, y = to_device(x, device, args.model_dtype), y.to(device)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        new_chunks = split_chunks(x, y, m, args.batch_splits)
+        new_chunks = split_chunks(x, y, m, args.batch_splits)   # NaFlex dict: the last chunk may be smaller
+        micro.append([batch_rows(cx) for cx, _ in new_chunks])
         if teacher_targets is not None:
             with amp_autocast():
                 new_chunks = [(cx, teacher_targets(cx, cy)) for cx, cy in new_chunks]
         chunks.extend(new_chunks)
-        n_img += x.shape[0] // (args.aug_splits or 1)
+        n_img += batch_rows(x) // (args.aug_splits or 1)
         if (batch_idx + 1) % accum and batch_idx != last_idx:
             continue
         scale = 1.0   # --variable-batch-loss-scale: the update's loss scaled by (batch / average batch)^p, as timm
@@ -793,13 +831,14 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             power = 0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.
             scale = (x.shape[0] / batch_size_reference(args)) ** power
         step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
+        weights = naflex_chunk_weights(micro, args, device) if args.naflex_loader else None
         stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
                            bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
                            # batched: each micro-batch's chunks share a pass (auto: one chunk runs sequentially)
                            chunk_path='auto' if args.sam_chunks_path == 'batched' else 'sequential',
-                           chunks_per_pass=len(new_chunks), sam_step=sam_step)
-        chunks = []
+                           chunks_per_pass=len(new_chunks), sam_step=sam_step, chunk_weights=weights)
+        chunks, micro = [], []
         num_updates += 1
         if model_ema is not None:   # the student's weights (feature distillation trains student + projection)
             model_ema.update(model if ema_source is None else ema_source, step=num_updates)
@@ -848,6 +887,36 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     return metrics, num_updates
 
 
+def to_device(x, device, model_dtype: Optional[str]):
+    """A batch on the device (the loader without the prefetcher): images in the model's dtype; a NaFlex dict's
+    ``patches`` in it, its coordinates and masks as they are."""
+    dtype = model_dtype and getattr(torch, model_dtype)
+    if isinstance(x, dict):
+        return {k: v.to(device=device, dtype=dtype if k == 'patches' else None) if isinstance(v, torch.Tensor) else v
+                for k, v in x.items()}
+    return x.to(device=device, dtype=dtype)
+
+
+def naflex_chunk_weights(micro: List[List[int]], args, device) -> list:
+    """The descent weight of each chunk of an update under --naflex-loader (``train_step``'s ``chunk_weights``),
+    so that the update's gradient is timm's: micro-batch b of the B in the update, n_b images, contributes
+    ``s_b / B`` times its mean loss, s_b = (n_b / -b)^p for --naflex-loss-scale linear (p = 1) or sqrt (p = 1/2),
+    1 for none. Under DDP (each rank its own batch size, DDP averages the ranks' gradients) also times
+    ``world_size * n_b / sum over ranks of n_b``, as timm's script (one all-reduce per update here, of the B sizes).
+    Inside micro-batch b, chunk c (n_bc images, its own eps) gets the share n_bc / n_b.
+
+    Python floats on one process; 0-dim device tensors under DDP (the all-reduced sizes stay on the device)."""
+    sizes = [sum(chunks) for chunks in micro]
+    power = {'none': 0.0, 'sqrt': 0.5, 'linear': 1.0}[args.naflex_loss_scale]
+    factors = [(n / batch_size_reference(args)) ** power / len(micro) for n in sizes]
+    if args.distributed:
+        total = torch.tensor(sizes, dtype=torch.float32, device=device)
+        torch.distributed.all_reduce(total)
+        factors = torch.tensor(factors, dtype=torch.float32, device=device) * (
+            args.world_size * torch.tensor(sizes, dtype=torch.float32, device=device) / total)
+    return [factors[b] * n_c / n_b for b, (n_b, chunks) in enumerate(zip(sizes, micro)) for n_c in chunks]
+
+
 class ScaledLoss:
     """``scale * loss_fn(output, target)``: --variable-batch-loss-scale. Both SAM passes take it; the
     perturbation is normalized, so only the descent gradient changes."""
@@ -878,7 +947,7 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
     totals = torch.zeros(4, device=device, dtype=torch.float64)  # loss sum, top1 hits, top5 hits, count
     for x, y in loader:
         if not args.prefetcher:
-            x, y = x.to(device=device, dtype=args.model_dtype and getattr(torch, args.model_dtype)), y.to(device)
+            x, y = to_device(x, device, args.model_dtype), y.to(device)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with amp_autocast():
@@ -909,7 +978,7 @@ def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn,
     def batches():
         for x, y in loader:
             if not args.prefetcher:
-                x, y = x.to(device), y.to(device)
+                x, y = to_device(x, device, None), y.to(device)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
             yield x, (y if teacher_targets is None else teacher_targets(x, y))
@@ -1061,6 +1130,8 @@ def create_model(args):
                 head.bias.fill_(args.head_init_bias)
     if args.num_classes is None:
         args.num_classes = model.num_classes
+    if args.naflex_loader:
+        check_naflex_model(args, model)
     if args.grad_checkpointing:
         try:
             model.set_grad_checkpointing(enable=True)
@@ -1098,6 +1169,25 @@ def create_model(args):
         raise UsageError(f"'{args.model}' has BatchNorm, which needs at least 2 samples per pass: {which} "
                          f"(--sam-m / -b {m}{f', --sam-ascent-frac {args.sam_ascent_frac}' if n_ascent < m else ''})")
     return model, data_config
+
+
+def check_naflex_model(args, model) -> None:
+    """--naflex-loader: the model takes NaFlex patch dicts (it has timm's ``get_patch_size()``, whose answer is the
+    loaders' patch size, read before the model is wrapped as timm's script does) and reads patches in the layout
+    the loader writes them (--naflex-patchify-channels-first)."""
+    get_patch_size = getattr(model, 'get_patch_size', None)
+    if get_patch_size is None:   # timm falls back to 16 px patches, and the model fails on the first batch
+        raise UsageError(f"--naflex-loader needs a NaFlex model (one that takes patch dicts and has get_patch_size(), "
+                         f"e.g. naflexvit_base_patch16_gap); '{args.model}' is not one")
+    args.naflex_patch_size = tuple(get_patch_size())
+    channels_last = getattr(getattr(model, 'embeds', None), 'channels_last', None)
+    if channels_last is not None and channels_last == args.naflex_patchify_channels_first:
+        # the flat patch length is the same in both layouts: a mismatch would train on scrambled pixels
+        if channels_last:
+            raise UsageError(f"'{args.model}' reads channels-last (P-P-C) patches and --naflex-patchify-channels-first "
+                             f"writes C-P-P: drop it, or add --model-kwargs patchify_channels_last=False")
+        raise UsageError(f"'{args.model}' reads channels-first (C-P-P) patches and the NaFlex loader writes P-P-C: "
+                         f"add --naflex-patchify-channels-first")
 
 
 def place_model(args, model, device):
@@ -1143,11 +1233,15 @@ def create_optimizer(args, model):
     if sam is not None and args.rank == 0:
         _logger.info(repr(sam).split(', base=')[0] + ')')
     m = args.sam_m or args.batch_size
-    args.sam_chunks_path, why = choose_chunk_path(model, optimizer, [m] * (args.batch_size // m), args.sam_chunks)
+    # NaFlex: the batch size varies per update; the model and the optimizer decide here, the chunks per update
+    sizes = [m, m] if args.naflex_loader and args.sam_m else [m] * (args.batch_size // m)
+    args.sam_chunks_path, why = choose_chunk_path(model, optimizer, sizes, args.sam_chunks)
     if args.sam_chunks == 'batched' and args.sam_chunks_path != 'batched':
         raise UsageError(f'--sam-chunks batched: the chunks cannot share one pass: {why}; use --sam-chunks auto')
-    if args.rank == 0 and args.batch_size > m:
-        _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})')
+    if args.rank == 0 and len(sizes) > 1:
+        _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})' + (
+            '; a NaFlex batch that is not a multiple of m (a smaller last chunk) runs sequentially'
+            if args.naflex_loader and args.sam_chunks_path == 'batched' else ''))
     return optimizer
 
 
@@ -1253,7 +1347,6 @@ class Data(NamedTuple):
 def create_data(args, data_config, device) -> Data:
     """timm's datasets and loaders, mixup / cutmix and the training loss."""
     from timm.data import AugMixDataset, Mixup, FastCollateMixup, create_dataset, create_loader
-    from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     dataset_kwargs = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
                           input_key=args.input_key, target_key=args.target_key,
                           trust_remote_code=args.dataset_trust_remote_code,
@@ -1278,12 +1371,22 @@ def create_data(args, data_config, device) -> Data:
         if n > args.num_classes:
             raise UsageError(f'the {split} data has {n} classes but the model head has {args.num_classes}: '
                              f'pass --num-classes {n}')
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if args.naflex_loader:   # batches sized from a token budget, patch dicts (timm's create_naflex_loader)
+        try:
+            loader_train, loader_eval = create_naflex_loaders(args, data_config, device, dataset_train, dataset_eval,
+                                                              mixup_active)
+        except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
+            raise UsageError(f'cannot build the NaFlex data pipeline (--naflex-*, --aa, --reprob/--remode, --scale, '
+                             f'--ratio, --color-jitter, --interpolation, --mean/--std, --mixup/--cutmix, --workers): '
+                             f'{_first_line(e)}') from None
+        return Data(dataset_train, loader_train, loader_eval, mixup_active, None, *create_losses(args, mixup_active,
+                                                                                                  device))
     if len(dataset_train) < args.batch_size * args.world_size:
         raise UsageError(f'the training split has {len(dataset_train)} images, fewer than one global batch '
                          f'({args.batch_size} x {args.world_size})')
     try:   # augmentation and loader settings are checked by timm as they are built
         collate_fn, mixup_fn = None, None
-        mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
         if mixup_active:
             mixup_args = dict(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
                               prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
@@ -1334,7 +1437,13 @@ def create_data(args, data_config, device) -> Data:
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
+    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn, *create_losses(args, mixup_active,
+                                                                                                  device))
 
+
+def create_losses(args, mixup_active: bool, device) -> Tuple[Any, Any]:
+    """The training loss (timm's choice from --jsd-loss / mixup / --smoothing / --bce-*) and the validation loss."""
+    from timm.loss import BinaryCrossEntropy, JsdCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
     bce_args = dict(target_threshold=args.bce_target_thresh, sum_classes=args.bce_sum, pos_weight=args.bce_pos_weight)
     if args.jsd_loss:   # as timm's train.py
         train_loss_fn = JsdCrossEntropy(num_splits=args.aug_splits, smoothing=args.smoothing)
@@ -1345,8 +1454,43 @@ def create_data(args, data_config, device) -> Data:
                          else LabelSmoothingCrossEntropy(smoothing=args.smoothing))
     else:
         train_loss_fn = BinaryCrossEntropy(smoothing=0., **bce_args) if args.bce_loss else torch.nn.CrossEntropyLoss()
-    train_loss_fn, validate_loss_fn = train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
-    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn, train_loss_fn, validate_loss_fn)
+    return train_loss_fn.to(device), torch.nn.CrossEntropyLoss().to(device)
+
+
+def create_naflex_loaders(args, data_config, device, dataset_train, dataset_eval, mixup_active: bool):
+    """--naflex-loader: timm's ``create_naflex_loader`` for training (batches of patch sequences, their size from
+    the token budget -b x max(--naflex-train-seq-lens); mixup by timm's NaFlexMixup in the loader) and validation
+    (--naflex-max-seq-len), with the options as timm's train.py passes them. Differences: the shuffle follows
+    --seed (timm's uses the loader's default seed), --mixup-off-epoch reaches NaFlexMixup, the prefetcher
+    normalizes as many channels as the model takes, and workers are not persistent (as for the other loader)."""
+    from timm.data import NaFlexMixup, create_naflex_loader
+    naflex_mixup = None
+    if mixup_active:
+        naflex_mixup = NaFlexMixup(num_classes=args.num_classes, mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                                   switch_prob=args.mixup_switch_prob, prob=args.mixup_prob,
+                                   label_smoothing=args.smoothing, mixup_off_epoch=args.mixup_off_epoch)
+    if args.naflex_patch_sizes:   # timm's variable patch size mode
+        patch = dict(patch_size_choices=args.naflex_patch_sizes, patch_size_choice_probs=args.naflex_patch_size_probs)
+    else:
+        patch = dict(patch_size=args.naflex_patch_size)
+    common = dict(mean=data_config['mean'], std=data_config['std'], channels=data_config['input_size'][0],
+                  pin_memory=args.pin_mem, img_dtype=getattr(torch, args.model_dtype or 'float32'), device=device,
+                  distributed=args.distributed, use_prefetcher=args.prefetcher, num_workers=args.workers,
+                  patchify_channels_last=not args.naflex_patchify_channels_first, persistent_workers=False)
+    loader_train = create_naflex_loader(
+        dataset_train, batch_size=args.batch_size, is_training=True, train_seq_lens=args.naflex_train_seq_lens,
+        mixup_fn=naflex_mixup, rank=args.rank, world_size=args.world_size, seed=args.seed, no_aug=args.no_aug,
+        re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip, vflip=args.vflip,
+        color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, worker_seeding=args.worker_seeding,
+        interpolation=data_config['interpolation'] if args.no_aug or not args.train_interpolation
+        else args.train_interpolation, **patch, **common)
+    loader_eval = None if dataset_eval is None else create_naflex_loader(
+        dataset_eval, batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+        patch_size=args.naflex_patch_size, max_seq_len=args.naflex_max_seq_len,
+        interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
+    return loader_train, loader_eval
 
 
 def with_sampler(loader, sampler):
@@ -1496,7 +1640,9 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
     best_metric, interrupted, diverged, epoch, results = None, False, None, schedule.start_epoch, []
     try:
         for epoch in range(schedule.start_epoch, schedule.end_epoch):
-            if hasattr(data.dataset_train, 'set_epoch'):
+            if args.naflex_loader:   # the NaFlex wrapper shuffles its batch schedule and images per epoch
+                loader_train.dataset.set_epoch(epoch)
+            elif hasattr(data.dataset_train, 'set_epoch'):
                 data.dataset_train.set_epoch(epoch)
             elif hasattr(getattr(loader_train, 'loader', loader_train).batch_sampler, 'set_epoch'):
                 getattr(loader_train, 'loader', loader_train).batch_sampler.set_epoch(epoch)   # scheduled batches

@@ -33,7 +33,7 @@ is not batchable and keeps the sequential path (``unbatchable_reason``).
 """
 import contextlib
 import types
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -210,8 +210,15 @@ def unbatchable_reason(model: nn.Module, perturbed: Sequence[Tensor] = ()) -> Op
     return None
 
 
-def interleave(xs: Sequence[Tensor]) -> Tensor:
-    """One batch from k equal chunks, sample i of chunk c at row ``i * k + c`` (memory format kept)."""
+def interleave(xs: Sequence) -> object:
+    """One batch from k equal chunks, sample i of chunk c at row ``i * k + c`` (memory format kept).
+
+    NaFlex dict chunks: each per-image tensor (patches, patch_coord, patch_valid) interleaved the same way,
+    so an image keeps its rows together; other values (the collator's int seq_len) taken from chunk 0.
+    """
+    if isinstance(xs[0], Mapping):
+        return {key: interleave([x[key] for x in xs]) if isinstance(v, Tensor) and v.dim() > 0 else v
+                for key, v in xs[0].items()}
     x = torch.stack(list(xs), dim=1).flatten(0, 1)
     if xs[0].dim() == 4 and xs[0].is_contiguous(memory_format=torch.channels_last) and not xs[0].is_contiguous():
         x = x.contiguous(memory_format=torch.channels_last)

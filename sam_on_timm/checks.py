@@ -64,9 +64,14 @@ def check_arg(key: str, value: Any, name: Optional[str] = None) -> None:
             check_number(v, name or key, *RANGES[key])
 
 
-def check_sam_m(m: Any, batch: int, name: str = 'm', batch_name: str = 'the per-GPU batch size') -> None:
-    """m-sharpness: chunks of ``m`` samples must tile the local batch exactly."""
-    if isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0 or batch % m:
+def check_sam_m(m: Any, batch: Optional[int], name: str = 'm', batch_name: str = 'the per-GPU batch size') -> None:
+    """m-sharpness: chunks of ``m`` samples must tile the local batch exactly. ``batch`` None: a batch whose
+    size varies (NaFlex), cut with a smaller last chunk: m must be a positive integer."""
+    bad = isinstance(m, bool) or not isinstance(m, numbers.Integral) or m <= 0
+    if batch is None:
+        if bad:
+            raise ValueError(f'{name} {m} must be a positive integer')
+    elif bad or batch % m:
         raise ValueError(f'{name} {m} must be a positive divisor of {batch_name} {batch}')
 
 

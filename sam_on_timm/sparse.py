@@ -205,14 +205,16 @@ def fisher_diagonal(model: nn.Module, params: Sequence[Tensor], batches: Iterabl
 
 def _accumulate_fisher(model: nn.Module, params: Sequence[Tensor], batches: Iterable[Tuple[Tensor, Tensor]],
                        loss_fn: Callable[[Tensor, Tensor], Tensor], num_samples: int, fisher: List[Tensor]) -> int:
-    """fisher += g_n^2 for the first ``num_samples`` single samples of ``batches``; returns how many it used."""
+    """fisher += g_n^2 for the first ``num_samples`` single samples of ``batches`` (image tensors or NaFlex dicts);
+    returns how many it used."""
+    from .train_step import batch_rows, take_rows
     n = 0
     for x, y in batches:
-        for i in range(x.shape[0]):
+        for i in range(batch_rows(x)):
             if n >= num_samples:
                 return n
             try:
-                out = model(x[i:i + 1])
+                out = model(take_rows(x, slice(i, i + 1)))
             except ValueError as e:   # BatchNorm in training mode over a 1x1 map of one sample
                 raise ValueError(f'ssam-f: one sample cannot pass the model in training mode ({e}); use a larger '
                                  f'input size') from None

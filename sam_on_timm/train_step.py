@@ -11,15 +11,31 @@ For each chunk of m samples of the local batch:
 then clip (descent gradient), base step. Plain optimizers take the same path without 1, 2 and 4,
 so SGD baselines and ``--grad-accum-steps`` share the mechanism.
 
+A batch is a tensor (images along dim 0) or a NaFlex dict (timm's ``create_naflex_loader``: ``patches``
+``[B, N, ...]``, ``patch_coord`` ``[B, N, 2]``, ``patch_valid`` ``[B, N]``, and the collator's int
+``seq_len``). A chunk of a dict takes the same images' rows of every per-image tensor, so each
+image keeps its patches, coordinates and validity mask together; other values are kept as they are.
+
+Chunk sizes and weights. A tensor batch must be a multiple of m (its size is the user's batch
+size). A NaFlex batch's size comes from the loader's token budget and varies per update, so it is
+cut into chunks of m images with a smaller last chunk (``split_chunks(..., ragged=True)``, the default
+for dicts). The descent loss of chunk c is weighted by n_c / N (its share of the update's N images;
+1 / k for k equal chunks), so the update is the mean over the images, as one pass over the whole batch
+would give; ``chunk_weights`` replaces those weights (train.py: timm's NaFlex loss scale and
+gradient accumulation). Every chunk still gets its own eps from its own mean loss (the ascent is
+never weighted: eps of the fisher variant depends on the gradient's scale).
+
 That is the sequential path. The batched path (``chunk_path``; ``sam_on_timm.batched``) computes the
 same update with all chunks of a pass in one ascent and one descent pass: possible when P holds only
 affine parameters of per-channel norm layers (SAM-ON), as chunk c then differs from the others only
-in its BatchNorm batch statistics and its affine parameters gamma + eps_c, beta + eps_c.
+in its BatchNorm batch statistics and its affine parameters gamma + eps_c, beta + eps_c. It takes
+NaFlex dict chunks too (interleaved key by key; NaFlexVit is per image apart from its LayerNorms),
+but only equal chunks: an update with a smaller last chunk takes the sequential path ('auto').
 """
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -31,8 +47,11 @@ from .flat import FlatSet, flat_ok
 from .perturbations import VARIANTS, compute_eps
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
-__all__ = ['StepStats', 'find_sam', 'split_chunks', 'ascent_samples', 'frozen_bn_stats', 'requires_grad_off',
-           'train_step', 'choose_chunk_path', 'BN_UPDATE_CHOICES', 'CHUNK_PATHS']
+__all__ = ['StepStats', 'find_sam', 'batch_rows', 'take_rows', 'split_chunks', 'ascent_samples', 'frozen_bn_stats',
+           'requires_grad_off', 'train_step', 'choose_chunk_path', 'BN_UPDATE_CHOICES', 'CHUNK_PATHS']
+
+# a batch of images: a tensor (images along dim 0), or a NaFlex dict of per-image tensors (module docstring)
+Batch = Union[Tensor, Mapping[str, Any]]
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
 
@@ -58,16 +77,59 @@ def find_sam(optimizer: torch.optim.Optimizer) -> Optional[SAM]:
     return None
 
 
-def split_chunks(x: Tensor, y: Tensor, m: Optional[int], splits: int = 1) -> List[Tuple[Tensor, Tensor]]:
-    """Cut a local batch into chunks of ``m`` rows (m-sharpness); ``m`` must divide the batch.
+def batch_rows(x: Batch) -> int:
+    """How many images a batch holds: a tensor's first dimension, a NaFlex dict's ``patches`` rows."""
+    if isinstance(x, Tensor):
+        return x.shape[0]
+    if isinstance(x, Mapping):
+        t = x.get('patches')
+        if not isinstance(t, Tensor):
+            t = next((v for v in x.values() if isinstance(v, Tensor) and v.dim() > 0), None)
+        if t is not None and t.dim() > 0:
+            return t.shape[0]
+    raise TypeError(f'a batch is a tensor or a dict of per-image tensors (NaFlex), got {type(x).__name__}')
 
-    ``splits`` > 1: the batch is that many equal parts one after the other (timm's AugMix splits,
-    split BatchNorm); chunk j takes rows j*m/s .. (j+1)*m/s - 1 of every part, in the same layout,
+
+def take_rows(x: Batch, rows: slice) -> Batch:
+    """Images ``rows`` of a batch. A dict: every tensor with one row per image is cut the same way (an
+    image keeps its patches, ``patch_coord`` and ``patch_valid`` together); other values are kept."""
+    if isinstance(x, Tensor):
+        return x[rows]
+    n = batch_rows(x)
+    out = {}
+    for key, v in x.items():
+        if isinstance(v, Tensor) and v.dim() > 0:
+            if v.shape[0] != n:
+                raise ValueError(f"batch entry '{key}' has {v.shape[0]} rows, the batch {n} images: every tensor of "
+                                 f"a NaFlex batch has one row per image")
+            v = v[rows]
+        out[key] = v
+    return out
+
+
+def split_chunks(x: Batch, y: Tensor, m: Optional[int], splits: int = 1,
+                 ragged: Optional[bool] = None) -> List[Tuple[Batch, Tensor]]:
+    """Cut a local batch into chunks of ``m`` images (m-sharpness), in order.
+
+    ``ragged``: whether the last chunk may be smaller when m does not divide the batch. Default: yes for a
+    NaFlex dict (the loader sizes its batches from a token budget, not the user), no for a tensor batch
+    (its size is the user's batch size: m must divide it). A dict is cut with ``take_rows``.
+
+    ``splits`` > 1 (tensor batches): the batch is that many equal parts one after the other (timm's AugMix
+    splits, split BatchNorm); chunk j takes rows j*m/s .. (j+1)*m/s - 1 of every part, in the same layout,
     so that each chunk keeps its splits together.
     """
-    n = x.shape[0]
+    n = batch_rows(x)
     if m is None or m == n:
         return [(x, y)]
+    is_dict = not isinstance(x, Tensor)
+    if ragged is None:
+        ragged = is_dict
+    if is_dict or ragged:
+        if splits != 1:
+            raise ValueError(f'a NaFlex (dict) or ragged batch cannot be cut into {splits} equal splits per chunk')
+        check_sam_m(m, None if ragged else n)
+        return [(take_rows(x, slice(i, i + m)), y[i:i + m]) for i in range(0, n, m)]
     check_sam_m(m, n)
     if splits == 1:
         return list(zip(x.split(m), y.split(m)))
@@ -209,7 +271,7 @@ def _no_sync(model: nn.Module, skip_sync: bool) -> ContextManager:
 def train_step(
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        chunks: Sequence[Tuple[Tensor, Tensor]],
+        chunks: Sequence[Tuple[Batch, Tensor]],
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         amp_autocast: Callable[[], ContextManager] = contextlib.nullcontext,
         loss_scaler=None,
@@ -221,6 +283,7 @@ def train_step(
         sam_step: bool = True,
         chunk_path: str = 'auto',
         chunks_per_pass: Optional[int] = None,
+        chunk_weights: Optional[Sequence[Union[float, Tensor]]] = None,
 ) -> StepStats:
     """One optimizer update over ``chunks`` (see module docstring); the weights end unperturbed.
 
@@ -235,6 +298,11 @@ def train_step(
     ``choose_chunk_path``). ``chunks_per_pass``: how many consecutive chunks share a batched pass
     (default all; ``train.py`` gives the chunks of one micro-batch, so ``--grad-accum-steps`` keeps
     its memory saving).
+    ``chunks``: (images, targets) pairs; images a tensor or a NaFlex dict (``split_chunks`` cuts either).
+    ``chunk_weights``: the descent loss of chunk c is multiplied by ``chunk_weights[c]`` (a number or a 0-dim
+    tensor). Default: n_c / N, chunk c's share of the update's images (exactly 1 / k for equal chunks),
+    so the update is the mean over the images. The ascent losses are never weighted. ``StepStats.loss``
+    and ``ascent_loss`` are means over the update's images whatever the weights.
     """
     if bn_update not in BN_UPDATE_CHOICES:
         raise ValueError(f"bn_update must be one of {', '.join(BN_UPDATE_CHOICES)}, got '{bn_update}'")
@@ -248,6 +316,12 @@ def train_step(
                          'static_graph')
     scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
+    sizes = [batch_rows(x) for x, _ in chunks]
+    # per-chunk weights of the logged means: None = equal chunks, the plain mean (sum / k, as always)
+    mean_w = None if len(set(sizes)) == 1 else [n / sum(sizes) for n in sizes]
+    if chunk_weights is not None and len(chunk_weights) != k:
+        raise ValueError(f'chunk_weights has {len(chunk_weights)} entries for {k} chunks')
+    weights = mean_w if chunk_weights is None else list(chunk_weights)   # None: loss / k
     optimizer.zero_grad(set_to_none=True)
     if sam is not None:
         sam.adopt_new_groups()   # groups added through a wrapper (Lookahead) since the last step
@@ -258,13 +332,13 @@ def train_step(
         if not all(p.requires_grad for p in trainable):
             trainable = [p for p in trainable if p.requires_grad]
     per_pass = k if chunks_per_pass is None else chunks_per_pass
-    path, reason = choose_chunk_path(model, optimizer if sam_step else None, [x.shape[0] for x, _ in chunks],
+    path, reason = choose_chunk_path(model, optimizer if sam_step else None, sizes,
                                      chunk_path, per_pass)   # a plain step chooses as a plain optimizer would
     if path == 'sequential' and chunk_path == 'batched':
         raise ValueError(f'the chunks cannot share one pass: {reason}')
     run = _batched_chunks if path == 'batched' else _sequential_chunks
     loss_sum, ascent_sum, eps_sum, skipped = run(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update,
-                                                 ascent_frac, others, trainable, per_pass)
+                                                 ascent_frac, others, trainable, per_pass, weights, mean_w)
 
     if clip_parameters is None and clip_grad is not None:
         clip_parameters = [p for g in optimizer.param_groups for p in g['params']]
@@ -279,24 +353,35 @@ def train_step(
             _clip(clip_parameters, clip_grad, clip_mode)
         optimizer.step()
 
-    stats = StepStats(loss=loss_sum / k)
+    mean = (lambda v: v / k) if mean_w is None else (lambda v: v)   # weighted sums are means already
+    stats = StepStats(loss=mean(loss_sum))
     if sam is not None:
-        stats.ascent_loss, stats.eps_norm, stats.skipped = ascent_sum / k, eps_sum / k, skipped
+        stats.ascent_loss, stats.eps_norm, stats.skipped = mean(ascent_sum), eps_sum / k, skipped
     return stats
 
 
+def _descent_loss(loss: Tensor, i: int, k: int, weights: Optional[Sequence]) -> Tensor:
+    """Chunk i's contribution to the accumulated descent loss: loss / k, or loss * weights[i]."""
+    return loss / k if weights is None else loss * weights[i]
+
+
+def _logged(value: Tensor, i: int, mean_w: Optional[Sequence[float]]) -> Tensor:
+    """Chunk i's term of a logged sum: the value (equal chunks, divided by k at the end) or its share."""
+    return value if mean_w is None else value * mean_w[i]
+
+
 def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
-                       trainable, per_pass):
+                       trainable, per_pass, weights, mean_w):
     """Each chunk its own ascent and descent pass, one after the other (module docstring, steps 1-4)."""
     k = len(chunks)
     loss_sum = ascent_sum = eps_sum = skipped = None
     for i, (x, y) in enumerate(chunks):
         last = i == k - 1
         if sam is not None:
-            n = ascent_samples(x.shape[0], ascent_frac)
+            n = ascent_samples(batch_rows(x), ascent_frac)
             with _no_sync(model, True), requires_grad_off(others):
                 with amp_autocast():
-                    ascent_loss = loss_fn(model(x[:n]), y[:n])
+                    ascent_loss = loss_fn(model(take_rows(x, slice(0, n))), y[:n])
                 scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
                 check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
                 if scaled.requires_grad and trainable is sam.perturbed:
@@ -312,31 +397,32 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
                     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
             found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
             eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
-            ascent_sum = ascent_loss.detach() if ascent_sum is None else ascent_sum + ascent_loss.detach()
+            ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
             eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
             skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped
 
         with _no_sync(model, not last), frozen_bn_stats(model, sam is not None and bn_update == 'ascent'):
             with amp_autocast():
                 loss = loss_fn(model(x), y)
-            descent = loss / k
+            descent = _descent_loss(loss, i, k, weights)
             (scaler.scale(descent) if scaler is not None else descent).backward()
         if sam is not None:
             sam.restore()
             if check:
                 _check_ascent_reach(sam, missing)
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
 
 
 def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
-                    trainable, per_pass):
+                    trainable, per_pass, weights, mean_w):
     """The same update, ``per_pass`` chunks at a time in one ascent and one descent pass.
 
     Chunk c's ascent gradient is the gradient w.r.t. row c of a zero addend ``E_p`` of shape
     ``(k, *p.shape)`` to every p in P (``sam_on_timm.batched``); its eps is ``compute_eps`` of that
     row alone, exactly as the sequential path computes it; the descent runs with ``p + eps_c`` for
-    chunk c and backpropagates ``sum_c L_c / K`` (K chunks in the update). P itself is never written.
+    chunk c and backpropagates ``sum_c L_c / K`` (K chunks in the update; ``sum_c w_c L_c`` with chunk
+    weights). P itself is never written. NaFlex dict chunks are interleaved key by key (``interleave``).
     """
     k_all = len(chunks)
     loss_sum = ascent_sum = eps_sum = skipped = None
@@ -345,7 +431,7 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
         flat = FlatSet(sam.perturbed)
     for start in range(0, k_all, per_pass):
         group = chunks[start:start + per_pass]
-        k, m = len(group), group[0][0].shape[0]
+        k, m = len(group), batch_rows(group[0][0])
         last = start + k == k_all
         x, ys = interleave([c[0] for c in group]), [c[1] for c in group]
         records, addends, check = [], {}, False
@@ -358,7 +444,7 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
             with _no_sync(model, True), requires_grad_off(others), \
                     ghost_norms(model, k, n * k, leaves, detach=True, record=record):
                 with amp_autocast():
-                    out = model(x[:n * k])   # interleaved: the first n samples of every chunk
+                    out = model(take_rows(x, slice(0, n * k)))   # interleaved: the first n samples of every chunk
                     ascent_losses = [loss_fn(chunk_rows(out, k, c), y[:n]) for c, y in enumerate(ys)]
                 total = torch.stack(ascent_losses).sum()
                 scaled = scaler.scale(total) if scaler is not None else total
@@ -377,7 +463,7 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
                                                       sam.is_bias, found_inf=found_inf, grads_writable=True, flat=flat)
                     torch._foreach_copy_([e[c] for e in eps_rows], list(eps))
                     _count_perturbation(sam, eps_norm, skip)
-                    ascent_sum = _acc(ascent_sum, ascent_losses[c].detach())
+                    ascent_sum = _acc(ascent_sum, _logged(ascent_losses[c].detach(), start + c, mean_w))
                     eps_sum, skipped = _acc(eps_sum, eps_norm), _acc(skipped, skip)
             addends = dict(zip(sam.perturbed, eps_rows))
 
@@ -387,14 +473,15 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
             with amp_autocast():
                 out = model(x)
                 losses = [loss_fn(chunk_rows(out, k, c), y) for c, y in enumerate(ys)]
-            descent = torch.stack([loss / k_all for loss in losses]).sum()
+            descent = torch.stack([_descent_loss(loss, start + c, k_all, weights)
+                                   for c, loss in enumerate(losses)]).sum()
             (scaler.scale(descent) if scaler is not None else descent).backward()
         records.append(record)
         apply_running_stats(records, k)   # ascent then descent of chunk 0, then of chunk 1, ...
         if check:
             _check_ascent_reach(sam, missing)
-        for loss in losses:
-            loss_sum = _acc(loss_sum, loss.detach())
+        for c, loss in enumerate(losses):
+            loss_sum = _acc(loss_sum, _logged(loss.detach(), start + c, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
 
 

@@ -279,7 +279,7 @@ def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
     (['--model-dtype', 'float64'], '--model-dtype must be one of float32, bfloat16, float16'),
     (['--amp', '--model-dtype', 'bfloat16'], '--amp needs a float32 model'),
     (['--kd-model-name', 'test_resnet', '--kd-distill-type', 'token'], 'needs a student with a distillation token'),
-    (['--naflex-loader'], '--naflex-loader is not supported'),
+    (['--naflex-loader'], "--naflex-loader needs a NaFlex model (one that takes patch dicts"),
     (['--train-img-sizes', '16', '24', '--train-batch-sizes', '8', '6', '--sam-m', '4'], 'must divide every scheduled'),
     (['--train-img-sizes', '16', '--grad-accum-steps', '2'], 'use --grad-accum-steps 1'),
     (['--worker-seeding', 'none'], "--worker-seeding must be 'all' or 'part'"),
