@@ -826,13 +826,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         n_img += batch_rows(x) // (args.aug_splits or 1)
         if (batch_idx + 1) % accum and batch_idx != last_idx:
             continue
-        scale = 1.0   # --variable-batch-loss-scale: the update's loss scaled by (batch / average batch)^p, as timm
-        if args.train_img_sizes is not None and args.variable_batch_loss_scale != 'none':
-            power = 0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.
-            scale = (x.shape[0] / batch_size_reference(args)) ** power
-        step_loss_fn = loss_fn if scale == 1.0 else ScaledLoss(loss_fn, scale)
-        weights = naflex_chunk_weights(micro, args, device) if args.naflex_loader else None
-        stats = train_step(model, optimizer, chunks, step_loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
+        weights = None   # the descent weights of the chunks (train_step's default: the mean over the images)
+        if args.naflex_loader:
+            weights = naflex_chunk_weights(micro, args, device)
+        elif args.train_img_sizes is not None and args.variable_batch_loss_scale != 'none':
+            weights = variable_batch_weights(micro, args)
+        stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
                            bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
                            # batched: each micro-batch's chunks share a pass (auto: one chunk runs sequentially)
@@ -845,9 +844,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         if args.synchronize_step and device.type in ('cuda', 'npu'):
             getattr(torch, device.type).synchronize()
         zero = torch.zeros((), device=stats.loss.device)
-        row = torch.stack([stats.loss.float() / scale, *(zero if v is None else v.float() for v in
-                                                         (stats.ascent_loss / scale if stats.ascent_loss is not None
-                                                          else None, stats.eps_norm, stats.skipped)), zero + 1])
+        row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
+                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
         sums = row if sums is None else sums + row
         # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
         first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
@@ -897,6 +895,17 @@ def to_device(x, device, model_dtype: Optional[str]):
     return x.to(device=device, dtype=dtype)
 
 
+def variable_batch_weights(micro: List[List[int]], args) -> List[float]:
+    """--variable-batch-loss-scale (scheduled resolution): timm scales the update's loss by (batch / average
+    batch)^p, p = 1 (linear) or 1/2 (sqrt). Here that scale multiplies the chunks' descent weights (each chunk
+    its share of the batch), never the ascent loss: eps comes from the true loss gradient (Fisher-SAM's eps is
+    not scale invariant), and the logged losses stay means."""
+    sizes = [n for chunks in micro for n in chunks]
+    power = 0.5 if args.variable_batch_loss_scale == 'sqrt' else 1.
+    scale = (sum(sizes) / batch_size_reference(args)) ** power
+    return [scale * n / sum(sizes) for n in sizes]
+
+
 def naflex_chunk_weights(micro: List[List[int]], args, device) -> list:
     """The descent weight of each chunk of an update under --naflex-loader (``train_step``'s ``chunk_weights``),
     so that the update's gradient is timm's: micro-batch b of the B in the update, n_b images, contributes
@@ -915,17 +924,6 @@ def naflex_chunk_weights(micro: List[List[int]], args, device) -> list:
         factors = torch.tensor(factors, dtype=torch.float32, device=device) * (
             args.world_size * torch.tensor(sizes, dtype=torch.float32, device=device) / total)
     return [factors[b] * n_c / n_b for b, (n_b, chunks) in enumerate(zip(sizes, micro)) for n_c in chunks]
-
-
-class ScaledLoss:
-    """``scale * loss_fn(output, target)``: --variable-batch-loss-scale. Both SAM passes take it; the
-    perturbation is normalized, so only the descent gradient changes."""
-
-    def __init__(self, loss_fn, scale: float):
-        self.loss_fn, self.scale = loss_fn, scale
-
-    def __call__(self, output, target):
-        return self.loss_fn(output, target) * self.scale
 
 
 def stop_if_diverged(sums, first_bad, epoch: int, batch_idx: int, n_batches: int) -> None:

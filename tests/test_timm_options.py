@@ -361,15 +361,18 @@ def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
 
 def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeypatch):
     """--train-img-sizes / --train-batch-sizes: batches of 8 at 16 px and 4 at 24 px; --sam-m 4 cuts every
-    batch into chunks of 4; --variable-batch-loss-scale linear scales each update's loss by batch / 6
-    (6: the policy-average batch size)."""
+    batch into chunks of 4; --variable-batch-loss-scale linear scales each update's descent loss by batch / 6
+    (6: the policy-average batch size), through the chunks' descent weights: the loss both passes take is
+    the plain one (eps from the true gradient)."""
     import sam_on_timm.train_step as ts
     steps, step = [], ts.train_step
 
     def recording_step(model, optimizer, chunks, loss_fn, *a, **k):
         out, y = torch.zeros(2, 16), torch.tensor([0, 1])
-        steps.append(([tuple(x.shape) for x, _ in chunks], (loss_fn(out, y) / torch.nn.functional.cross_entropy(
-            out, y)).item()))
+        assert loss_fn(out, y).item() == pytest.approx(torch.nn.functional.cross_entropy(out, y).item())
+        weights = k['chunk_weights']
+        assert len(set(weights)) == 1 and len(weights) == len(chunks)
+        steps.append(([tuple(x.shape) for x, _ in chunks], sum(weights)))
         return step(model, optimizer, chunks, loss_fn, *a, **k)
 
     monkeypatch.setattr(ts, 'train_step', recording_step)
