@@ -21,9 +21,9 @@ size). A NaFlex batch's size comes from the loader's token budget and varies per
 cut into chunks of m images with a smaller last chunk (``split_chunks(..., ragged=True)``, the default
 for dicts). The descent loss of chunk c is weighted by n_c / N (its share of the update's N images;
 1 / k for k equal chunks), so the update is the mean over the images, as one pass over the whole batch
-would give; ``chunk_weights`` replaces those weights (train.py: timm's NaFlex loss scale and
-gradient accumulation). Every chunk still gets its own eps from its own mean loss (the ascent is
-never weighted: eps of the fisher variant depends on the gradient's scale).
+would give; ``chunk_weights`` replaces those weights (train.py: timm's NaFlex loss scale,
+--variable-batch-loss-scale and gradient accumulation). Every chunk still gets its own eps from its own
+mean loss (the ascent is never weighted: eps of the fisher variant depends on the gradient's scale).
 
 That is the sequential path. The batched path (``chunk_path``; ``sam_on_timm.batched``) computes the
 same update with all chunks of a pass in one ascent and one descent pass: possible when P holds only
