@@ -983,8 +983,15 @@ def run(args) -> int:
         return 0
     saver = create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_scaler, schedule, resumed)
     resume_random_state(args, resumed, schedule.start_epoch)
-    return train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
-                      saver, output_dir, device)
+    rc = 1
+    try:
+        rc = train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
+                        saver, output_dir, device)
+    finally:
+        if args.log_wandb and saver is not None:   # rank 0's run, closed and flushed (main() may run again)
+            import wandb
+            wandb.finish(exit_code=rc)
+    return rc
 
 
 def setup_device(args) -> torch.device:

@@ -3,9 +3,11 @@
 Every run records what ``train.train_one_epoch`` was handed (model, loader, optimizer, loss) and the
 chunks ``train_step`` saw, so the tests look at the built objects and the trained pixels rather than at
 the flags; options that act only where the tests cannot go (iterable / Hugging Face datasets, a CUDA
-device) are shown reaching the timm call that takes them.
+device) are shown reaching the timm call that takes them. A real offline wandb run is read back with
+wandb's own reader.
 """
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -248,25 +250,58 @@ def test_distillation_loss_is_timms_task_loss():
     assert torch.equal(kd.targets(x, y)[1:3].target, y[1:3])
 
 
-def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
-    logged, inits = [], []
-    fake = types.ModuleType('wandb')
-    fake.init = lambda **k: inits.append(k)
-    fake.log = lambda row: logged.append(dict(row))
-    monkeypatch.setitem(sys.modules, 'wandb', fake)
-    assert run(data16, tmp_path, '--experiment', 'w', '--log-wandb', '--wandb-project', 'p', '--wandb-tags', 'a',
-               'b') == 0
-    assert inits[0]['project'] == 'p' and inits[0]['tags'] == ['a', 'b'] and inits[0]['name'] == 'w'
-    assert inits[0]['config']['opt'] == 'sam-on-layerl2'
-    row = logged[0]
-    for column in ('train_loss', 'train_ascent_loss', 'train_sharpness', 'train_eps_norm',
-                   'train_skipped_perturbations', 'eval_top1', 'lr'):
-        assert column in row, column
-    assert row['train_sharpness'] == pytest.approx(row['train_descent_loss'] - row['train_ascent_loss'])
+def test_log_wandb_without_the_package_is_one_line(data16, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'wandb', None)   # not installed
     assert run(data16, tmp_path, '--experiment', 'w2', '--log-wandb') == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "train.py: error: --log-wandb needs the wandb package: pip install -e '.[wandb]'"
+    assert capsys.readouterr().err.strip().splitlines() == \
+        ["train.py: error: --log-wandb needs the wandb package: pip install -e '.[wandb]'"]
+    assert not (tmp_path / 'w2').exists()
+
+
+def wandb_records(run_dir):
+    """The records of an offline wandb run, read back from its .wandb file by wandb's own reader (the
+    ``wandb leet inspect --json`` command line, one JSON record a line)."""
+    r = subprocess.run([sys.executable, '-m', 'wandb', 'leet', 'inspect', '--json', str(run_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+
+
+def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch, one_thread):
+    """A real wandb run (offline: no network, its files in tmp_path): the history holds one row per epoch with
+    every summary.csv column, the SAM ones (ascent loss, sharpness, ||eps||, skips) included, at the values
+    summary.csv holds; the run has the project, tags, name and config train.py gave it, and is finished."""
+    wandb = pytest.importorskip('wandb')
+    from packaging.version import Version
+    if Version(wandb.__version__) < Version('0.31'):
+        pytest.skip(f'wandb {wandb.__version__}: reading an offline run back needs wandb >= 0.31 (wandb leet inspect)')
+    for key, value in dict(WANDB_MODE='offline', WANDB_DIR=tmp_path, WANDB_CONFIG_DIR=tmp_path / 'config',
+                           WANDB_CACHE_DIR=tmp_path / 'cache', WANDB_DATA_DIR=tmp_path / 'data', WANDB_CONSOLE='off',
+                           WANDB_SILENT='true', WANDB_DISABLE_GIT='true', WANDB_X_DISABLE_STATS='true',
+                           WANDB_X_DISABLE_MACHINE_INFO='true').items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        assert run(data16, tmp_path, '--experiment', 'w', '--epochs', '2', '--log-wandb', '--wandb-project', 'p',
+                   '--wandb-tags', 'a', 'b') == 0
+        runs = list((tmp_path / 'wandb').glob('offline-run-*'))
+        assert len(runs) == 1
+        records = wandb_records(runs[0])   # before teardown, which would finish a run train.py left open
+    finally:
+        wandb.teardown()   # the wandb service this process started
+    # train.py finished the run (wandb.finish): the log is complete, with its exit code
+    assert [r['exit'].get('exit_code', 0) for r in records if r['type'] == 'exit'] == [0], records[-3:]
+    info = next(r['run'] for r in records if r['type'] == 'run')
+    assert info['project'] == 'p' and info['tags'] == ['a', 'b'] and info['display_name'] == 'w'
+    assert info['config']['update']['opt'] == 'sam-on-layerl2' and info['config']['update']['rho'] == 0.5
+    history = [r['history']['item'] for r in records if r['type'] == 'history']
+    rows = summary(tmp_path / 'w' / 'summary.csv')
+    assert len(history) == len(rows) == 2
+    for logged, row in zip(history, rows):
+        for column in ('train_ascent_loss', 'train_sharpness', 'train_eps_norm', 'train_skipped_perturbations'):
+            assert column in logged, column
+        for column, value in row.items():
+            assert logged[column] == float(value), (column, logged[column], value)   # the same float64 numbers
+    assert history[0]['train_eps_norm'] > 0 and history[0]['train_ascent_loss'] != history[0]['train_loss']
 
 
 @pytest.mark.parametrize('extra, message', [
