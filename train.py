@@ -631,6 +631,8 @@ def validate_timm_options(args) -> None:
                          'would break its splits')
     if args.aug_repeats < 0 or args.epoch_repeats < 0:
         raise UsageError('--aug-repeats and --epoch-repeats must be >= 0')
+    if args.train_crop_mode not in (None, 'rrc', 'rkrc', 'rkrr'):
+        raise UsageError(f"--train-crop-mode must be rrc, rkrc or rkrr, got '{args.train_crop_mode}'")
     if args.worker_seeding not in ('all', 'part'):
         raise UsageError(f"--worker-seeding must be 'all' or 'part', got '{args.worker_seeding}'")
     if args.model_dtype is not None and args.model_dtype not in MODEL_DTYPES:
@@ -792,7 +794,8 @@ def trim_summary(path: str, start_epoch: int) -> None:
 # training and validation
 # ---------------------------------------------------------------------------------------------
 def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_scheduler, amp_autocast,
-                    loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None, saver=None, output_dir=None):
+                    loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters=None, saver=None, output_dir=None,
+                    batch_erasing=None):
     from sam_on_timm.ablations import in_window
     from sam_on_timm.train_step import batch_rows, split_chunks, train_step
     accum = args.grad_accum_steps
@@ -815,6 +818,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             x, y = to_device(x, device, args.model_dtype), y.to(device)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
+            if batch_erasing is not None:   # --resplit: after mixing and normalizing, as timm's prefetcher erases
+                x = batch_erasing(x)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         new_chunks = split_chunks(x, y, m, args.batch_splits)   # NaFlex dict: the last chunk may be smaller
@@ -841,8 +846,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         num_updates += 1
         if model_ema is not None:   # the student's weights (feature distillation trains student + projection)
             model_ema.update(model if ema_source is None else ema_source, step=num_updates)
-        if args.synchronize_step and device.type in ('cuda', 'npu'):
-            getattr(torch, device.type).synchronize()
+        if args.synchronize_step:
+            synchronize_step(device)
         zero = torch.zeros((), device=stats.loss.device)
         row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
                                                  (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
@@ -893,6 +898,13 @@ def to_device(x, device, model_dtype: Optional[str]):
         return {k: v.to(device=device, dtype=dtype if k == 'patches' else None) if isinstance(v, torch.Tensor) else v
                 for k, v in x.items()}
     return x.to(device=device, dtype=dtype)
+
+
+def synchronize_step(device: torch.device) -> None:
+    """--synchronize-step, as timm's script: wait for the work queued on a CUDA or NPU device after each update (so
+    that the host's timing of an update includes it). On the CPU every op has finished when it returns: nothing."""
+    if device.type in ('cuda', 'npu'):
+        getattr(torch, device.type).synchronize()
 
 
 def variable_batch_weights(micro: List[List[int]], args) -> List[float]:
@@ -1052,8 +1064,15 @@ def run(args) -> int:
     saver = create_saver(args, as_given, output_dir, student, optimizer, model_ema, loss_scaler, schedule, resumed,
                          task)
     resume_random_state(args, resumed, schedule.start_epoch)
-    return train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
-                      saver, output_dir, device)
+    rc = 1
+    try:
+        rc = train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
+                        saver, output_dir, device)
+    finally:
+        if args.log_wandb and saver is not None:   # rank 0's run, closed and flushed (main() may run again)
+            import wandb
+            wandb.finish(exit_code=rc)
+    return rc
 
 
 def setup_device(args) -> torch.device:
@@ -1340,15 +1359,19 @@ class Data(NamedTuple):
     mixup_fn: Any              # mixup on the device batch (no prefetcher), else None
     train_loss_fn: Any
     validate_loss_fn: Any
+    batch_erasing: Any = None  # --resplit without the prefetcher: timm's RandomErasing on the batch, else None
 
 
 def create_data(args, data_config, device) -> Data:
     """timm's datasets and loaders, mixup / cutmix and the training loss."""
     from timm.data import AugMixDataset, Mixup, FastCollateMixup, create_dataset, create_loader
+    channels = data_config['input_size'][0]
+    if args.input_img_mode is not None:
+        check_input_img_mode(args, channels)
     dataset_kwargs = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
                           input_key=args.input_key, target_key=args.target_key,
                           trust_remote_code=args.dataset_trust_remote_code,
-                          input_img_mode=args.input_img_mode or ('RGB' if data_config['input_size'][0] == 3 else 'L'))
+                          input_img_mode=args.input_img_mode or ('RGB' if channels == 3 else 'L'))
     try:
         dataset_train = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                        seed=args.seed, repeats=args.epoch_repeats, num_samples=args.train_num_samples,
@@ -1357,9 +1380,10 @@ def create_data(args, data_config, device) -> Data:
         if args.val_split:
             dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
                                           num_samples=args.val_num_samples, **dataset_kwargs)
-    except (RuntimeError, ValueError, KeyError, OSError, AssertionError) as e:   # unknown dataset, class map, ...
+    # unknown dataset, class map, ...; TypeError: a reader that takes no such key (a folder's --target-key)
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError) as e:
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
-                         f"--class-map): {_first_line(e)}") from None
+                         f"--class-map, --input-key, --target-key): {_first_line(e)}") from None
     splits = [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else [])
     for split, ds in splits:
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
@@ -1396,9 +1420,18 @@ def create_data(args, data_config, device) -> Data:
         if args.aug_splits > 1:
             dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
         img_dtype = getattr(torch, args.model_dtype or 'float32')
+        # --resplit spares the first (clean) split from random erasing. timm's per-image erasing in the transform
+        # cannot tell the splits apart; its prefetcher erases the batch. Without the prefetcher (on the CPU,
+        # --no-prefetcher) train_one_epoch erases the batch with timm's RandomErasing the same way.
+        batch_erasing = None
+        if args.resplit and args.reprob > 0 and not args.no_aug and not args.prefetcher:
+            from timm.data.random_erasing import RandomErasing
+            batch_erasing = RandomErasing(probability=args.reprob, mode=args.remode, max_count=args.recount,
+                                          num_splits=args.aug_splits or 2, device=device)
         loader_train = create_loader(
             dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-            no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount, re_split=args.resplit,
+            no_aug=args.no_aug, re_prob=0. if batch_erasing is not None else args.reprob, re_mode=args.remode,
+            re_count=args.recount, re_split=args.resplit,
             train_crop_mode=args.train_crop_mode, num_aug_splits=args.aug_splits, worker_seeding=args.worker_seeding,
             num_aug_repeats=args.aug_repeats if args.distributed else 0, img_dtype=img_dtype,
             use_multi_epochs_loader=args.use_multi_epochs_loader, scale=args.scale,
@@ -1435,8 +1468,8 @@ def create_data(args, data_config, device) -> Data:
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
-    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn, *create_losses(args, mixup_active,
-                                                                                                  device))
+    return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn,
+                *create_losses(args, mixup_active, device), batch_erasing)
 
 
 def create_losses(args, mixup_active: bool, device) -> Tuple[Any, Any]:
@@ -1489,6 +1522,19 @@ def create_naflex_loaders(args, data_config, device, dataset_train, dataset_eval
         patch_size=args.naflex_patch_size, max_seq_len=args.naflex_max_seq_len,
         interpolation=data_config['interpolation'], crop_pct=data_config['crop_pct'], **common)
     return loader_train, loader_eval
+
+
+def check_input_img_mode(args, channels: int) -> None:
+    """--input-img-mode names a PIL mode with as many bands as the model has input channels: timm's readers convert
+    every image to it, and a mode PIL does not know, or of another band count, would fail in the first batch.
+    torch/* datasets do not take the option (timm passes it to its own readers only)."""
+    if args.dataset.split('/')[0].lower() == 'torch' and '/' in args.dataset:
+        return
+    from PIL import Image
+    valid = [m for m in Image.MODES if Image.getmodebands(m) == channels]
+    if args.input_img_mode not in valid:
+        raise UsageError(f"--input-img-mode '{args.input_img_mode}': the model takes {channels}-channel images "
+                         f"(--in-chans / --input-size); PIL modes with {channels} band(s): {', '.join(valid)}")
 
 
 def with_sampler(loader, sampler):
@@ -1656,7 +1702,7 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
                                    args, device)
             train_metrics, num_updates = train_one_epoch(
                 epoch, model, loader_train, optimizer, data.train_loss_fn, args, device, lr_scheduler, amp_autocast,
-                loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters, saver, output_dir)
+                loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters, saver, output_dir, data.batch_erasing)
             ema_validated = model_ema is not None and not args.model_ema_force_cpu   # as timm: a CPU EMA is not
             if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
                 distribute_bn(model, args.world_size, args.dist_bn == 'reduce')

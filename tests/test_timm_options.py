@@ -1,9 +1,13 @@
 """timm's train.py options beyond the core ones, each shown having its effect with a SAM --opt.
 
 Every run records what ``train.train_one_epoch`` was handed (model, loader, optimizer, loss) and the
-chunks ``train_step`` saw, so the tests look at the built objects rather than at the flags.
+chunks ``train_step`` saw, so the tests look at the built objects and the trained pixels rather than at
+the flags; options that act only where the tests cannot go (iterable / Hugging Face datasets, a CUDA
+device) are shown reaching the timm call that takes them. A real offline wandb run is read back with
+wandb's own reader.
 """
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -246,25 +250,58 @@ def test_distillation_loss_is_timms_task_loss():
     assert torch.equal(kd.targets(x, y)[1:3].target, y[1:3])
 
 
-def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
-    logged, inits = [], []
-    fake = types.ModuleType('wandb')
-    fake.init = lambda **k: inits.append(k)
-    fake.log = lambda row: logged.append(dict(row))
-    monkeypatch.setitem(sys.modules, 'wandb', fake)
-    assert run(data16, tmp_path, '--experiment', 'w', '--log-wandb', '--wandb-project', 'p', '--wandb-tags', 'a',
-               'b') == 0
-    assert inits[0]['project'] == 'p' and inits[0]['tags'] == ['a', 'b'] and inits[0]['name'] == 'w'
-    assert inits[0]['config']['opt'] == 'sam-on-layerl2'
-    row = logged[0]
-    for column in ('train_loss', 'train_ascent_loss', 'train_sharpness', 'train_eps_norm',
-                   'train_skipped_perturbations', 'eval_top1', 'lr'):
-        assert column in row, column
-    assert row['train_sharpness'] == pytest.approx(row['train_descent_loss'] - row['train_ascent_loss'])
+def test_log_wandb_without_the_package_is_one_line(data16, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, 'wandb', None)   # not installed
     assert run(data16, tmp_path, '--experiment', 'w2', '--log-wandb') == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == \
-        "train.py: error: --log-wandb needs the wandb package: pip install -e '.[wandb]'"
+    assert capsys.readouterr().err.strip().splitlines() == \
+        ["train.py: error: --log-wandb needs the wandb package: pip install -e '.[wandb]'"]
+    assert not (tmp_path / 'w2').exists()
+
+
+def wandb_records(run_dir):
+    """The records of an offline wandb run, read back from its .wandb file by wandb's own reader (the
+    ``wandb leet inspect --json`` command line, one JSON record a line)."""
+    r = subprocess.run([sys.executable, '-m', 'wandb', 'leet', 'inspect', '--json', str(run_dir)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith('{')]
+
+
+def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch, one_thread):
+    """A real wandb run (offline: no network, its files in tmp_path): the history holds one row per epoch with
+    every summary.csv column, the SAM ones (ascent loss, sharpness, ||eps||, skips) included, at the values
+    summary.csv holds; the run has the project, tags, name and config train.py gave it, and is finished."""
+    wandb = pytest.importorskip('wandb')
+    from packaging.version import Version
+    if Version(wandb.__version__) < Version('0.31'):
+        pytest.skip(f'wandb {wandb.__version__}: reading an offline run back needs wandb >= 0.31 (wandb leet inspect)')
+    for key, value in dict(WANDB_MODE='offline', WANDB_DIR=tmp_path, WANDB_CONFIG_DIR=tmp_path / 'config',
+                           WANDB_CACHE_DIR=tmp_path / 'cache', WANDB_DATA_DIR=tmp_path / 'data', WANDB_CONSOLE='off',
+                           WANDB_SILENT='true', WANDB_DISABLE_GIT='true', WANDB_X_DISABLE_STATS='true',
+                           WANDB_X_DISABLE_MACHINE_INFO='true').items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        assert run(data16, tmp_path, '--experiment', 'w', '--epochs', '2', '--log-wandb', '--wandb-project', 'p',
+                   '--wandb-tags', 'a', 'b') == 0
+        runs = list((tmp_path / 'wandb').glob('offline-run-*'))
+        assert len(runs) == 1
+        records = wandb_records(runs[0])   # before teardown, which would finish a run train.py left open
+    finally:
+        wandb.teardown()   # the wandb service this process started
+    # train.py finished the run (wandb.finish): the log is complete, with its exit code
+    assert [r['exit'].get('exit_code', 0) for r in records if r['type'] == 'exit'] == [0], records[-3:]
+    info = next(r['run'] for r in records if r['type'] == 'run')
+    assert info['project'] == 'p' and info['tags'] == ['a', 'b'] and info['display_name'] == 'w'
+    assert info['config']['update']['opt'] == 'sam-on-layerl2' and info['config']['update']['rho'] == 0.5
+    history = [r['history']['item'] for r in records if r['type'] == 'history']
+    rows = summary(tmp_path / 'w' / 'summary.csv')
+    assert len(history) == len(rows) == 2
+    for logged, row in zip(history, rows):
+        for column in ('train_ascent_loss', 'train_sharpness', 'train_eps_norm', 'train_skipped_perturbations'):
+            assert column in logged, column
+        for column, value in row.items():
+            assert logged[column] == float(value), (column, logged[column], value)   # the same float64 numbers
+    assert history[0]['train_eps_norm'] > 0 and history[0]['train_ascent_loss'] != history[0]['train_loss']
 
 
 @pytest.mark.parametrize('extra, message', [
@@ -283,6 +320,11 @@ def test_wandb_run_holds_the_sam_columns(data16, tmp_path, monkeypatch, capsys):
     (['--train-img-sizes', '16', '24', '--train-batch-sizes', '8', '6', '--sam-m', '4'], 'must divide every scheduled'),
     (['--train-img-sizes', '16', '--grad-accum-steps', '2'], 'use --grad-accum-steps 1'),
     (['--worker-seeding', 'none'], "--worker-seeding must be 'all' or 'part'"),
+    (['--train-crop-mode', 'rcc'], "--train-crop-mode must be rrc, rkrc or rkrr, got 'rcc'"),
+    (['--fuser', 'nvfuserr'], "--fuser 'nvfuserr': Invalid jit fuser (nvfuserr) (valid: '', te, old, nvfuser)"),
+    (['--target-key', 'label'], "unexpected keyword argument 'target_key'"),   # a folder's labels: its folders
+    (['--input-img-mode', 'L'], "--input-img-mode 'L': the model takes 3-channel images"),
+    (['--input-img-mode', 'XYZ'], 'PIL modes with 3 band(s): HSV, LAB, RGB, YCbCr'),
     (['--bce-target-thresh', 'nan'], '--bce-target-thresh must be a finite number'),
     (['--val-interval', '0'], '--val-interval must be >= 1'),
     (['--device-modules', 'no_such_backend_module'], "cannot import 'no_such_backend_module'"),
@@ -316,23 +358,31 @@ RANK_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, {repo!r})
 import train, sam_on_timm.train_step as ts
-step, seen = ts.train_step, []
+step, seen, one_epoch, ddp = ts.train_step, [], train.train_one_epoch, []
 def recording(model, optimizer, chunks, *a, **k):
     seen.extend(int(v) for _, y in chunks for v in y)
     return step(model, optimizer, chunks, *a, **k)
-ts.train_step = recording
+def counting_buffer_broadcasts(epoch, model, *a, **k):   # DDP's broadcast of rank 0's buffers before a forward
+    broadcast = model._distributed_broadcast_coalesced
+    model._distributed_broadcast_coalesced = lambda *b, **c: ddp.append(1) or broadcast(*b, **c)
+    ddp.insert(0, model.broadcast_buffers)
+    return one_epoch(epoch, model, *a, **k)
+ts.train_step, train.train_one_epoch = recording, counting_buffer_broadcasts
 rc = train.main(sys.argv[1:])
 import os
 with open(os.path.join({out!r}, 'labels-%s.txt' % os.environ['RANK']), 'w') as f:
     f.write(' '.join(map(str, seen)))
+with open(os.path.join({out!r}, 'ddp-%s.txt' % os.environ['RANK']), 'w') as f:
+    f.write('%s %d' % (ddp[0], len(ddp) - 1))
 sys.exit(rc)
 '''
 
 
 @pytest.mark.skipif(sys.platform == 'win32', reason='torchrun with gloo on CPU')
-def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
+def test_repeated_augmentation_and_no_ddp_bb_on_two_gloo_ranks(data16, tmp_path):
     """Each of 2 ranks trains on exactly the images timm's RepeatAugSampler gives that rank (the labels
-    name the images: one class per image)."""
+    name the images: one class per image). --no-ddp-bb: DDP never broadcasts rank 0's buffers (BatchNorm
+    statistics) before a forward (without it: before every training forward)."""
     from timm.data import create_dataset
     from timm.data.distributed_sampler import RepeatAugSampler
     script = tmp_path / 'rank.py'
@@ -343,7 +393,7 @@ def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(script),
            '--data-dir', data16, '--output', str(tmp_path / 'out'), '--num-classes', '16', *BASE, '-b', '4',
            '--val-split', '',
-           '--aug-repeats', '3', '--no-aug', '--smoothing', '0', '--experiment', 'ra']
+           '--aug-repeats', '3', '--no-aug', '--smoothing', '0', '--experiment', 'ra', '--no-ddp-bb']
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     dataset = create_dataset('', root=data16, split='train', is_training=True)
@@ -357,6 +407,7 @@ def test_repeated_augmentation_on_two_gloo_ranks(data16, tmp_path):
         assert got == expected, (rank, got, expected)
         seen.append(set(got))
     assert seen[0] & seen[1]   # an image's repeats go to both ranks
+    assert [(tmp_path / f'ddp-{rank}.txt').read_text() for rank in range(2)] == ['False 0'] * 2
 
 
 def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeypatch):
@@ -385,6 +436,132 @@ def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeyp
         batch = 4 * len(shapes)
         assert batch == (8 if shapes[0][2] == 16 else 4) and scale == pytest.approx(batch / 6)
     assert {s[0][0][2] for s in steps} == {16, 24}
+
+
+def test_data_options_have_timms_effect(data16, tmp_path, record, monkeypatch, one_thread):
+    """One run, each data option with its effect on what the model was trained on:
+
+    --input-key .png: timm's folder reader takes it as the file types to read (the .jpg images beside are left out);
+    --input-img-mode YCbCr: every image converted to it (the clean rows equal the YCbCr image, not the RGB one);
+    --resplit --reprob 1: the first half of every batch (the clean split) is left unerased and the second half
+    erased, on the CPU too (timm's prefetcher erases the batch so; its per-image transform could not);
+    --train-crop-mode rkrc: timm's keep-ratio resize and center crop (at --scale 1 1 --ratio 1 1 the identity here);
+    --worker-seeding part, --use-multi-epochs-loader: timm's worker init function and loader class;
+    --epoch-repeats, --train-num-samples, --val-num-samples, --target-key, --dataset-trust-remote-code act on
+    iterable and Hugging Face datasets only (their packages are not test dependencies): create_dataset gets them;
+    --save-images: one image grid of the batch per log line."""
+    import numpy as np
+    import timm.data
+    from PIL import Image
+    from timm.data.loader import MultiEpochsDataLoader, _worker_init
+    root = Path(data16)
+    for c in range(8):   # .jpg images the --input-key .png reader must not see
+        Image.open(root / 'train' / f'class{c:02d}' / 'img.png').save(root / 'train' / f'class{c:02d}' / 'extra.jpg')
+    calls, create_dataset = [], timm.data.create_dataset
+
+    def spy(name, **kwargs):
+        calls.append(dict(kwargs))
+        kwargs.pop('target_key')   # a folder reader takes no target key (a one-line error, see the test below)
+        return create_dataset(name, **kwargs)
+
+    monkeypatch.setattr(timm.data, 'create_dataset', spy)
+    assert run(data16, tmp_path, '--experiment', 'data', '--img-size', '32', '--mean', '0.5', '0.5', '0.5', '--std',
+               '0.25', '0.25', '0.25', '--input-key', '.png', '--input-img-mode', 'YCbCr', '--resplit', '--reprob', '1',
+               '--remode', 'const', '--train-crop-mode', 'rkrc', '--scale', '1', '1', '--ratio', '1', '1',
+               '--hflip', '0', '--color-jitter', '0', '--worker-seeding', 'part', '--use-multi-epochs-loader',
+               '--epoch-repeats', '2', '--train-num-samples', '16', '--val-num-samples', '8', '--target-key', 'label',
+               '--dataset-trust-remote-code', '--save-images', '--log-interval', '1') == 0
+    loader = record.epochs[0]['loader']
+    dataset = loader.dataset
+    assert len(dataset) == 16 and all(path.endswith('.png') for path, _ in dataset.reader.samples)
+    assert len(list(root.glob('train/*/*.jpg'))) == 8
+    train_call, val_call = calls
+    assert train_call['repeats'] == 2 and train_call['num_samples'] == 16 and val_call['num_samples'] == 8
+    for call in calls:
+        assert call['input_key'] == '.png' and call['target_key'] == 'label' and call['input_img_mode'] == 'YCbCr'
+        assert call['trust_remote_code'] is True
+    assert isinstance(loader, MultiEpochsDataLoader)
+    assert loader.worker_init_fn.func is _worker_init and loader.worker_init_fn.keywords == {'worker_seeding': 'part'}
+    steps = [type(t).__name__ for t in dataset.transform.transforms]
+    assert steps[:2] == ['ResizeKeepRatio', 'CenterCropOrPad'] and 'RandomErasing' not in steps
+
+    def expected(label, mode):   # the image named by the label, converted, normalized with --mean / --std
+        img = Image.open(root / 'train' / f'class{label:02d}' / 'img.png').convert(mode)
+        return (torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 255 - 0.5) / 0.25
+
+    assert len(record.chunks) == 2   # 16 images (the .jpg left out), -b 8; --epoch-repeats: not for a folder
+    assert sorted(int(v) for _, y in record.chunks for v in y) == list(range(16))
+    for x, y in record.chunks:
+        for i, label in enumerate(y.tolist()):
+            want = expected(label, 'YCbCr')
+            if i < 4:   # the clean half: the image itself, in YCbCr
+                assert torch.allclose(x[i], want, atol=1e-5) and not torch.allclose(x[i], expected(label, 'RGB'))
+            else:       # erased: a box of zeros (const mode) in all three channels
+                assert (x[i] != want).any() and (x[i] == 0).all(dim=0).sum() >= 0.02 * 32 * 32
+    grids = sorted(p.name for p in (tmp_path / 'data').glob('train-batch-*.jpg'))
+    assert grids == ['train-batch-0.jpg', 'train-batch-1.jpg']   # --log-interval 1: a grid per update
+    assert Image.open(tmp_path / 'data' / 'train-batch-0.jpg').size == (8 * 32, 32)   # 8 images of 32 px in a row
+
+
+@pytest.fixture
+def jit_fuser_state():
+    """The TorchScript fuser settings timm's set_jit_fuser changes (process-wide), restored after the test."""
+    profiling_executor = torch._C._jit_set_profiling_executor(True)   # each setter returns the previous value
+    torch._C._jit_set_profiling_executor(profiling_executor)
+    profiling_mode = torch._C._jit_set_profiling_mode(True)
+    torch._C._jit_set_profiling_mode(profiling_mode)
+    texpr, on_gpu = torch._C._jit_texpr_fuser_enabled(), torch._C._jit_can_fuse_on_gpu()
+    yield
+    torch._C._jit_set_profiling_executor(profiling_executor)
+    torch._C._jit_set_profiling_mode(profiling_mode)
+    torch._C._jit_set_texpr_fuser_enabled(texpr)
+    torch._C._jit_override_can_fuse_on_gpu(on_gpu)
+
+
+def test_model_and_device_options_have_timms_effect(data16, tmp_path, record, monkeypatch, jit_fuser_state,
+                                                     one_thread):
+    """--fast-norm: timm's LayerNorms built in fast-norm mode, and its fast_layer_norm is what the passes run;
+    --fuser old: timm's legacy TorchScript fuser settings (the tensor-expression fuser off) in force;
+    --device-modules: the module imported before the device is set up (as timm's script does);
+    --synchronize-step: the device synchronized after every update (on the CPU, a no-op, as in timm)."""
+    import timm.layers.fast_norm
+    import timm.layers.norm
+    monkeypatch.setattr(timm.layers.fast_norm, '_USE_FAST_NORM', False)   # restored: a process-wide switch
+    fast_calls, fast_layer_norm = [], timm.layers.norm.fast_layer_norm
+    monkeypatch.setattr(timm.layers.norm, 'fast_layer_norm', lambda x, *a: fast_calls.append(x.shape[0]) or
+                        fast_layer_norm(x, *a))
+    module = 'sam_on_timm_test_device_module'
+    (tmp_path / f'{module}.py').write_text('IMPORTED = True\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    setup_device, seen_at_setup = train.setup_device, []
+    monkeypatch.setattr(train, 'setup_device', lambda args: seen_at_setup.append(module in sys.modules) or
+                        setup_device(args))
+    synced, synchronize_step = [], train.synchronize_step
+    monkeypatch.setattr(train, 'synchronize_step', lambda device: synced.append(device) or synchronize_step(device))
+    assert torch._C._jit_texpr_fuser_enabled()   # the default ('te')
+    try:
+        assert run(data16, tmp_path, '--experiment', 'md', '--model', 'test_vit', '--fast-norm', '--fuser', 'old',
+                   '--device-modules', module, '--synchronize-step') == 0
+    finally:
+        sys.modules.pop(module, None)
+    model = record.epochs[0]['model']
+    norms = [m for m in model.modules() if isinstance(m, timm.layers.LayerNorm)]
+    assert norms and all(m._fast_norm for m in norms)
+    assert len(fast_calls) >= 2 * 2 * len(norms)   # every norm in both passes of both updates (and validation)
+    assert not torch._C._jit_texpr_fuser_enabled()
+    assert seen_at_setup == [True]
+    assert synced == [torch.device('cpu')] * 2   # one per update
+
+
+def test_synchronize_step_waits_for_cuda_and_npu_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, 'synchronize', lambda *a: calls.append('cuda'))
+    train.synchronize_step(torch.device('cuda', 0))
+    train.synchronize_step(torch.device('cpu'))
+    assert calls == ['cuda']
+    monkeypatch.setattr(torch, 'npu', types.SimpleNamespace(synchronize=lambda *a: calls.append('npu')), raising=False)
+    train.synchronize_step(types.SimpleNamespace(type='npu'))   # torch.device('npu') needs the torch_npu backend
+    assert calls == ['cuda', 'npu']
 
 
 # the options of timm 1.0.31's train.py, read off its parser (options, dest, default, action, choices)
