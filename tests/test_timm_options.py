@@ -280,12 +280,23 @@ def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch,
                            WANDB_SILENT='true', WANDB_DISABLE_GIT='true', WANDB_X_DISABLE_STATS='true',
                            WANDB_X_DISABLE_MACHINE_INFO='true').items():
         monkeypatch.setenv(key, str(value))
+    inits, init = [], wandb.init
+    monkeypatch.setattr(wandb, 'init', lambda **kw: inits.append(kw) or init(**kw))
     try:
         assert run(data16, tmp_path, '--experiment', 'w', '--epochs', '2', '--log-wandb', '--wandb-project', 'p',
                    '--wandb-tags', 'a', 'b') == 0
         runs = list((tmp_path / 'wandb').glob('offline-run-*'))
         assert len(runs) == 1
         records = wandb_records(runs[0])   # before teardown, which would finish a run train.py left open
+        rows = summary(tmp_path / 'w' / 'summary.csv')
+        # --wandb-resume-id with --resume: the resumed run continues the first one's wandb id (resume='must';
+        # offline, wandb keeps the id)
+        run_id = runs[0].name.rsplit('-', 1)[1]
+        assert run(data16, tmp_path, '--experiment', 'w', '--epochs', '3', '--log-wandb', '--wandb-project', 'p',
+                   '--resume', str(tmp_path / 'w' / 'last.pth.tar'), '--wandb-resume-id', run_id) == 0
+        resumed = set((tmp_path / 'wandb').glob('offline-run-*')) - set(runs)
+        assert len(resumed) == 1 and resumed.pop().name.endswith(f'-{run_id}')
+        assert [(kw['id'], kw['resume']) for kw in inits] == [(None, None), (run_id, 'must')]
     finally:
         wandb.teardown()   # the wandb service this process started
     # train.py finished the run (wandb.finish): the log is complete, with its exit code
@@ -294,7 +305,6 @@ def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch,
     assert info['project'] == 'p' and info['tags'] == ['a', 'b'] and info['display_name'] == 'w'
     assert info['config']['update']['opt'] == 'sam-on-layerl2' and info['config']['update']['rho'] == 0.5
     history = [r['history']['item'] for r in records if r['type'] == 'history']
-    rows = summary(tmp_path / 'w' / 'summary.csv')
     assert len(history) == len(rows) == 2
     for logged, row in zip(history, rows):
         for column in ('train_ascent_loss', 'train_sharpness', 'train_eps_norm', 'train_skipped_perturbations'):
