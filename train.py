@@ -812,14 +812,7 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         ema_source = student_of(model)
     m = None if args.sam_m is None else args.sam_m * (args.aug_splits or 1)   # rows of a chunk
     for batch_idx, (x, y) in enumerate(loader):
-        if isinstance(x, (list, tuple)):   # AugMix splits without the prefetcher: the splits one after the other
-            x, y = torch.cat(x), y.repeat(len(x))
-        if not args.prefetcher:
-            x, y = to_device(x, device, args.model_dtype), y.to(device)
-            if mixup_fn is not None:
-                x, y = mixup_fn(x, y)
-            if batch_erasing is not None:   # --resplit: after mixing and normalizing, as timm's prefetcher erases
-                x = batch_erasing(x)
+        x, y = device_batch(x, y, args, device, mixup_fn, batch_erasing)
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         new_chunks = split_chunks(x, y, m, args.batch_splits)   # NaFlex dict: the last chunk may be smaller
@@ -888,6 +881,21 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                        sharpness=(sums[0] - sums[1]) / n if sam_step else None,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
+
+
+def device_batch(x, y, args, device, mixup_fn, batch_erasing):
+    """A loader's batch as the model takes it. The prefetcher (CUDA) has done it all; without it: AugMix splits
+    one after the other, on the device in the model's dtype, then mixup, then --resplit's erasing (after mixing
+    and normalizing, as timm's prefetcher erases). The training loop and ssam-f's Fisher both take it."""
+    if isinstance(x, (list, tuple)):   # AugMix splits without the prefetcher
+        x, y = torch.cat(x), y.repeat(len(x))
+    if not args.prefetcher:
+        x, y = to_device(x, device, args.model_dtype), y.to(device)
+        if mixup_fn is not None:
+            x, y = mixup_fn(x, y)
+        if batch_erasing is not None:
+            x = batch_erasing(x)
+    return x, y
 
 
 def to_device(x, device, model_dtype: Optional[str]):
@@ -978,7 +986,8 @@ def validate(model, loader, loss_fn, args, device, amp_autocast):
     return OrderedDict(loss=loss / n, top1=100. * top1 / n, top5=100. * top5 / n)
 
 
-def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn, args, device) -> None:
+def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn, args, device,
+                       batch_erasing=None) -> None:
     """sam-rand / ssam-f / ssam-d: a mask update due at this epoch (ssam-f: its Fisher from the training batches)."""
     from sam_on_timm.sparse import fisher_diagonal
     from timm.utils import unwrap_model
@@ -987,10 +996,7 @@ def sparse_epoch_start(sam, epoch, num_epochs, model, loader, loss_fn, mixup_fn,
 
     def batches():
         for x, y in loader:
-            if not args.prefetcher:
-                x, y = to_device(x, device, None), y.to(device)
-                if mixup_fn is not None:
-                    x, y = mixup_fn(x, y)
+            x, y = device_batch(x, y, args, device, mixup_fn, batch_erasing)
             yield x, (y if teacher_targets is None else teacher_targets(x, y))
 
     def fisher():   # the bare module: DDP would wait for a gradient all-reduce that autograd.grad never starts
@@ -1699,7 +1705,7 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
                     loader_train.mixup_enabled = False
             if sam is not None and sam.mask is not None:   # sam-rand / ssam-f / ssam-d
                 sparse_epoch_start(sam, epoch, schedule.num_epochs, model, loader_train, data.train_loss_fn, mixup_fn,
-                                   args, device)
+                                   args, device, data.batch_erasing)
             train_metrics, num_updates = train_one_epoch(
                 epoch, model, loader_train, optimizer, data.train_loss_fn, args, device, lr_scheduler, amp_autocast,
                 loss_scaler, model_ema, mixup_fn, num_updates, clip_parameters, saver, output_dir, data.batch_erasing)

@@ -226,3 +226,28 @@ def test_train_script_sparse_flags(image_folder, tmp_path, capsys):
     assert train.main(base + ['--opt', 'ssam-f', '--ssam-fisher-samples', '2']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'ssam-f: one sample cannot pass' in err[0]
+
+
+def test_ssam_f_fisher_takes_the_batches_the_updates_take(image_folder, tmp_path, monkeypatch, one_thread):
+    """ssam-f's Fisher pass reads the training loader as the updates do: in the model's dtype (--model-dtype;
+    float32 images into a bfloat16 model were a traceback) and with --resplit's batch erasing, which leaves the
+    clean first half of each batch unerased."""
+    import sam_on_timm.sparse as sparse
+    seen, fisher = [], sparse.fisher_diagonal
+
+    def spy(model, params, batches, loss_fn, num_samples):
+        def recorded():
+            for x, y in batches:
+                seen.append(x.detach().clone())
+                yield x, y
+        return fisher(model, params, recorded(), loss_fn, num_samples)
+    monkeypatch.setattr(sparse, 'fisher_diagonal', spy)
+    args = ['--data-dir', image_folder, '--output', str(tmp_path), '--experiment', 'f', '--model', 'test_resnet',
+            '--img-size', '64', '-b', '8', '--device', 'cpu', '--workers', '0', '--epochs', '1', '--warmup-epochs',
+            '0', '--lr', '0.05', '--opt', 'ssam-f', '--ssam-fisher-samples', '8', '--model-dtype', 'bfloat16',
+            '--resplit', '--reprob', '1', '--remode', 'const', '--mean', '0.5', '0.5', '0.5', '--std', '1', '1', '1']
+    assert train.main(args) == 0
+    assert seen and all(x.dtype == torch.bfloat16 for x in seen)
+    x = seen[0]
+    zeros = (x == 0).all(dim=1).flatten(1).sum(1)   # erased pixels (const mode: 0 in every channel) per image
+    assert (zeros[:4] == 0).all() and (zeros[4:] > 0).all(), zeros
