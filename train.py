@@ -832,9 +832,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         stats = train_step(model, optimizer, chunks, loss_fn, amp_autocast=amp_autocast, loss_scaler=loss_scaler,
                            clip_grad=args.clip_grad, clip_mode=args.clip_mode, clip_parameters=clip_parameters,
                            bn_update=args.sam_bn_update, ascent_frac=args.sam_ascent_frac,
-                           # batched: each micro-batch's chunks share a pass (auto: one chunk runs sequentially)
                            chunk_path='auto' if args.sam_chunks_path == 'batched' else 'sequential',
-                           chunks_per_pass=len(new_chunks), sam_step=sam_step, chunk_weights=weights)
+                           chunks_per_pass=chunks_per_pass(micro), sam_step=sam_step, chunk_weights=weights)
         chunks, micro = [], []
         num_updates += 1
         if model_ema is not None:   # the student's weights (feature distillation trains student + projection)
@@ -881,6 +880,15 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                        sharpness=(sums[0] - sums[1]) / n if sam_step else None,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
+
+
+def chunks_per_pass(micro: List[List[int]]) -> int:
+    """How many consecutive chunks of an update share a batched pass (``train_step``'s ``chunks_per_pass``): the
+    greatest common divisor of the micro-batches' chunk counts, so that no pass spans two micro-batches. Those
+    of a NaFlex update differ in sequence length, patch size and chunk count, and a pass stacks its chunks;
+    gradient accumulation also keeps its memory saving (a pass never holds more than one micro-batch). 1: the
+    chunks run sequentially ('auto')."""
+    return math.gcd(*(len(chunks) for chunks in micro))
 
 
 def device_batch(x, y, args, device, mixup_fn, batch_erasing):

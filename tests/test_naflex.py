@@ -332,3 +332,71 @@ def test_naflex_options_need_the_naflex_loader(naflex_data, tmp_path, capsys):
     assert train.main([*args, '--naflex-patch-sizes', '8', '--naflex-loss-scale', 'sqrt']) == 2
     assert capsys.readouterr().err.strip() == ('train.py: error: --naflex-patch-sizes, --naflex-loss-scale: option(s) '
                                                'of the NaFlex loader; add --naflex-loader')
+
+
+class _FixedLoader:
+    """A NaFlex training loader that yields the given (dict, targets) batches in order (train.py's loop needs its
+    length and the wrapper's set_epoch, taken from timm's real loader)."""
+
+    def __init__(self, batches, dataset):
+        self.batches, self.dataset = batches, dataset
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def naflex_batch(n, seq, seed):
+    """n images as timm's collator pads them to ``seq`` patches of 4 px (grids up to 8 x 8, img_size 32)."""
+    g = torch.Generator().manual_seed(seed)
+    patches = torch.zeros(n, seq, PATCH * PATCH * 3)
+    coord = torch.zeros(n, seq, 2, dtype=torch.long)
+    valid = torch.zeros(n, seq, dtype=torch.bool)
+    for i in range(n):
+        h, w = int(torch.randint(1, 9, (), generator=g)), int(torch.randint(1, 9, (), generator=g))
+        while h * w > seq:
+            h, w = max(1, h - 1), max(1, w - 1)
+        patches[i, :h * w] = torch.randn(h * w, PATCH * PATCH * 3, generator=g)
+        grid = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+        coord[i, :h * w] = torch.stack(grid, -1).reshape(-1, 2)
+        valid[i, :h * w] = True
+    return {'patches': patches, 'patch_coord': coord, 'patch_valid': valid, 'seq_len': seq}, \
+        torch.randint(0, 3, (n,), generator=g)
+
+
+def test_batched_passes_stay_inside_micro_batches(naflex_data, tmp_path, monkeypatch, one_thread):
+    """--grad-accum-steps with NaFlex: the micro-batches of an update differ in sequence length (and, with
+    --naflex-patch-sizes, in patch size), so their chunks cannot share a batched pass. Micro-batches of 8, 8 and 16
+    images (64, 32, 32 patches) and --sam-m 4 make 2, 2 and 4 chunks: passes of the last micro-batch's 4 chunks
+    laid over the first two micro-batches stacked 64 with 32 patches (a traceback). Passes of 2 chunks (the
+    greatest common divisor) stay inside; the update equals the sequential path's (float32: measured 4e-9 apart,
+    against a weight change of 2e-2)."""
+    import sam_on_timm.train_step as ts
+    batches = [naflex_batch(8, 64, 0), naflex_batch(8, 32, 1), naflex_batch(16, 32, 2)]
+    real_loaders = train.create_naflex_loaders
+
+    def loaders(*a, **kw):
+        loader_train, loader_eval = real_loaders(*a, **kw)
+        return _FixedLoader(batches, loader_train.dataset), loader_eval
+    monkeypatch.setattr(train, 'create_naflex_loaders', loaders)
+    passes, real_interleave = [], ts.interleave
+
+    def interleave(xs):
+        passes.append(len(xs))
+        return real_interleave(xs)
+    monkeypatch.setattr(ts, 'interleave', interleave)
+    calls, after = _spy(monkeypatch), {}
+    for path in ('batched', 'sequential'):
+        calls.clear()
+        passes.clear()
+        assert train.main(['--data-dir', naflex_data, '--output', str(tmp_path), '--experiment', path, *NAFLEX,
+                           '-b', '8', '--opt', 'sam-on-layerl2', '--sam-m', '4', '--grad-accum-steps', '3',
+                           '--sam-chunks', path, '--val-split', '']) == 0
+        assert len(calls) == 1 and [x['patches'].shape[0] for x, _ in calls[0]['chunks']] == [4] * 8
+        after[path] = calls[0]['after']
+        assert passes == ([2, 2, 2, 2] if path == 'batched' else []), passes
+    moved = max((p - calls[0]['before'][name]).abs().max().item() for name, p in after['sequential'].items())
+    diff = max((after['batched'][name] - p).abs().max().item() for name, p in after['sequential'].items())
+    assert moved > 1e-3 and diff < 1e-6, (moved, diff)
