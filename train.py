@@ -1205,13 +1205,21 @@ def create_model(args):
 def check_naflex_model(args, model) -> None:
     """--naflex-loader: the model takes NaFlex patch dicts (it has timm's ``get_patch_size()``, whose answer is the
     loaders' patch size, read before the model is wrapped as timm's script does) and reads patches in the layout
-    the loader writes them (--naflex-patchify-channels-first)."""
+    the loader writes them (--naflex-patchify-channels-first); --naflex-patch-sizes other than its own need its
+    patch-size interpolator (timm's NaFlexVit without it fails at the first such batch)."""
     get_patch_size = getattr(model, 'get_patch_size', None)
     if get_patch_size is None:   # timm falls back to 16 px patches, and the model fails on the first batch
         raise UsageError(f"--naflex-loader needs a NaFlex model (one that takes patch dicts and has get_patch_size(), "
                          f"e.g. naflexvit_base_patch16_gap); '{args.model}' is not one")
     args.naflex_patch_size = tuple(get_patch_size())
-    channels_last = getattr(getattr(model, 'embeds', None), 'channels_last', None)
+    embeds = getattr(model, 'embeds', None)
+    other = [p for p in args.naflex_patch_sizes or () if (p, p) != args.naflex_patch_size]
+    if other and getattr(embeds, 'supports_patch_interpolation', True) is False:
+        own = 'x'.join(map(str, args.naflex_patch_size))
+        raise UsageError(f"--naflex-patch-sizes {' '.join(map(str, args.naflex_patch_sizes))}: '{args.model}' embeds "
+                         f"{own} px patches only; add --model-kwargs enable_patch_interpolator=True (timm's variable "
+                         f"patch size mode; not with an input norm), or drop --naflex-patch-sizes")
+    channels_last = getattr(embeds, 'channels_last', None)
     if channels_last is not None and channels_last == args.naflex_patchify_channels_first:
         # the flat patch length is the same in both layouts: a mismatch would train on scrambled pixels
         if channels_last:

@@ -318,6 +318,9 @@ def test_naflex_chunk_weights_under_ddp(monkeypatch):
     (['--mixup', '0.2', '--cutmix-minmax', '0.2', '0.8'], 'cannot be combined with --cutmix-minmax'),
     (['--sam-m', '0'], '--sam-m 0 must be a positive integer'),
     (['--naflex-patchify-channels-first'], "reads channels-last (P-P-C) patches"),
+    # timm's NaFlexVit without its patch-size interpolator: a matmul traceback at the first 8 px batch
+    (['--naflex-patch-sizes', '4', '8'], "'naflexvit_base_patch16_gap' embeds 4x4 px patches only; add --model-kwargs "
+                                         "enable_patch_interpolator=True"),
 ])
 def test_bad_naflex_input_is_one_line(naflex_data, tmp_path, capsys, extra, message):
     assert train.main(['--data-dir', naflex_data, '--output', str(tmp_path), '--experiment', 'bad', *NAFLEX,
