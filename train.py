@@ -1279,7 +1279,8 @@ def create_optimizer(args, model):
         raise UsageError(f'--sam-chunks batched: the chunks cannot share one pass: {why}; use --sam-chunks auto')
     if args.rank == 0 and len(sizes) > 1:
         _logger.info(f'--sam-m chunks: {args.sam_chunks_path} ({why})' + (
-            '; a NaFlex batch that is not a multiple of m (a smaller last chunk) runs sequentially'
+            '; a NaFlex batch that is not a multiple of m (a smaller last chunk) runs sequentially, as does an '
+            "update whose micro-batches' chunk counts share no divisor above 1 (--grad-accum-steps)"
             if args.naflex_loader and args.sam_chunks_path == 'batched' else ''))
     return optimizer
 
