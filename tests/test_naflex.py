@@ -6,7 +6,8 @@ coordinates and validity mask kept together (against chunks stacked here image b
 a dict batch on both chunk paths equals a float64 two-pass reference, with the descent of chunk c weighted
 by n_c / N (or the weights given); train.py's updates see NaFlex dicts cut that way and the weights of
 timm's --naflex-loss-scale, whose effect on the update is measured (linear: the update scaled by n / b);
-ssam-f's Fisher over dict batches; bad NaFlex input as one line.
+ssam-f's Fisher over dict batches; with --grad-accum-steps no batched pass spans two micro-batches (their
+sequence lengths differ); bad NaFlex input as one line.
 """
 import copy
 import math
