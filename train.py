@@ -1048,7 +1048,7 @@ def run(args) -> int:
     check_output_dir(args, output_dir)
     model = place_model(args, model, device)
     # distillation: the task's trainable module (feature: student + projection) is what the optimizer trains
-    task = create_distillation(args, model, device) if args.kd_model_name else None
+    task = create_distillation(args, model, device, data_config) if args.kd_model_name else None
     student, trained = model, (model if task is None else task.get_trainable_module())
     optimizer = create_optimizer(args, trained)
     amp_autocast, loss_scaler = setup_amp(args, device)
@@ -1555,12 +1555,13 @@ def with_sampler(loader, sampler):
     return loader
 
 
-def create_distillation(args, model, device):
+def create_distillation(args, model, device, data_config):
     """timm's distillation task for --kd-distill-type (logit, feature, token): it builds the teacher (frozen
     here: never trained, never perturbed), the loss weights and the trainable module (feature: student +
-    projection). Its loss, with the teacher's part computed once per SAM chunk, is sam_on_timm.distill's."""
+    projection). Its loss, with the teacher's part computed once per SAM chunk, is sam_on_timm.distill's.
+    The teacher renormalizes the images from the loader's mean / std (``data_config``: --mean / --std)."""
     from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
-    from sam_on_timm.distill import check_feature_dims
+    from sam_on_timm.distill import check_feature_dims, set_student_normalization
     kind = args.kd_distill_type
     if kind == 'token' and not hasattr(model, 'set_distilled_training'):
         raise UsageError(f"--kd-distill-type token needs a student with a distillation token (timm's "
@@ -1584,6 +1585,7 @@ def create_distillation(args, model, device):
                          f"(--kd-distill-type {kind}): {_first_line(e)}") from None
     for p in task.teacher.parameters():   # never trained, never perturbed
         p.requires_grad_(False)
+    set_student_normalization(task, data_config['mean'], data_config['std'], data_config['input_size'][0])
     if kind == 'feature':
         try:
             check_feature_dims(task, args.input_size)
