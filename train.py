@@ -538,11 +538,15 @@ def validate_args(args) -> None:
         raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
     if args.checkpoint_hist < 1:
         raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    in_chans = args.input_size[0] if args.input_size else (args.in_chans or 3)   # as timm's resolve_data_config
+    per_channel = (1, in_chans) if in_chans != 1 else (1,)   # one value, or one per input channel
     for flag, values, sizes in (('--scale', args.scale, (2,)), ('--ratio', args.ratio, (2,)),
-                                ('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--mean', args.mean, (1, 3)),
-                                ('--std', args.std, (1, 3))):
+                                ('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--mean', args.mean, per_channel),
+                                ('--std', args.std, per_channel)):
         if values is not None and len(values) not in sizes:
-            raise UsageError(f"{flag} takes {' or '.join(map(str, sizes))} values, got {len(values)}")
+            why = f' (one, or one per channel of the {in_chans}-channel input)' if sizes is per_channel else ''
+            raise UsageError(f"{flag} takes {' or '.join(map(str, sizes))} value{'s' if sizes != (1,) else ''}, "
+                             f"got {len(values)}{why}")
     if args.log_interval <= 0:
         raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
     if args.start_epoch is not None and args.start_epoch < 0:
@@ -1173,6 +1177,12 @@ def create_model(args):
                          f'trainable (the norm layers\')')
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
+    channels = data_config['input_size'][0]
+    other = [k for k in ('mean', 'std') if len(data_config[k]) not in (1, channels)]
+    if other:   # the model's pretrained mean / std are RGB ones: the loader's normalization would fail
+        raise UsageError(f"'{args.model}' takes {channels}-channel images, its {' and '.join(other)} "
+                         f"{'have' if len(other) > 1 else 'has'} {len(data_config[other[0]])} values: pass --mean and "
+                         f"--std with {'one value each' if channels == 1 else f'1 or {channels} values'}")
     if args.cifar_aug and tuple(args.input_size[1:]) != (32, 32):   # a crop of the padded 32x32 image
         raise UsageError(f"--cifar-aug {args.cifar_aug} crops 32x32 CIFAR images: the input size must be 32x32, got "
                          f"{args.input_size[1]}x{args.input_size[2]} (--img-size 32, or a cifar_* model)")
@@ -1374,6 +1384,12 @@ def create_data(args, data_config, device) -> Data:
     channels = data_config['input_size'][0]
     if args.input_img_mode is not None:
         check_input_img_mode(args, channels)
+    elif channels not in (1, 3) and not args.dataset.lower().startswith('torch/'):   # timm's default mode: 'L'
+        from PIL import Image
+        valid = [m for m in Image.MODES if Image.getmodebands(m) == channels]
+        raise UsageError(f"the model takes {channels}-channel images and the images are read as 1-channel 'L' "
+                         f"(timm's default for other than 3): pass --input-img-mode, a PIL mode with {channels} "
+                         f"bands ({', '.join(valid) or 'none'})")
     dataset_kwargs = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
                           input_key=args.input_key, target_key=args.target_key,
                           trust_remote_code=args.dataset_trust_remote_code,
