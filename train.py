@@ -1659,9 +1659,11 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None.
     ``model`` is the student (its weights are the checkpoint's ``state_dict``); a distillation task's own
     trainable state (feature distillation's projection) goes into ``task_state``, as in timm's checkpoints."""
-    from sam_on_timm.checkpoint import RngCheckpointSaver, plain_args, resume_saver
+    from sam_on_timm.checkpoint import RngCheckpointSaver, resume_saver
     if args.rank != 0:
         return None
+    if args.log_wandb:   # before the run folder is written: a run that cannot log stops with nothing written
+        start_wandb(args, output_dir)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump(as_given, f)
@@ -1671,14 +1673,23 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
     saver.task_state = None if task is None else task.get_task_state
     resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
-    if args.log_wandb:   # as timm's train.py
-        import wandb
-        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=plain_args(args),
-                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
-                   id=args.wandb_resume_id or None)
     _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
                  f'{schedule.end_epoch - 1}; output {output_dir}')
     return saver
+
+
+def start_wandb(args, output_dir: str) -> None:
+    """The wandb run, as timm's train.py starts it. An init that fails (not logged in, no network, an unknown
+    --wandb-resume-id) is a one-line UsageError naming the way out, not wandb's traceback."""
+    from sam_on_timm.checkpoint import plain_args
+    import wandb
+    try:
+        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=plain_args(args),
+                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
+                   id=args.wandb_resume_id or None)
+    except Exception as e:   # wandb's UsageError / CommError / AuthenticationError, ...
+        raise UsageError(f"--log-wandb: wandb.init failed: {_first_line(e)} (WANDB_MODE=offline logs locally; "
+                         f"or drop --log-wandb)") from None
 
 
 def resume_random_state(args, resumed, start_epoch: int) -> None:

@@ -314,6 +314,28 @@ def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch,
     assert history[0]['train_eps_norm'] > 0 and history[0]['train_ascent_loss'] != history[0]['train_loss']
 
 
+def test_wandb_init_failure_is_one_line_and_writes_nothing(data16, tmp_path, monkeypatch, capsys, one_thread):
+    """A real wandb.init that fails (online mode, no API key anywhere: no network is reached) stops the run with
+    one line naming --log-wandb, exit code 2, before the run folder is written (it was wandb's traceback, exit
+    code 1, and a run folder holding args.yaml)."""
+    wandb = pytest.importorskip('wandb')
+    for key in ('WANDB_API_KEY', 'WANDB_IDENTITY_TOKEN_FILE'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(WANDB_MODE='online', HOME=tmp_path, NETRC=tmp_path / 'netrc', WANDB_DIR=tmp_path,
+                           WANDB_CONFIG_DIR=tmp_path / 'config', WANDB_CACHE_DIR=tmp_path / 'cache',
+                           WANDB_DATA_DIR=tmp_path / 'data', WANDB_CONSOLE='off', WANDB_SILENT='true',
+                           WANDB_DISABLE_GIT='true').items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        assert run(data16, tmp_path, '--model', 'test_resnet', '--experiment', 'nokey', '--log-wandb') == 2
+    finally:
+        wandb.teardown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('train.py: error: --log-wandb: wandb.init failed: ') and \
+        'API key' in err[0], err
+    assert not (tmp_path / 'nokey').exists()
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--drop-connect', '0.1'], '--drop-connect is deprecated'),
     (['--aug-splits', '1'], '--aug-splits must be 0 (off) or at least 2'),
