@@ -657,6 +657,10 @@ def validate_timm_options(args) -> None:
         if args.kd_distill_type == 'token' and args.torchscript:   # a scripted DeiT never returns its two heads
             raise UsageError('--kd-distill-type token with --torchscript: a scripted student returns the average of '
                              'its two heads, never the distillation token\'s logits; drop --torchscript')
+        if args.torchscript:   # (was blamed on the teacher: "cannot create the teacher ...: no attribute ...")
+            raise UsageError("--kd-model-name with --torchscript: timm's distillation task reads the student's "
+                             "pretrained_cfg (feature distillation also its forward_features / forward_head), which "
+                             "a scripted student does not have; drop --torchscript")
         if args.kd_loss_type != 'kl':
             raise UsageError(f"--kd-loss-type must be 'kl' (timm's only one), got '{args.kd_loss_type}'")
         if args.kd_pretrained_path and not os.path.isfile(args.kd_pretrained_path):

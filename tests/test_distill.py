@@ -265,6 +265,7 @@ def test_teacher_renormalizes_from_the_loaders_mean_and_std(data, tmp_path, teac
 @pytest.mark.parametrize('extra, message', [
     (['--model', 'test_resnet', '--kd-distill-type', 'token'], "'test_resnet' has none"),
     ([*DEIT, '--kd-distill-type', 'token', '--torchscript', '--opt', 'sgd'], 'drop --torchscript'),
+    (['--model', 'test_resnet', '--torchscript', '--opt', 'sgd'], "--kd-model-name with --torchscript: timm's"),
     (['--model', 'test_vit', '--kd-distill-type', 'feature', '--kd-teacher-feature-dim', '50'],
      "the teacher's pooled features have 96 channels, the teacher feature dim is 50"),
     (['--model', 'test_vit', '--kd-distill-type', 'feature', '--kd-student-feature-dim', '32'],
