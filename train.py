@@ -538,11 +538,15 @@ def validate_args(args) -> None:
         raise UsageError(f'--img-size / --input-size must be positive, got {args.img_size} / {args.input_size}')
     if args.checkpoint_hist < 1:
         raise UsageError(f'--checkpoint-hist must be at least 1, got {args.checkpoint_hist}')
+    in_chans = args.input_size[0] if args.input_size else (args.in_chans or 3)   # as timm's resolve_data_config
+    per_channel = (1, in_chans) if in_chans != 1 else (1,)   # one value, or one per input channel
     for flag, values, sizes in (('--scale', args.scale, (2,)), ('--ratio', args.ratio, (2,)),
-                                ('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--mean', args.mean, (1, 3)),
-                                ('--std', args.std, (1, 3))):
+                                ('--cutmix-minmax', args.cutmix_minmax, (2,)), ('--mean', args.mean, per_channel),
+                                ('--std', args.std, per_channel)):
         if values is not None and len(values) not in sizes:
-            raise UsageError(f"{flag} takes {' or '.join(map(str, sizes))} values, got {len(values)}")
+            why = f' (one, or one per channel of the {in_chans}-channel input)' if sizes is per_channel else ''
+            raise UsageError(f"{flag} takes {' or '.join(map(str, sizes))} value{'s' if sizes != (1,) else ''}, "
+                             f"got {len(values)}{why}")
     if args.log_interval <= 0:
         raise UsageError(f'--log-interval must be positive, got {args.log_interval}')
     if args.start_epoch is not None and args.start_epoch < 0:
@@ -653,6 +657,10 @@ def validate_timm_options(args) -> None:
         if args.kd_distill_type == 'token' and args.torchscript:   # a scripted DeiT never returns its two heads
             raise UsageError('--kd-distill-type token with --torchscript: a scripted student returns the average of '
                              'its two heads, never the distillation token\'s logits; drop --torchscript')
+        if args.torchscript:   # (was blamed on the teacher: "cannot create the teacher ...: no attribute ...")
+            raise UsageError("--kd-model-name with --torchscript: timm's distillation task reads the student's "
+                             "pretrained_cfg (feature distillation also its forward_features / forward_head), which "
+                             "a scripted student does not have; drop --torchscript")
         if args.kd_loss_type != 'kl':
             raise UsageError(f"--kd-loss-type must be 'kl' (timm's only one), got '{args.kd_loss_type}'")
         if args.kd_pretrained_path and not os.path.isfile(args.kd_pretrained_path):
@@ -1056,7 +1064,7 @@ def run(args) -> int:
     check_output_dir(args, output_dir)
     model = place_model(args, model, device)
     # distillation: the task's trainable module (feature: student + projection) is what the optimizer trains
-    task = create_distillation(args, model, device) if args.kd_model_name else None
+    task = create_distillation(args, model, device, data_config) if args.kd_model_name else None
     student, trained = model, (model if task is None else task.get_trainable_module())
     optimizer = create_optimizer(args, trained)
     amp_autocast, loss_scaler = setup_amp(args, device)
@@ -1181,6 +1189,12 @@ def create_model(args):
                          f'trainable (the norm layers\')')
     data_config = resolve_data_config(vars(args), model=model, verbose=args.rank == 0)
     args.input_size = data_config['input_size']
+    channels = data_config['input_size'][0]
+    other = [k for k in ('mean', 'std') if len(data_config[k]) not in (1, channels)]
+    if other:   # the model's pretrained mean / std are RGB ones: the loader's normalization would fail
+        raise UsageError(f"'{args.model}' takes {channels}-channel images, its {' and '.join(other)} "
+                         f"{'have' if len(other) > 1 else 'has'} {len(data_config[other[0]])} values: pass --mean and "
+                         f"--std with {'one value each' if channels == 1 else f'1 or {channels} values'}")
     if args.cifar_aug and tuple(args.input_size[1:]) != (32, 32):   # a crop of the padded 32x32 image
         raise UsageError(f"--cifar-aug {args.cifar_aug} crops 32x32 CIFAR images: the input size must be 32x32, got "
                          f"{args.input_size[1]}x{args.input_size[2]} (--img-size 32, or a cifar_* model)")
@@ -1391,6 +1405,12 @@ def create_data(args, data_config, device) -> Data:
     channels = data_config['input_size'][0]
     if args.input_img_mode is not None:
         check_input_img_mode(args, channels)
+    elif channels not in (1, 3) and not args.dataset.lower().startswith('torch/'):   # timm's default mode: 'L'
+        from PIL import Image
+        valid = [m for m in Image.MODES if Image.getmodebands(m) == channels]
+        raise UsageError(f"the model takes {channels}-channel images and the images are read as 1-channel 'L' "
+                         f"(timm's default for other than 3): pass --input-img-mode, a PIL mode with {channels} "
+                         f"bands ({', '.join(valid) or 'none'})")
     dataset_kwargs = dict(class_map=args.class_map, download=args.dataset_download, batch_size=args.batch_size,
                           input_key=args.input_key, target_key=args.target_key,
                           trust_remote_code=args.dataset_trust_remote_code,
@@ -1572,12 +1592,13 @@ def with_sampler(loader, sampler):
     return loader
 
 
-def create_distillation(args, model, device):
+def create_distillation(args, model, device, data_config):
     """timm's distillation task for --kd-distill-type (logit, feature, token): it builds the teacher (frozen
     here: never trained, never perturbed), the loss weights and the trainable module (feature: student +
-    projection). Its loss, with the teacher's part computed once per SAM chunk, is sam_on_timm.distill's."""
+    projection). Its loss, with the teacher's part computed once per SAM chunk, is sam_on_timm.distill's.
+    The teacher renormalizes the images from the loader's mean / std (``data_config``: --mean / --std)."""
     from timm.task import FeatureDistillationTask, LogitDistillationTask, TokenDistillationTask
-    from sam_on_timm.distill import check_feature_dims
+    from sam_on_timm.distill import check_feature_dims, set_student_normalization
     kind = args.kd_distill_type
     if kind == 'token' and not hasattr(model, 'set_distilled_training'):
         raise UsageError(f"--kd-distill-type token needs a student with a distillation token (timm's "
@@ -1601,6 +1622,7 @@ def create_distillation(args, model, device):
                          f"(--kd-distill-type {kind}): {_first_line(e)}") from None
     for p in task.teacher.parameters():   # never trained, never perturbed
         p.requires_grad_(False)
+    set_student_normalization(task, data_config['mean'], data_config['std'], data_config['input_size'][0])
     if kind == 'feature':
         try:
             check_feature_dims(task, args.input_size)
@@ -1658,9 +1680,11 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     """Rank 0: the run folder, its args.yaml and timm's CheckpointSaver (writing RNG states too); else None.
     ``model`` is the student (its weights are the checkpoint's ``state_dict``); a distillation task's own
     trainable state (feature distillation's projection) goes into ``task_state``, as in timm's checkpoints."""
-    from sam_on_timm.checkpoint import RngCheckpointSaver, plain_args, resume_saver
+    from sam_on_timm.checkpoint import RngCheckpointSaver, resume_saver
     if args.rank != 0:
         return None
+    if args.log_wandb:   # before the run folder is written: a run that cannot log stops with nothing written
+        start_wandb(args, output_dir)
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
         yaml.safe_dump(as_given, f)
@@ -1670,14 +1694,23 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
     saver.task_state = None if task is None else task.get_task_state
     resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
-    if args.log_wandb:   # as timm's train.py
-        import wandb
-        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=plain_args(args),
-                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
-                   id=args.wandb_resume_id or None)
     _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
                  f'{schedule.end_epoch - 1}; output {output_dir}')
     return saver
+
+
+def start_wandb(args, output_dir: str) -> None:
+    """The wandb run, as timm's train.py starts it. An init that fails (not logged in, no network, an unknown
+    --wandb-resume-id) is a one-line UsageError naming the way out, not wandb's traceback."""
+    from sam_on_timm.checkpoint import plain_args
+    import wandb
+    try:
+        wandb.init(project=args.wandb_project, name=os.path.basename(output_dir), config=plain_args(args),
+                   tags=args.wandb_tags, resume='must' if args.wandb_resume_id else None,
+                   id=args.wandb_resume_id or None)
+    except Exception as e:   # wandb's UsageError / CommError / AuthenticationError, ...
+        raise UsageError(f"--log-wandb: wandb.init failed: {_first_line(e)} (WANDB_MODE=offline logs locally; "
+                         f"or drop --log-wandb)") from None
 
 
 def resume_random_state(args, resumed, start_epoch: int) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ['TeacherTargets', 'LogitDistillation', 'FeatureDistillation', 'TokenDistillation', 'distillation_loss',
-           'student_of', 'check_feature_dims']
+           'student_of', 'check_feature_dims', 'set_student_normalization']
 
 
 class TeacherTargets:
@@ -142,6 +142,26 @@ def student_of(module: nn.Module) -> nn.Module:
     from timm.utils import unwrap_model
     bare = unwrap_model(module)
     return bare.student if isinstance(bare, FeatureDistillationTrainableModule) else bare
+
+
+def set_student_normalization(task: nn.Module, mean: Iterable[float], std: Iterable[float], channels: int) -> None:
+    """Make the teacher undo the normalization the run's loader applies (``mean`` / ``std``), not the one named
+    in the student's ``pretrained_cfg``.
+
+    timm's tasks take the student's mean / std from its ``pretrained_cfg``; the loader normalizes with the
+    resolved data config, which ``--mean`` / ``--std`` override. With an override the teacher's
+    ``normalize_input`` would undo the wrong statistics (or, when the two configs agree, skip the
+    renormalization) and the teacher would see wrongly scaled images. ``channels``: the images' channels;
+    a one-channel run's teacher (built with one input channel, its stem summed over RGB by timm) gets
+    its own RGB statistics averaged to one channel, so that a grey pixel is normalized as it would be in RGB.
+    """
+    ref = task.student_mean
+    task.student_mean = torch.tensor(tuple(mean), device=ref.device, dtype=ref.dtype).view(1, -1, 1, 1)
+    task.student_std = torch.tensor(tuple(std), device=ref.device, dtype=ref.dtype).view(1, -1, 1, 1)
+    teacher = task.teacher
+    if channels == 1 and teacher.mean_kd.shape[1] != 1:
+        teacher.mean_kd = teacher.mean_kd.mean(dim=1, keepdim=True)
+        teacher.std_kd = teacher.std_kd.mean(dim=1, keepdim=True)
 
 
 @torch.no_grad()

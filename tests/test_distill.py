@@ -237,9 +237,35 @@ def test_ssam_fisher_takes_the_distillation_loss(data, tmp_path, teacher_file, s
         assert torch.allclose(seen[0][1].teacher, teacher(seen[0][0]), atol=1e-6)
 
 
+@pytest.mark.parametrize('extra, mean, std', [
+    (['--mean', '0.2', '0.3', '0.4', '--std', '0.25', '0.25', '0.25'], (0.2, 0.3, 0.4), (0.25, 0.25, 0.25)),
+    (['--in-chans', '1', '--mean', '0.4', '--std', '0.3'], (0.4,), (0.3,)),   # the teacher's stem: 1 channel
+], ids=['mean-std', 'one-channel'])
+def test_teacher_renormalizes_from_the_loaders_mean_and_std(data, tmp_path, teacher_file, monkeypatch, one_thread,
+                                                            extra, mean, std):
+    """The loader normalizes with --mean / --std; the teacher (test_resnet: trained on (p - 0.5) / 0.5) must see
+    its own normalization of the same pixels. timm's task assumed the student's pretrained_cfg statistics
+    (0.5 here, as the teacher's): it passed the student's input through unchanged."""
+    import sam_on_timm.train_step as ts
+    from timm.task.distillation import DistillationTeacher
+    teacher_in, chunks, forward, step = [], [], DistillationTeacher.forward, ts.train_step
+    monkeypatch.setattr(DistillationTeacher, 'forward', lambda self, x, return_features=False: (
+        teacher_in.append(x.clone()), forward(self, x, return_features))[1])
+    monkeypatch.setattr(ts, 'train_step', lambda model, opt, c, *a, **k: (
+        chunks.extend(x.clone() for x, _ in c), step(model, opt, c, *a, **k))[1])
+    assert run(data, tmp_path, teacher_file, '--experiment', 'n', '--model', 'test_resnet', '--opt', 'sgd',
+               *extra) == 0
+    assert len(chunks) == 2 and len(teacher_in) >= 2
+    for x, seen in zip(chunks, teacher_in[-len(chunks):]):   # (the calls before: the setup's checks)
+        pixels = x.double() * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
+        assert pixels.min() > -1e-6 and pixels.max() < 1 + 1e-6   # the loader did normalize with mean / std
+        assert torch.allclose(seen.double(), (pixels - 0.5) / 0.5, atol=1e-5)
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--model', 'test_resnet', '--kd-distill-type', 'token'], "'test_resnet' has none"),
     ([*DEIT, '--kd-distill-type', 'token', '--torchscript', '--opt', 'sgd'], 'drop --torchscript'),
+    (['--model', 'test_resnet', '--torchscript', '--opt', 'sgd'], "--kd-model-name with --torchscript: timm's"),
     (['--model', 'test_vit', '--kd-distill-type', 'feature', '--kd-teacher-feature-dim', '50'],
      "the teacher's pooled features have 96 channels, the teacher feature dim is 50"),
     (['--model', 'test_vit', '--kd-distill-type', 'feature', '--kd-student-feature-dim', '32'],

@@ -314,6 +314,28 @@ def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch,
     assert history[0]['train_eps_norm'] > 0 and history[0]['train_ascent_loss'] != history[0]['train_loss']
 
 
+def test_wandb_init_failure_is_one_line_and_writes_nothing(data16, tmp_path, monkeypatch, capsys, one_thread):
+    """A real wandb.init that fails (online mode, no API key anywhere: no network is reached) stops the run with
+    one line naming --log-wandb, exit code 2, before the run folder is written (it was wandb's traceback, exit
+    code 1, and a run folder holding args.yaml)."""
+    wandb = pytest.importorskip('wandb')
+    for key in ('WANDB_API_KEY', 'WANDB_IDENTITY_TOKEN_FILE'):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(WANDB_MODE='online', HOME=tmp_path, NETRC=tmp_path / 'netrc', WANDB_DIR=tmp_path,
+                           WANDB_CONFIG_DIR=tmp_path / 'config', WANDB_CACHE_DIR=tmp_path / 'cache',
+                           WANDB_DATA_DIR=tmp_path / 'data', WANDB_CONSOLE='off', WANDB_SILENT='true',
+                           WANDB_DISABLE_GIT='true').items():
+        monkeypatch.setenv(key, str(value))
+    try:
+        assert run(data16, tmp_path, '--model', 'test_resnet', '--experiment', 'nokey', '--log-wandb') == 2
+    finally:
+        wandb.teardown()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('train.py: error: --log-wandb: wandb.init failed: ') and \
+        'API key' in err[0], err
+    assert not (tmp_path / 'nokey').exists()
+
+
 @pytest.mark.parametrize('extra, message', [
     (['--drop-connect', '0.1'], '--drop-connect is deprecated'),
     (['--aug-splits', '1'], '--aug-splits must be 0 (off) or at least 2'),
@@ -339,6 +361,11 @@ def test_wandb_offline_run_holds_the_summary_rows(data16, tmp_path, monkeypatch,
     (['--val-interval', '0'], '--val-interval must be >= 1'),
     (['--device-modules', 'no_such_backend_module'], "cannot import 'no_such_backend_module'"),
     (['--bn-momentum', '0.1'], "cannot create model 'test_resnet'"),
+    # the model's RGB statistics for a 1-channel input (timm: a broadcast error in the loader's Normalize)
+    (['--in-chans', '1'], "'test_resnet' takes 1-channel images, its mean and std have 3 values"),
+    (['--input-size', '1', '16', '16', '--std', '0.5'], "'test_resnet' takes 1-channel images, its mean has 3"),
+    (['--in-chans', '1', '--mean', '0.5', '0.5', '0.5', '--std', '0.5'], '--mean takes 1 value, got 3'),
+    (['--in-chans', '4', '--mean', '0.5', '--std', '0.5'], 'a PIL mode with 4 bands (CMYK, RGBA'),
     (['--opt-kwargs', 'momentum=0.5'], 'cannot create optimizer'),
 ])
 def test_bad_combinations_are_one_line_errors(data16, tmp_path, capsys, extra, message):
@@ -346,6 +373,23 @@ def test_bad_combinations_are_one_line_errors(data16, tmp_path, capsys, extra, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / 'bad').exists()
+
+
+def test_four_channel_input_normalized_per_channel(data16, tmp_path, record, one_thread):
+    """--in-chans 4 with one --mean / --std value per channel and a 4-band --input-img-mode: the images reach the
+    model as RGBA, each channel normalized with its own statistics (--mean took only 1 or 3 values before)."""
+    from PIL import Image
+    mean, std = (0.1, 0.2, 0.3, 0.4), (0.5, 0.25, 0.5, 0.25)
+    assert run(data16, tmp_path, '--model', 'test_resnet', '--experiment', 'rgba', '--img-size', '32', '--in-chans',
+               '4', '--mean', *map(str, mean), '--std', *map(str, std), '--input-img-mode', 'RGBA', '--no-aug') == 0
+    x, y = record.chunks[0]
+    assert x.shape[1] == 4
+    pixels = x.double() * torch.tensor(std).view(1, 4, 1, 1) + torch.tensor(mean).view(1, 4, 1, 1)
+    assert torch.allclose(pixels[:, 3], torch.ones_like(pixels[:, 3]), atol=1e-6)   # the PNGs' alpha: opaque
+    label = int(y[0])   # a label names its image (data16); --no-aug: the 32 px image itself
+    img = Image.open(os.path.join(data16, 'train', f'class{label:02d}', 'img.png')).convert('RGB')
+    expected = torch.tensor(list(img.getdata()), dtype=torch.float64).t().reshape(3, 32, 32) / 255
+    assert torch.allclose(pixels[0, :3], expected, atol=1e-6)
 
 
 def test_kwargs_options_from_the_command_line_and_yaml(tmp_path, capsys):
