@@ -159,6 +159,35 @@ def test_one_step_is_loss_at_compute_eps(p, adaptive, variant):
     assert res['one-step'] > 0
 
 
+@pytest.mark.parametrize('p,adaptive', [(math.inf, True), (math.inf, False), (2.0, True)])
+def test_average_case_is_the_mean_loss_on_the_ball_surface(p, adaptive):
+    """Average-case sharpness recomputed here: the same Gaussian draws z (one CPU generator, in parameter
+    order), each scaled onto the ball's surface in the ball's own norm (||u||_p = rho; l-inf: the largest
+    |z| is rho, not the l2 length) and multiplied by |w| when adaptive; the mean loss there minus L(w)."""
+    torch.manual_seed(4)
+    net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    params, rho, n = list(net.parameters()), 0.05, 3
+    w0 = [q.detach().clone() for q in params]
+    gen = torch.Generator().manual_seed(11)
+    losses = []
+    with torch.no_grad():
+        l0 = F.cross_entropy(net(x), y).item()
+        for _ in range(n):
+            z = [torch.randn(w.shape, generator=gen, dtype=w.dtype) for w in w0]
+            flat = torch.cat([t.flatten() for t in z])
+            size = flat.abs().max() if p == math.inf else flat.norm()
+            for q, w, t in zip(params, w0, z):
+                q.copy_(w + rho * t / size * (w.abs() if adaptive else 1.0))
+            losses.append(F.cross_entropy(net(x), y).item())
+        for q, w in zip(params, w0):
+            q.copy_(w)
+    res = batch_sharpness(net, params, lambda: F.cross_entropy(net(x), y), Ball(rho, p, adaptive),
+                          metrics=['average'], n_samples=n, generator=torch.Generator().manual_seed(11))
+    assert res['average'] == pytest.approx(sum(losses) / n - l0, rel=1e-9, abs=1e-13)
+    assert all(torch.equal(q, w) for q, w in zip(params, w0))   # restored
+
+
 def test_zero_at_rho_zero_and_nondecreasing():
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3)).double()
