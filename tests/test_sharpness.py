@@ -319,6 +319,30 @@ def test_cli_writes_json(ckpt_and_data, tmp_path):
     assert os.path.getmtime(ckpt) == before
 
 
+def test_cli_ema_evaluates_the_ema_weights(ckpt_and_data, tmp_path):
+    """--ema: every number is the one of the checkpoint's EMA weights: equal to a run on a checkpoint whose
+    plain weights are those EMA weights, and unlike the run on the plain weights of the same file."""
+    import timm
+    ckpt, _ = ckpt_and_data
+    state = torch.load(ckpt, weights_only=False)
+    torch.manual_seed(5)
+    ema = timm.create_model('test_resnet', num_classes=3).state_dict()
+    both, ema_only = tmp_path / 'both' / 'last.pth.tar', tmp_path / 'ema_only' / 'last.pth.tar'
+    for path, sd, sd_ema in ((both, state['state_dict'], ema), (ema_only, ema, None)):
+        path.parent.mkdir()
+        torch.save(dict(state, state_dict=sd, **({'state_dict_ema': sd_ema} if sd_ema else {})), path)
+    results = []
+    for path, extra in ((both, ['--ema']), (ema_only, []), (both, [])):
+        out = tmp_path / f'{len(results)}.json'
+        assert main(['--checkpoint', str(path), '--params', 'on', '--output', str(out), *extra] + CLI
+                    + ['--metrics', 'one-step']) == 0
+        results.append(json.loads(out.read_text()))
+    with_ema, reference, plain = results
+    for key in ('per_batch', 'clean_top1', 'sharpness'):
+        assert with_ema[key] == reference[key], key
+    assert with_ema['per_batch']['clean_loss'] != plain['per_batch']['clean_loss'] and with_ema['ema']
+
+
 @pytest.mark.parametrize('argv,msg', [
     (['--n-examples', '6', '--m', '4'], 'not a multiple of --m'),
     (['--rho', 'nan'], '--rho must be a finite number'),
