@@ -152,6 +152,41 @@ def test_sam_on_set_is_the_module_type_set():
     assert set(opt.perturbed) == set(p for _, p in named)
 
 
+# every norm layer type the SAM-ON set must hold, spelled out here: torch's and timm's (those not derived from
+# a torch norm class are picked by name in norm_params, so a name left out of that list drops the layer)
+NORM_LAYERS = ['BatchNorm1d', 'BatchNorm2d', 'SyncBatchNorm', 'InstanceNorm2d', 'LayerNorm', 'GroupNorm', 'RMSNorm',
+               'tl.RmsNorm', 'tl.RmsNorm2d', 'tl.RmsNormFp32', 'tl.RmsNorm2dFp32', 'tl.SimpleNorm', 'tl.SimpleNorm2d',
+               'tl.SimpleNormFp32', 'tl.SimpleNorm2dFp32', 'tl.EvoNorm2dB0', 'tl.EvoNorm2dB1', 'tl.EvoNorm2dB2',
+               'tl.EvoNorm2dS0', 'tl.EvoNorm2dS0a', 'tl.EvoNorm2dS1', 'tl.EvoNorm2dS1a', 'tl.EvoNorm2dS2',
+               'tl.EvoNorm2dS2a', 'tl.FilterResponseNormTlu2d', 'tl.FilterResponseNormAct2d', 'tl.BatchNormAct2d',
+               'tl.GroupNormAct', 'tl.LayerNormAct', 'tl.LayerNorm2d', 'tl.LayerNormAct2d', 'tl.GroupNorm1']
+
+
+def test_sam_on_set_holds_every_norm_layer_type_and_only_its_own_parameters():
+    """Each norm layer type between a conv and a LayerScale: the set is exactly that layer's own parameters
+    (EvoNorm's v and FRN's tau included), never the conv's or the LayerScale gamma; a norm layer holding a
+    submodule with parameters contributes only its direct ones."""
+    import timm.layers as tl
+    for name in NORM_LAYERS:
+        cls = getattr(tl, name[3:], None) if name.startswith('tl.') else getattr(nn, name, None)
+        if cls is None:   # an older torch / timm without it
+            continue
+        if 'Group' in name:
+            layer = cls(8) if name.endswith('GroupNorm1') else cls(2, 8) if cls is nn.GroupNorm else cls(8, 2)
+        else:
+            layer = cls(8, affine=True) if cls is nn.InstanceNorm2d else cls(8)
+        model = nn.Sequential(nn.Conv2d(3, 8, 1), layer, tl.LayerScale2d(8))
+        own = list(layer.parameters())
+        assert own and [id(p) for p in norm_parameters(model)] == [id(p) for p in own], name
+
+    class NormWithLinear(nn.LayerNorm):
+        def __init__(self, n):
+            super().__init__(n)
+            self.proj = nn.Linear(n, n)
+    layer = NormWithLinear(8)
+    assert [id(p) for p in norm_parameters(nn.Sequential(layer))] == [id(layer.weight), id(layer.bias)]
+
+
 def test_sam_on_eps_norm_is_rho_and_over_p_only():
     torch.manual_seed(0)
     m = timm.create_model('test_resnet', num_classes=3)
