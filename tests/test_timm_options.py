@@ -8,6 +8,7 @@ wandb's own reader.
 """
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -167,6 +168,95 @@ def test_model_optimizer_and_ema_options_reach_their_objects(data16, tmp_path, r
     assert os.path.isfile(tmp_path / 'mo' / 'train-batch-1.jpg')
 
 
+def test_schedule_ema_clip_and_checkpoint_options_as_used(data16, tmp_path, record, monkeypatch, one_thread):
+    """One 3-epoch run, each option read where timm uses it and compared to a value computed here:
+
+    --warmup-lr, --min-lr, --cooldown-epochs, --layer-decay: the lr of every parameter group at every update is
+    the cosine schedule written out here (epoch 0 the warmup lr, epoch 1 halfway to --min-lr, the cooldown epoch
+    --min-lr) times the group's layer-decay scale (0.5 per layer group from the head down);
+    --model-ema-decay --model-ema-warmup: the decay each EMA update applied, timm's warmup rule at update k;
+    --clip-grad --clip-mode value: the value and mode the clipping call got at every update;
+    --mixup --mixup-off-epoch 1 --smoothing 0.2: from epoch 1 on, the targets are the smoothed one-hot labels;
+    --checkpoint-hist 1 --eval-metric loss: the one checkpoint kept is the epoch of the lowest EMA loss."""
+    import sam_on_timm.train_step as ts
+    from timm.utils import ModelEmaV3
+    lrs, clips, decays = [], [], []
+    step, clip, apply_update = ts.train_step, ts._clip, ModelEmaV3.apply_update_
+
+    def spy_step(model, optimizer, chunks, *a, **k):
+        lrs.append([(g['lr'], g.get('lr_scale', 1.0)) for g in optimizer.param_groups])
+        return step(model, optimizer, chunks, *a, **k)
+
+    monkeypatch.setattr(ts, 'train_step', spy_step)
+    monkeypatch.setattr(ts, '_clip', lambda params, value, mode: clips.append((value, mode)) or clip(params, value,
+                                                                                                      mode))
+    monkeypatch.setattr(ModelEmaV3, 'apply_update_', lambda self, m, decay: decays.append(decay) or
+                        apply_update(self, m, decay))
+    record.chunks.clear()
+    assert run(data16, tmp_path, '--experiment', 'sched', '--epochs', '2', '--cooldown-epochs', '1', '--sched',
+               'cosine', '--warmup-epochs', '1', '--warmup-lr', '0.01', '--min-lr', '0.002', '--layer-decay', '0.5',
+               '--model-ema', '--model-ema-decay', '0.5', '--model-ema-warmup', '--clip-grad', '0.5', '--clip-mode',
+               'value', '--mixup', '1.0', '--mixup-off-epoch', '1', '--smoothing', '0.2', '--checkpoint-hist', '1',
+               '--eval-metric', 'loss') == 0
+    base, low = 0.05, 0.002
+    want = [0.01, low + 0.5 * (base - low) * (1 + math.cos(math.pi * 1 / 2)), low]   # per epoch; 2 updates each
+    assert len(lrs) == 6
+    for i, groups in enumerate(lrs):
+        assert all(lr == pytest.approx(want[i // 2] * scale, rel=1e-12) for lr, scale in groups), (i, groups)
+    scales = sorted({scale for g in lrs for _, scale in g})
+    assert scales[-1] == 1.0 and len(scales) > 2 and all(a == pytest.approx(b / 2) for a, b in zip(scales, scales[1:]))
+    # ModelEmaV3's warmup: update k (from 1) decays by min(1 - k^(-2/3), 0.5), 0 at the first (a copy); the default
+    # decay 0.9998 or no update count (the fixed decay) would differ at every update
+    assert decays == pytest.approx([0.0] + [min(1 - k ** (-2 / 3), 0.5) for k in range(2, 7)], rel=1e-12)
+    assert clips == [(0.5, 'value')] * 6
+    assert len(record.chunks) == 6
+    for x, y in record.chunks[2:]:   # mixup off: each target the smoothed one-hot of one label
+        assert torch.allclose(y, torch.full_like(y, 0.2 / 16) + 0.8 * (y == y.max(1, keepdim=True).values), atol=1e-7)
+        assert ((y == y.max(1, keepdim=True).values).sum(1) == 1).all()
+    assert not torch.allclose(record.chunks[0][1].max(1).values, torch.full((8,), 0.8 + 0.2 / 16))   # epoch 0 mixed
+    rows = summary(tmp_path / 'sched' / 'summary.csv')
+    assert len(rows) == 3   # 2 epochs + 1 cooldown
+    best = min(rows, key=lambda r: float(r['eval_ema_loss']))['epoch']
+    assert sorted(p.name for p in (tmp_path / 'sched').glob('checkpoint-*')) == [f'checkpoint-{best}.pth.tar']
+
+
+@pytest.mark.parametrize('bce', [False, True])
+def test_smoothing_reaches_the_training_loss(bce):
+    """--smoothing 0.2 without mixup: the training loss is the smoothed one, recomputed here from log-softmax
+    (cross-entropy: 0.8 * NLL + 0.2 * mean of -log p over the classes) or the sigmoid (BCE: targets
+    0.2 / C off and 0.8 + 0.2 / C on); the validation loss is plain cross-entropy."""
+    import torch.nn.functional as F
+    args = train.parse_args(['--data-dir', 'x', '--smoothing', '0.2', *(['--bce-loss'] if bce else [])])
+    train_loss, val_loss = train.create_losses(args, False, torch.device('cpu'))
+    torch.manual_seed(0)
+    out, y = torch.randn(6, 5, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 0])
+    logp = F.log_softmax(out, -1)
+    if bce:
+        target = torch.full_like(out, 0.2 / 5).scatter_(1, y[:, None], 0.8 + 0.2 / 5)
+        want = F.binary_cross_entropy_with_logits(out, target)
+    else:
+        want = (0.8 * -logp.gather(1, y[:, None]).squeeze(1) + 0.2 * -logp.mean(-1)).mean()
+    assert train_loss(out, y).item() == pytest.approx(want.item(), rel=1e-12)
+    assert val_loss(out, y).item() == pytest.approx(F.nll_loss(logp, y).item(), rel=1e-12)
+
+
+@pytest.mark.parametrize('on_updates', [False, True])
+def test_resumed_schedule_continues_at_the_start_epoch(on_updates):
+    """A run resumed at epoch 2 of a 4-epoch cosine with a 1-epoch warmup (3 updates an epoch) starts at the lr
+    written out here, 0.1 * (1 + cos(pi * 2 / 4)) / 2 = 0.05, per epoch or per update alike (not the warmup
+    start, and not update 2 of the warmup); --start-epoch does the same without a checkpoint."""
+    from sam_on_timm.checkpoint import Resumed
+    flags = ['--data-dir', 'x', '--sched', 'cosine', '--epochs', '4', '--warmup-epochs', '1', '--lr', '0.1',
+             '--min-lr', '0', *(['--sched-on-updates'] if on_updates else [])]
+    data = types.SimpleNamespace(loader_train=[None] * 3, loader_eval=None)
+    want = 0.1 * (1 + math.cos(math.pi * 2 / 4)) / 2
+    for extra, resumed in (([], Resumed(checkpoint={'epoch': 1}, epoch=2)), (['--start-epoch', '2'], Resumed())):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = train.create_schedule(train.parse_args(flags + extra), optimizer, data, resumed)
+        assert (schedule.start_epoch, schedule.num_epochs, schedule.updates_per_epoch) == (2, 4, 3)
+        assert optimizer.param_groups[0]['lr'] == pytest.approx(want, rel=1e-12), extra
+
+
 def test_head_init_and_tta_in_validation(data16, tmp_path, monkeypatch):
     """--head-init-bias with --head-init-scale 0: the untrained model predicts the bias for every image;
     --tta 2 averages pairs of outputs and keeps one target per pair (as timm's validate)."""
@@ -193,7 +283,10 @@ def test_recovery_checkpoint_resumes_and_val_interval(data16, tmp_path):
     common = ['--experiment', 'r', '--recovery-interval', '1', '--val-interval', '2']
     assert run(data16, tmp_path, *common, '--epochs', '2') == 0
     d = tmp_path / 'r'
-    assert [r['epoch'] for r in summary(d / 'summary.csv')] == ['1']
+    rows = summary(d / 'summary.csv')
+    assert [r['epoch'] for r in rows] == ['1']
+    # the schedule stepped after the unvalidated epoch too: epoch 1 of the 2-epoch cosine, half the base lr
+    assert float(rows[0]['lr']) == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi / 2)), rel=1e-9)
     assert not (d / 'checkpoint-0.pth.tar').exists() and (d / 'checkpoint-1.pth.tar').exists()
     assert sorted(p.name for p in d.glob('recovery-*')) == ['recovery-1-0.pth.tar', 'recovery-1-1.pth.tar']
     rec = torch.load(d / 'recovery-1-1.pth.tar', weights_only=True)

@@ -129,6 +129,13 @@ def test_sam_flags_are_the_values_used(image_folder, tmp_path, monkeypatch, flag
         assert all(float(s['stats'].eps_norm) == pytest.approx(want['rho'], rel=1e-6) for s in steps)
     assert float(row['train_eps_norm']) == pytest.approx(
         sum(float(s['stats'].eps_norm) for s in steps) / len(steps), rel=1e-6)
+    # every SAM column is the mean of its own figure over the updates (a column shifted to its neighbour's
+    # figure fails): L(w) at the ascent, L(w + eps) at the descent, their difference
+    ascent = sum(float(s['stats'].ascent_loss) for s in steps) / len(steps)
+    descent = sum(float(s['stats'].loss) for s in steps) / len(steps)
+    assert float(row['train_ascent_loss']) == pytest.approx(ascent, rel=1e-6)
+    assert float(row['train_descent_loss']) == pytest.approx(descent, rel=1e-6) == float(row['train_loss'])
+    assert float(row['train_sharpness']) == pytest.approx(descent - ascent, rel=1e-5, abs=1e-7)
 
 
 def test_agc_leaves_the_head_out_and_empty_train_interpolation(image_folder, tmp_path, monkeypatch):
