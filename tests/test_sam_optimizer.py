@@ -607,6 +607,23 @@ def test_found_inf_skips_the_perturbation_even_with_a_finite_gradient(variant, f
     assert float(skipped) == 0.0
 
 
+def test_a_float64_tensor_among_float32_ones_keeps_its_precision(fused):
+    """A perturbed set of mixed dtypes (float32 tensors and a float64 one): the float64 tensor's eps is
+    computed in float64, on the flat path too (whose buffer has one dtype: such a set stays per tensor).
+    The float32 gradient is made small (1e-4) so that its float32 norm moves ||g|| by ~1e-15 only: the
+    right eps is within ~1e-15 of the float64 reference, one rounded through float32 ~6e-8 off."""
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(0)
+    w = [torch.randn(6), torch.randn(7, dtype=torch.float64), torch.randn(3)]
+    g = [1e-4 * torch.randn(6), torch.randn(7, dtype=torch.float64), 1e-4 * torch.randn(3)]
+    eps, _, _ = compute_eps('sam', w, [t.clone() for t in g], 0.1, 0.0)
+    norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in g))
+    assert eps[1].dtype == torch.float64
+    torch.testing.assert_close(eps[1], 0.1 * g[1] / norm, rtol=1e-12, atol=0)
+    for e, t in ((eps[0], g[0]), (eps[2], g[2])):
+        torch.testing.assert_close(e.double(), 0.1 * t.double() / norm, rtol=1e-6, atol=0)
+
+
 def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, device):
     """The flat-buffer path (CUDA's) against the per-tensor one: channels_last conv weights, 0-dim T
     (layerwise, ASAM biases), and a NaN gradient that must leave every eps exactly 0. Every

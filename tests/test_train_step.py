@@ -137,7 +137,7 @@ def test_bn_update_ascent_feeds_every_batchnorm_from_the_ascent_only(name, mode,
 
 
 @pytest.mark.parametrize('name,mode,variant', [('sam', 'all', 'sam'), ('sam-on-layerl2', 'on', 'layerl2')])
-@pytest.mark.parametrize('m,frac', [(8, 0.5), (4, 0.5), (8, 0.25)])
+@pytest.mark.parametrize('m,frac', [(8, 0.5), (4, 0.5), (8, 0.25), (8, 0.7)])   # 0.7 * 8 = 5.6: rounds to 6
 def test_ascent_frac_takes_eps_from_the_first_samples(name, mode, variant, m, frac, fused):
     """--sam-ascent-frac < 1: eps from the first round(frac * m) samples of each chunk (not the last, not
     the whole chunk), the descent on the whole chunk; float64 against the hand-written reference."""
