@@ -574,3 +574,17 @@ def test_lean_ascent_keeps_dynamo_checking_requires_grad(monkeypatch):
     assert torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags   # SAM-all switches no flag
     train_step(model, create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
     assert not torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags
+
+
+def test_logged_eps_norm_and_skips_cover_every_chunk():
+    """StepStats over m-sharpness chunks: ``skipped`` counts the skipped perturbations of all chunks and
+    ``eps_norm`` is the mean ||eps|| over them. Chunk 0 is all zeros into a bias-free linear layer (zero
+    gradient: skipped, eps 0), chunk 1 is not (||eps|| = rho exactly for plain SAM): 1 skip, rho / 2."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = create_optimizer_v2(model, 'sam', lr=LR, rho=RHO)
+    x = torch.cat([torch.zeros(4, 4), torch.randn(4, 4)])
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    stats = train_step(model, opt, split_chunks(x, y, 4), F.cross_entropy)
+    assert float(stats.skipped) == 1.0
+    torch.testing.assert_close(float(stats.eps_norm), RHO / 2, rtol=1e-6, atol=0)
