@@ -138,6 +138,28 @@ def test_ssam_f_mask_is_the_top_k_of_an_independent_empirical_fisher(one_thread)
 
 
 # --- ssam-d ---------------------------------------------------------------------------------------------
+def test_ssam_d_resumed_between_the_request_and_the_update_makes_the_same_update():
+    """An epoch's drop-and-regrow is requested at its start and made at its first update; a checkpoint
+    written in between (train.py saves at the end of an epoch, a user's loop anywhere) must carry the
+    request: the resumed optimizer makes the same update, to the same mask, from the same generator."""
+    model = mlp()
+    kwargs = dict(opt='ssam-d', lr=0.1, sparsity=0.5, mask_update_epochs=1, drop_rate=0.5, rho=0.1)
+    a = create_optimizer_v2(model, mask_seed=1, **kwargs)
+    assert a.mask.epoch_start(0, 4)
+    buf = io.BytesIO()
+    torch.save(a.state_dict(), buf)
+    buf.seek(0)
+    b = create_optimizer_v2(model, mask_seed=2, **kwargs)
+    b.load_state_dict(torch.load(buf, weights_only=True))
+    before = [m.clone() for m in a.mask.masks]
+    grads_of(model, seed=3)
+    for opt in (a, b):
+        opt.first_step()
+        opt.restore()
+    assert not all(torch.equal(x, y) for x, y in zip(before, a.mask.masks))   # the update did happen
+    assert all(torch.equal(x, y) for x, y in zip(a.mask.masks, b.mask.masks))
+
+
 def test_ssam_d_keeps_its_sparsity_and_drops_the_smallest_gradients():
     model = mlp()
     opt = create_optimizer_v2(model, opt='ssam-d', lr=0.1, sparsity=0.7, mask_update_epochs=1, drop_rate=0.5, rho=0.1)
