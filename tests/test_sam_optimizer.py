@@ -539,6 +539,20 @@ def _one_line_error(fn, *needles):
         assert n in msg, msg
 
 
+def test_frozen_tensors_never_join_the_perturbed_set():
+    """Parameters handed over with ``requires_grad`` off (a plain ``model.parameters()`` of a model whose
+    norm layers are frozen) are never perturbed: SAM-ON on such a model has nothing to perturb and says
+    so, and sam-rand's default sparsity (SAM-ON's) counts the trainable elements only."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match='no parameter that requires grad'):
+        SAM(list(model.parameters()), mode='on', model=model, lr=0.1)
+    model[1].bias.requires_grad_(True)   # 8 trainable norm elements among 4 * 8 + 8 + 8 + 8 * 3 + 3 = 75
+    opt = SAM(list(model.parameters()), sparse='rand', model=model, lr=0.1)
+    assert sum(int(m.sum()) for m in opt.mask.masks) == 8
+
+
 def test_clear_errors():
     model, _, _ = _toy_problem()
     params = list(model.parameters())
