@@ -213,6 +213,34 @@ def test_auto_takes_the_batched_path():
     assert calls == [4] * 8 and not any('forward' in m.__dict__ for m in model.modules())
 
 
+@pytest.mark.parametrize('norm,shape,train', [
+    (nn.BatchNorm2d(4), (6, 4, 3, 3), True), (nn.BatchNorm2d(4), (6, 4, 3, 3), False),
+    (nn.LayerNorm(4), (6, 5, 4), True), (nn.GroupNorm(2, 4), (6, 4, 3, 3), True), (LayerNorm2d(4), (6, 4, 3, 3), True)]
+    + ([(nn.RMSNorm(4), (6, 5, 4), True)] if hasattr(nn, 'RMSNorm') else []))
+def test_ghost_forward_keeps_the_modules_dtype_under_bf16_autocast(norm, shape, train):
+    """The batched forward of a norm layer (one chunk, a zero addend on its affine parameters, so that the
+    per-chunk affine is in play) returns what the module's own forward returns under bfloat16 autocast:
+    the same dtype (a float32 gamma must not promote a bfloat16 output: the batched and the sequential
+    path would then round differently, and the activation would take twice the memory) and the same values."""
+    torch.manual_seed(0)
+    norm = copy.deepcopy(norm).train(train)
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(torch.randn_like(p))
+        for name in ('running_mean', 'running_var'):
+            if getattr(norm, name, None) is not None:
+                getattr(norm, name).uniform_(0.5, 1.5)
+    x = torch.randn(shape).bfloat16()
+    frozen = copy.deepcopy(norm)   # running statistics as they were: a train-mode pass updates them
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        want = frozen(x)
+        addends = {p: torch.zeros((1,) + p.shape) for p in norm.parameters()}
+        with ghost_norms(norm, 1, shape[0], addends):
+            got = norm(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
+
+
 def test_forwards_put_back_when_the_pass_raises():
     model = make_model('mixed')
     opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5)

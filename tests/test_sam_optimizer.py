@@ -344,6 +344,34 @@ def test_closure_step_is_first_step_then_second_step_and_the_float64_reference(n
     assert not opt_a.is_perturbed
 
 
+def test_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone():
+    """``step(closure)`` with a closure that only runs forward + backward (what its docstring asks; no
+    ``zero_grad`` inside): the descent uses g(w + eps) alone, never g(w) + g(w + eps) accumulated in
+    ``.grad``. Checked against the first Nesterov SGD step, w - lr (1 + mom) g', on the float64 SAM
+    gradient g' computed here by hand."""
+    lr, mom, rho = 0.5, 0.9, 0.05
+    model, x, y = _layernorm_problem()
+    ref = copy.deepcopy(model)
+    opt = create_optimizer_v2(model, 'sam', lr=lr, momentum=mom, weight_decay=0.0, rho=rho)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    params = list(ref.parameters())
+    g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+    with torch.no_grad():
+        saved = [p.clone() for p in params]
+        for p, gi in zip(params, g):
+            p.add_(rho * gi / norm)
+    g_adv = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
+    for p, w, ga in zip(model.parameters(), saved, g_adv):
+        torch.testing.assert_close(p.detach(), w - lr * (1 + mom) * ga, rtol=1e-10, atol=1e-13)
+
+
 def test_state_dict_round_trip_keeps_lockstep():
     model_a, x, y = _toy_problem()
     opt_a = create_optimizer_v2(model_a, 'sam-on-layerl2', lr=0.05, weight_decay=1e-4, rho=0.05)
@@ -546,6 +574,20 @@ def _one_line_error(fn, *needles):
         assert n in msg, msg
 
 
+def test_frozen_tensors_never_join_the_perturbed_set():
+    """Parameters handed over with ``requires_grad`` off (a plain ``model.parameters()`` of a model whose
+    norm layers are frozen) are never perturbed: SAM-ON on such a model has nothing to perturb and says
+    so, and sam-rand's default sparsity (SAM-ON's) counts the trainable elements only."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match='no parameter that requires grad'):
+        SAM(list(model.parameters()), mode='on', model=model, lr=0.1)
+    model[1].bias.requires_grad_(True)   # 8 trainable norm elements among 4 * 8 + 8 + 8 + 8 * 3 + 3 = 75
+    opt = SAM(list(model.parameters()), sparse='rand', model=model, lr=0.1)
+    assert sum(int(m.sum()) for m in opt.mask.masks) == 8
+
+
 def test_clear_errors():
     model, _, _ = _toy_problem()
     params = list(model.parameters())
@@ -594,6 +636,41 @@ def test_expanded_gradients_and_zero_linf_gradient(fused):
     torch.testing.assert_close(torch.cat(eps), 0.1 * ref / ref.norm())
     eps, norm, skipped = compute_eps('elemlinf', w, [torch.zeros(4), torch.zeros(3)], 0.1, 0.0)
     assert float(norm) == 0.0 and float(skipped) == 1.0  # no perturbation: counted as skipped
+
+
+@pytest.mark.parametrize('variant', ['sam', 'fisher', 'elemlinf'])
+def test_found_inf_skips_the_perturbation_even_with_a_finite_gradient(variant, fused):
+    """``compute_eps(found_inf=...)``: a non-zero flag (the scaler saw an overflow) gives eps = 0 and
+    counts a skip, whatever the gradient; a zero flag leaves eps as without it."""
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(0)
+    w = [torch.randn(5, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)]
+    g = [torch.randn_like(t) for t in w]
+    eps, norm, skipped = compute_eps(variant, w, [t.clone() for t in g], 0.1, 0.0, found_inf=torch.ones(1))
+    assert all(not e.any() for e in eps) and float(norm) == 0.0 and float(skipped) == 1.0
+    eps, norm, skipped = compute_eps(variant, w, [t.clone() for t in g], 0.1, 0.0, found_inf=torch.zeros(1))
+    flat_w, flat_g = (torch.cat([t.reshape(-1) for t in ts]) for ts in (w, g))
+    # eta 0: T = |w| for elemlinf, T = 1 for sam and fisher
+    want = 0.1 * flat_w.abs() * flat_g.sign() if variant == 'elemlinf' else 0.1 * flat_g / flat_g.norm()
+    torch.testing.assert_close(torch.cat([e.reshape(-1) for e in eps]), want, rtol=1e-12, atol=0)
+    assert float(skipped) == 0.0
+
+
+def test_a_float64_tensor_among_float32_ones_keeps_its_precision(fused):
+    """A perturbed set of mixed dtypes (float32 tensors and a float64 one): the float64 tensor's eps is
+    computed in float64, on the flat path too (whose buffer has one dtype: such a set stays per tensor).
+    The float32 gradient is made small (1e-4) so that its float32 norm moves ||g|| by ~1e-15 only: the
+    right eps is within ~1e-15 of the float64 reference, one rounded through float32 ~6e-8 off."""
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(0)
+    w = [torch.randn(6), torch.randn(7, dtype=torch.float64), torch.randn(3)]
+    g = [1e-4 * torch.randn(6), torch.randn(7, dtype=torch.float64), 1e-4 * torch.randn(3)]
+    eps, _, _ = compute_eps('sam', w, [t.clone() for t in g], 0.1, 0.0)
+    norm = math.sqrt(sum(float((t.double() ** 2).sum()) for t in g))
+    assert eps[1].dtype == torch.float64
+    torch.testing.assert_close(eps[1], 0.1 * g[1] / norm, rtol=1e-12, atol=0)
+    for e, t in ((eps[0], g[0]), (eps[2], g[2])):
+        torch.testing.assert_close(e.double(), 0.1 * t.double() / norm, rtol=1e-6, atol=0)
 
 
 def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, device):

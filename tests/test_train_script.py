@@ -330,6 +330,39 @@ def test_stop_and_resume_of_a_plateau_schedule_equals_uninterrupted_run(image_fo
                for k in a['state_dict']) < 1e-5
 
 
+def test_rng_states_survive_a_weights_only_file_and_each_rank_resumes_its_own():
+    """Exact resume needs every random stream a run draws from: torch, numpy (with its cached Gaussian)
+    and Python's ``random`` (timm's RandomErasing, RandAugment). Two ranks' states go through a
+    weights-only file; ``resume_rng`` gives each rank its own states (rank 1 draws what rank 1 would
+    have drawn, not rank 0), and another number of ranks is reported, not applied."""
+    import io
+    import random
+
+    import numpy as np
+    from sam_on_timm.checkpoint import get_rng_state, resume_rng
+
+    def draws():
+        return (random.random(), random.gauss(0, 1), float(np.random.rand()), float(np.random.standard_normal()),
+                float(torch.rand(())))
+    states, want = [], []
+    for rank in range(2):
+        random.seed(10 + rank), np.random.seed(10 + rank), torch.manual_seed(10 + rank)
+        np.random.standard_normal()   # leaves numpy's second Gaussian cached
+        states.append(get_rng_state())
+        want.append(draws())
+    buf = io.BytesIO()
+    torch.save({'rng_state': states[0], 'rng_states': states}, buf)
+    buf.seek(0)
+    checkpoint = torch.load(buf, weights_only=True)
+    for rank in (1, 0):
+        random.seed(99), np.random.seed(99), torch.manual_seed(99)
+        assert resume_rng(checkpoint, rank, 2) is None
+        assert draws() == want[rank]
+    random.seed(99), np.random.seed(99), torch.manual_seed(99)
+    assert resume_rng(checkpoint, 0, 4) == 'RNG states of 2 rank(s)'
+    assert draws() != want[0]
+
+
 def test_resume_plateau_takes_progress_not_settings():
     """The checkpoint carries the plateau's progress; patience, factor and direction are the resumed
     run's (a best metric of the other direction is dropped); lr noise noted before the lrs were put

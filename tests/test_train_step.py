@@ -137,7 +137,7 @@ def test_bn_update_ascent_feeds_every_batchnorm_from_the_ascent_only(name, mode,
 
 
 @pytest.mark.parametrize('name,mode,variant', [('sam', 'all', 'sam'), ('sam-on-layerl2', 'on', 'layerl2')])
-@pytest.mark.parametrize('m,frac', [(8, 0.5), (4, 0.5), (8, 0.25)])
+@pytest.mark.parametrize('m,frac', [(8, 0.5), (4, 0.5), (8, 0.25), (8, 0.7)])   # 0.7 * 8 = 5.6: rounds to 6
 def test_ascent_frac_takes_eps_from_the_first_samples(name, mode, variant, m, frac, fused):
     """--sam-ascent-frac < 1: eps from the first round(frac * m) samples of each chunk (not the last, not
     the whole chunk), the descent on the whole chunk; float64 against the hand-written reference."""
@@ -574,3 +574,17 @@ def test_lean_ascent_keeps_dynamo_checking_requires_grad(monkeypatch):
     assert torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags   # SAM-all switches no flag
     train_step(model, create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO), [(x, y)], F.cross_entropy)
     assert not torch._dynamo.config.skip_tensor_guards_with_matching_dict_tags
+
+
+def test_logged_eps_norm_and_skips_cover_every_chunk():
+    """StepStats over m-sharpness chunks: ``skipped`` counts the skipped perturbations of all chunks and
+    ``eps_norm`` is the mean ||eps|| over them. Chunk 0 is all zeros into a bias-free linear layer (zero
+    gradient: skipped, eps 0), chunk 1 is not (||eps|| = rho exactly for plain SAM): 1 skip, rho / 2."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = create_optimizer_v2(model, 'sam', lr=LR, rho=RHO)
+    x = torch.cat([torch.zeros(4, 4), torch.randn(4, 4)])
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    stats = train_step(model, opt, split_chunks(x, y, 4), F.cross_entropy)
+    assert float(stats.skipped) == 1.0
+    torch.testing.assert_close(float(stats.eps_norm), RHO / 2, rtol=1e-6, atol=0)
