@@ -123,33 +123,36 @@ def _batch_norm_forward(mod: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tens
     return y
 
 
-def _layer_norm_forward(mod: nn.LayerNorm, x: Tensor) -> Tensor:
+def _ghost_affine(mod: nn.Module) -> Optional[Tuple[Optional[Tensor], Optional[Tensor]]]:
+    """The per-chunk (weight, bias) of a per-sample norm (LayerNorm, GroupNorm), or None when neither is
+    perturbed: the module's own forward then computes the same for every chunk."""
     g = mod._sam_ghost
     w, wb = g.param(mod.weight)
     b, bb = g.param(mod.bias)
-    if not (wb or bb):
+    return (w, b) if wb or bb else None
+
+
+def _layer_norm_forward(mod: nn.LayerNorm, x: Tensor) -> Tensor:
+    wb = _ghost_affine(mod)
+    if wb is None:
         return type(mod).forward(mod, x)
     y = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
-    return _affine(y, w, b, g.k, _rows(mod, x), x.dim() - len(mod.normalized_shape))
+    return _affine(y, *wb, mod._sam_ghost.k, _rows(mod, x), x.dim() - len(mod.normalized_shape))
 
 
 def _layer_norm_2d_forward(mod: nn.LayerNorm, x: Tensor) -> Tensor:
-    g = mod._sam_ghost
-    w, wb = g.param(mod.weight)
-    b, bb = g.param(mod.bias)
-    if not (wb or bb):
+    wb = _ghost_affine(mod)
+    if wb is None:
         return type(mod).forward(mod, x)
     y = F.layer_norm(x.permute(0, 2, 3, 1), mod.normalized_shape, None, None, mod.eps)
-    return _affine(y, w, b, g.k, _rows(mod, x), 3).permute(0, 3, 1, 2)
+    return _affine(y, *wb, mod._sam_ghost.k, _rows(mod, x), 3).permute(0, 3, 1, 2)
 
 
 def _group_norm_forward(mod: nn.GroupNorm, x: Tensor) -> Tensor:
-    g = mod._sam_ghost
-    w, wb = g.param(mod.weight)
-    b, bb = g.param(mod.bias)
-    if not (wb or bb):
+    wb = _ghost_affine(mod)
+    if wb is None:
         return type(mod).forward(mod, x)
-    return _affine(F.group_norm(x, mod.num_groups, None, None, mod.eps), w, b, g.k, _rows(mod, x), 1)
+    return _affine(F.group_norm(x, mod.num_groups, None, None, mod.eps), *wb, mod._sam_ghost.k, _rows(mod, x), 1)
 
 
 def _rms_norm_forward(mod: nn.Module, x: Tensor) -> Tensor:
