@@ -12,7 +12,7 @@ One SAM update:
     w_P    = saved originals           copy, bit-exact (never w - eps)
     w      = base_step(w, g')          weight decay / momentum live only here
 """
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -96,6 +96,8 @@ class SAM(torch.optim.Optimizer):
         eta = VARIANTS[variant].default_eta if eta is None else eta
         check_arg('eta', eta)
         check_base_opt(base_opt)
+        if base_args is not None and not isinstance(base_args, Mapping):
+            raise ValueError(f'base_args must be a dict of base optimizer arguments, got {type(base_args).__name__}')
         base_kwargs = {**base_kwargs, **(base_args or {})}
         check_optimizer_args({'momentum': momentum, **base_kwargs})
         if model is not None:

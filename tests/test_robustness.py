@@ -189,6 +189,8 @@ def test_yaml_null_means_the_default(image_folder, tmp_path, capsys):
     (dict(momentum=math.inf), 'momentum must be a finite number in [0, 1), got inf'),
     (dict(weight_decay=-1.0), 'weight_decay must be a finite number >= 0, got -1.0'),
     (dict(base_opt='adamw', betas=(0.9, math.nan)), 'betas must be a finite number in [0, 1), got nan'),
+    (dict(base_opt='adamw', base_args={'eps': math.inf}), 'eps must be a finite number > 0, got inf'),
+    (dict(base_opt='adamw', base_args=[('eps', 1e-8)]), 'base_args must be a dict of base optimizer arguments'),
     (dict(base_opt='lookahed_sgd'), "unknown base_opt 'lookahed_sgd'"),
     (dict(base_opt='lookahead_sam-on'), "unknown base_opt 'lookahead_sam-on'"),
     (dict(variant='nosuch'), "unknown SAM variant 'nosuch'; valid: sam, eleml2"),
