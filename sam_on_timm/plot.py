@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .norm_params import is_norm_module
+from .norms import is_norm_module
 
 __all__ = ['read_summary', 'load_checkpoint_model', 'norm_affine', 'layer_type_values', 'shared_histograms',
            'gamma_summary', 'plot_curves', 'plot_norms', 'plot_sharpness', 'main']

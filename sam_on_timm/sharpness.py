@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm_params import norm_parameters
+from .norms import norm_parameters
 from .perturbations import compute_eps
 from .sam import MODES
 
