@@ -318,63 +318,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ParseKwargs(argparse.Action):
-    """timm's ``KEY=VALUE ...`` option (values read as Python literals, else kept as strings)."""
+    """timm's ``KEY=VALUE ...`` option (values read as Python literals, else kept as strings), bounded in size
+    and nesting (sam_on_timm.config.parse_kwargs)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from timm.utils import ParseKwargs as TimmParseKwargs
-        bad = [v for v in values if v and '=' not in v]
-        if bad:
-            parser.error(f"{option_string} takes KEY=VALUE pairs, got '{bad[0]}'")
-        TimmParseKwargs.__call__(self, parser, namespace, values, option_string)
-
-
-def _config_value(path, action, value):
-    """A YAML value checked and converted as argparse would convert it on the command line."""
-    if isinstance(action, ParseKwargs) and not isinstance(value, dict):
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' (expected a mapping)")
-    if value is None or action.type is None or isinstance(value, bool):
-        return value
-    try:
-        if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-            if not isinstance(value, (list, tuple)):
-                raise ValueError('expected a list')
-            return [action.type(v) for v in value]
-        if action.type is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError('expected an integer')   # int(1.5) would silently give 1
-        value = action.type(value)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' ({e})") from None
-    if action.choices is not None and value not in action.choices:   # as argparse checks the command line
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' "
-                         f"(choose from {', '.join(map(str, action.choices))})")
-    return value
+        from sam_on_timm.config import parse_kwargs
+        try:
+            setattr(namespace, self.dest, parse_kwargs(values, option_string))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        if os.path.isdir(args_config.config):
-            raise UsageError(f"config file '{args_config.config}' is a folder: pass a YAML file")
-        if not os.path.isfile(args_config.config):
-            raise UsageError(f"config file '{args_config.config}' does not exist")
-        with open(args_config.config) as f:
-            try:
-                cfg = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise UsageError(f"config file '{args_config.config}' is not valid YAML: "
-                                 f"{' '.join(str(e).split())}") from None
-        if not isinstance(cfg, dict):
-            raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
-        actions = {a.dest: a for a in parser._actions}
+        # the file and each value checked against its flag as the command line checks it (sam_on_timm.config)
+        from sam_on_timm.config import config_value, drop_config_key, load_config
+        path = args_config.config
+        try:
+            cfg = load_config(path)
+            drop_config_key(cfg, path)
+            actions = {a.dest: a for a in parser._actions}
+            for key, value in cfg.items():
+                if key not in actions:
+                    raise UsageError(f"config file '{path}': unknown key '{key}' (not a train.py argument; "
+                                     f"keys are argument names with '_', e.g. batch_size, sam_m)")
+                cfg[key] = config_value(key, value, actions[key], path)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         # a YAML null (timm's args.yaml writes one for every option left unset) means the flag's default
-        cfg = {k: v for k, v in cfg.items() if v is not None or k not in actions}
-        for key, value in cfg.items():
-            if key not in actions:
-                raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
-                                 f"keys are argument names with '_', e.g. batch_size, sam_m)")
-            cfg[key] = _config_value(args_config.config, actions[key], value)
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**{k: v for k, v in cfg.items() if v is not None})
     try:
         args = parser.parse_args(remaining)
     except SystemExit as e:  # argparse already printed its one-line usage error
@@ -387,6 +361,8 @@ def parse_args(argv=None):
 # checks that run before anything is created or written
 # ---------------------------------------------------------------------------------------------
 EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
+DIST_BN = ('reduce', 'broadcast', '')   # BatchNorm statistics across ranks at the end of an epoch ('': none)
+LR_BASE_SCALES = ('linear', 'sqrt', '')   # how --lr follows the global batch ('': by optimizer)
 
 # train.py's options whose rule is the library's (sam_on_timm.checks.RANGES): option -> the library's name
 LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_frac', 'lr': 'lr', 'momentum': 'momentum',
@@ -449,8 +425,8 @@ def check_numbers(args) -> None:
 
 def validate_args(args) -> None:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
-    from sam_on_timm.checks import check_base_opt, check_sam_m
-    from sam_on_timm.registry import split_opt_name
+    from sam_on_timm.checks import check_base_opt, check_eta_used, check_sam_m
+    from sam_on_timm.registry import parse_sam_name, split_opt_name
     from timm.optim import list_optimizers
     try:
         opt_name = split_opt_name(args.opt)[1]
@@ -469,6 +445,8 @@ def validate_args(args) -> None:
             check_sam_m(args.sam_m, None if args.naflex_loader else args.batch_size, '--sam-m',
                         'the per-GPU batch size -b')
         check_numbers(args)
+        if args.is_sam:   # an eta that the variant has no use for (plain SAM: T = 1)
+            check_eta_used(parse_sam_name(args.opt)[1], args.sam_eta, '--sam-eta', f'--opt {args.opt}')
     except ValueError as e:
         raise UsageError(str(e)) from None
     args.sparse = args.is_sam and split_opt_name(args.opt)[1] in sam_on_timm.SPARSE_OPTIMIZERS
@@ -502,6 +480,12 @@ def validate_args(args) -> None:
         raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
     if args.clip_mode not in ('norm', 'value', 'agc'):
         raise UsageError(f"--clip-mode must be norm, value or agc, got '{args.clip_mode}'")
+    if args.dist_bn not in DIST_BN:   # timm's script skips any other value without a word
+        raise UsageError(f"--dist-bn must be reduce, broadcast or '' (keep each rank's BatchNorm statistics), "
+                         f"got '{args.dist_bn}'")
+    if args.lr_base_scale not in LR_BASE_SCALES:   # timm's script scales linearly for any value but sqrt
+        raise UsageError(f"--lr-base-scale must be linear, sqrt or '' (sqrt for Ada* / Lamb optimizers, else "
+                         f"linear), got '{args.lr_base_scale}'")
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if args.demo_data:
@@ -1076,6 +1060,12 @@ def run(args) -> int:
         from sam_on_timm.distill import distillation_loss
         data = data._replace(train_loss_fn=distillation_loss(task, data.train_loss_fn))
     schedule = create_schedule(args, optimizer, data, resumed)
+    if args.sam_window is not None:   # against the schedule's length (cooldown and cycles included)
+        from sam_on_timm.ablations import check_window_in_run
+        try:
+            check_window_in_run(args.sam_window, schedule.num_epochs, args.sam_epochs)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if schedule.end_epoch <= schedule.start_epoch:   # nothing left: write nothing (args.yaml, checkpoints stay)
         if args.rank == 0:
             _logger.info(f'nothing to train: the run starts at epoch {schedule.start_epoch} and ends before epoch '

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import load_optimizer_state
-from .checks import check_arg, check_base_opt, check_optimizer_args, check_variant
+from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
 from .norm_params import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
 from .perturbations import VARIANTS, compute_eps
@@ -93,6 +93,7 @@ class SAM(torch.optim.Optimizer):
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
         check_arg('rho', rho)
+        check_eta_used(variant, eta)
         eta = VARIANTS[variant].default_eta if eta is None else eta
         check_arg('eta', eta)
         check_base_opt(base_opt)
