@@ -100,17 +100,23 @@ class _ConfigLoader(yaml.SafeLoader):
 
 def _check_expanded(root: yaml.Node) -> None:
     """The node graph, aliases expanded, holds at most MAX_VALUES values and MAX_DEPTH levels. Each node is
-    visited once (its expanded size is memoized), so a bomb is measured in the time of its few lines."""
-    size: Dict[int, int] = {}
+    measured once (its expanded size and height are memoized), so a bomb is measured in the time of its few
+    lines, and the recursion here never goes deeper than the bound."""
+    measured: Dict[int, tuple] = {}   # id(node) -> (values, levels) of the node, aliases expanded
     open_nodes = set()
 
+    def too_deep(node):
+        return _Refused(f'values nested more than {MAX_DEPTH} levels deep once aliases are expanded '
+                        f'(line {node.start_mark.line + 1})')
+
     def visit(node, depth):
-        if depth > MAX_DEPTH + 1:
-            raise _Refused(f'values nested more than {MAX_DEPTH} levels deep once aliases are expanded '
-                           f'(line {node.start_mark.line + 1})')
         key = id(node)
-        if key in size:
-            return size[key]
+        if key in measured:
+            if depth + measured[key][1] - 1 > MAX_DEPTH + 1:   # + 1: the document's top-level mapping
+                raise too_deep(node)
+            return measured[key]
+        if depth > MAX_DEPTH + 1:
+            raise too_deep(node)
         if key in open_nodes:
             raise _Refused(f'an alias refers to a value that holds it (line {node.start_mark.line + 1}): '
                            f'a recursive value is no option value')
@@ -121,15 +127,16 @@ def _check_expanded(root: yaml.Node) -> None:
             children = [n for pair in node.value for n in pair]
         else:
             children = []
-        total = 1
+        values, levels = 1, 1
         for child in children:
-            total += visit(child, depth + 1)
-            if total > MAX_VALUES:
+            v, h = visit(child, depth + 1)
+            values, levels = values + v, max(levels, h + 1)
+            if values > MAX_VALUES:
                 raise _Refused(f'more than {MAX_VALUES} values once aliases (*name) are expanded: '
                                f'an alias repeats the whole value of its anchor (&name)')
         open_nodes.discard(key)
-        size[key] = total
-        return total
+        measured[key] = values, levels
+        return values, levels
 
     visit(root, 1)
 
@@ -146,8 +153,8 @@ def load_config(path: str) -> Dict[Any, Any]:
     with open(path, 'rb') as f:
         data = f.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
-        raise ValueError(f'{where} is larger than {MAX_CONFIG_BYTES >> 20} MiB: a train.py config holds option '
-                         f'names and values (a few KB)')
+        raise ValueError(f'{where} has {os.path.getsize(path)} bytes, more than the {MAX_CONFIG_BYTES} a config '
+                         f'may have (a train.py config holds option names and values: a few KB)')
     try:
         text = data.decode('utf-8-sig')
     except UnicodeDecodeError as e:
@@ -324,11 +331,10 @@ def parse_kwargs(values: Iterable[str], option: str = '--model-kwargs') -> Dict[
 
 
 def drop_config_key(cfg: Dict[Any, Any], path: str) -> None:
-    """A ``config`` key in a config file: ``null`` or ``''`` (what timm's args.yaml holds for a run without
-    ``-c``) is dropped; another file is refused, since train.py reads one config file and would otherwise drop
-    the named file's keys without a word."""
+    """A ``config`` key in a config file: ``null`` or ``''`` (no file) is dropped; a file name is refused, since
+    train.py reads one config file and would otherwise drop the named file's keys without a word."""
     value = cfg.pop('config', None)
     if value not in (None, ''):
-            raise ValueError(f"config file '{path}': key 'config' ({short_repr(value)}): a config file cannot include "
-                         f"another (train.py reads one -c file); merge that file's keys into this one, or drop the "
-                         f"key (a timm args.yaml records its -c file there: its other keys already hold its values)")
+        raise ValueError(f"config file '{path}': key 'config' ({short_repr(value)}): a config file cannot include "
+                         f"another (train.py reads one -c file): merge that file's keys into this one, or drop the "
+                         f"key")
