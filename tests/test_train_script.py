@@ -508,7 +508,8 @@ def test_yaml_values_are_checked_like_command_line_values(tmp_path, capsys):
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('scale: 0.5\n')
     assert train.main(['-c', str(cfg)]) == 2
-    assert "bad value 0.5 for 'scale' (expected a list)" in capsys.readouterr().err
+    assert "key 'scale' takes a list of values (a number each), e.g. [0.5], got the number 0.5" in \
+        capsys.readouterr().err
     cfg.write_text('rho: 1\ninput_size: [3, 32, 32]\npretrained: true\n')
     args = train.parse_args(['-c', str(cfg)])
     assert type(args.rho) is float and args.input_size == [3, 32, 32] and args.pretrained
@@ -611,8 +612,8 @@ def test_demo_data_never_replaces_a_foreign_folder(image_folder, tmp_path, capsy
 def test_yaml_syntax_and_choices_are_one_line_errors(image_folder, tmp_path, capsys):
     for text, message in (('lr: [1\n', 'is not valid YAML'),
                           ('sam_bn_update: bogus\n',
-                           "bad value 'bogus' for 'sam_bn_update' (choose from both, ascent)"),
-                          ('epochs: 1.5\n', "bad value 1.5 for 'epochs' (expected an integer)")):
+                           "key 'sam_bn_update': 'bogus' is not a valid choice (choose from both, ascent)"),
+                          ('epochs: 1.5\n', "key 'epochs' takes an integer, got the number 1.5")):
         cfg = tmp_path / 'c.yaml'
         cfg.write_text(text)
         assert train.main(['-c', str(cfg), '--data-dir', image_folder, '--output', str(tmp_path)]) == 2
