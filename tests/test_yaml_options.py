@@ -274,20 +274,24 @@ def test_a_sam_epochs_window_past_the_run_is_one_line_before_anything_is_written
 # ---------------------------------------------------------------------------------------------
 # as a user sees it
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('case', ['non-utf8', 'model-kwargs'])
-def test_train_py_prints_one_line_exits_2_and_writes_nothing(tmp_path, case):
-    """Both gave a traceback: a UnicodeDecodeError from the YAML reader, a RecursionError from literal_eval."""
-    if case == 'non-utf8':
-        (tmp_path / 'c.yaml').write_bytes(b'epochs: 3\nexperiment: caf\xe9\n')
-        argv, expected = ['-c', str(tmp_path / 'c.yaml')], (
-            f"train.py: error: config file '{tmp_path / 'c.yaml'}' is not UTF-8 text: byte 0xe9 on line 2; "
-            f"save it as UTF-8")
-    else:
-        argv, expected = ['--model-kwargs', 'x=' + '-' * 4000 + '1'], (
-            'train.py: error: --model-kwargs x=...: the value is too deeply nested to read as a Python literal')
+def test_train_py_prints_one_line_exits_2_and_writes_nothing(tmp_path):
+    """A config file with a Latin-1 byte gave a UnicodeDecodeError traceback from the YAML reader."""
+    (tmp_path / 'c.yaml').write_bytes(b'epochs: 3\nexperiment: caf\xe9\n')
     out = tmp_path / 'out'
-    r = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), *argv, '--data-dir', str(tmp_path),
-                        '--output', str(out), '--device', 'cpu'], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [expected], r.stderr
-    assert not out.exists() and sorted(os.listdir(tmp_path)) == (['c.yaml'] if case == 'non-utf8' else [])
+    r = subprocess.run([sys.executable, os.path.join(REPO, 'train.py'), '-c', str(tmp_path / 'c.yaml'), '--data-dir',
+                        str(tmp_path), '--output', str(out), '--device', 'cpu'], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=300, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"train.py: error: config file '{tmp_path / 'c.yaml'}' is not UTF-8 text: byte 0xe9 on line 2; save it as "
+        f"UTF-8"], r.stderr
+    assert sorted(os.listdir(tmp_path)) == ['c.yaml']
+
+
+def test_a_model_kwargs_recursion_is_train_pys_one_line(tmp_path, capsys):
+    """4000 minus signs: a RecursionError traceback from literal_eval inside argparse before."""
+    out = tmp_path / 'out'
+    assert train.main(['--model-kwargs', 'x=' + '-' * 4000 + '1', '--data-dir', str(tmp_path), '--output', str(out),
+                       '--device', 'cpu']) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        'train.py: error: --model-kwargs x=...: the value is too deeply nested to read as a Python literal']
+    assert not out.exists()
