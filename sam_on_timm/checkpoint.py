@@ -319,6 +319,8 @@ def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.opt
     if 'state_dict' not in checkpoint:   # weights only, as timm's resume_checkpoint: from epoch 0
         _load_weights(model, clean_state_dict(checkpoint))
         return Resumed()
+    weights = clean_state_dict(checkpoint['state_dict'])
+    _check_weights(model, weights, checkpoint.get('arch'))   # first: a file of another model is refused as such
     check_resume_contents(checkpoint, model)
     scaler_key = loss_scaler.state_dict_key if loss_scaler is not None and optimizer is not None else None
     missing = missing_for_resume(checkpoint, optimizer is not None, scaler_key, ema)
@@ -333,7 +335,7 @@ def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.opt
         raise ValueError(f"it lacks {' and '.join(blocking)}, which an exact continuation needs: "
                          f"{'; '.join(ways)}")
     resumed = Resumed(checkpoint=checkpoint, afresh=missing)
-    _load_weights(model, clean_state_dict(checkpoint['state_dict']), checkpoint.get('arch'))
+    _load_weights(model, weights, checkpoint.get('arch'))
     if optimizer is not None and 'optimizer' in checkpoint:
         try:   # refused when saved by another kind of optimizer
             load_optimizer_state(optimizer, checkpoint['optimizer'])
@@ -398,11 +400,16 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
-    """Strict load; the weights of another model name its first mismatched keys."""
+def _check_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """The weights of another model: ValueError naming its first mismatched keys."""
     mismatch = state_dict_mismatch(model, state_dict)
     if mismatch:
         raise ValueError(f"the weights are of another model{f' ({arch!r})' if arch else ''}: {mismatch}")
+
+
+def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """Strict load; the weights of another model name its first mismatched keys."""
+    _check_weights(model, state_dict, arch)
     model.load_state_dict(state_dict)
 
 

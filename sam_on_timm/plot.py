@@ -61,8 +61,8 @@ def read_summary(run_dir: str) -> Dict[str, List[float]]:
         with open(path, newline='', encoding='utf-8') as f:
             rows = list(csv.DictReader(f))
     except UnicodeDecodeError as e:   # train.py writes UTF-8: another file, or a damaged one
-        raise UsageError(f"'{path}' is not a UTF-8 text file (byte {e.start}: {e.reason}): pass a summary.csv "
-                         f"written by train.py") from None
+        raise UsageError(f"'{path}' is not a UTF-8 text file (byte 0x{e.object[e.start]:02x}: {e.reason}): "
+                         f"pass a summary.csv written by train.py") from None
     except csv.Error as e:
         raise UsageError(f"'{path}' is not a CSV file ({e})") from None
     if not rows:
