@@ -111,17 +111,17 @@ def test_a_second_run_started_while_the_first_trains_is_refused(tmp_path, capsys
 def test_the_lock_is_taken_before_the_first_write_and_the_folder_checked_again(tmp_path, capsys, monkeypatch,
                                                                               one_thread):
     """A run that passed the folder check and then lost the folder to another run (it took the lock, or
-    wrote a checkpoint and ended, while this one built its model) writes nothing: one line, exit 2."""
+    wrote a checkpoint and ended, while this one built its data) writes nothing: one line, exit 2."""
     data = make_image_folder(tmp_path / 'data')
     d = tmp_path / 'out' / 'e'
-    real = train.create_model
+    real = train.create_data   # (built after the folder check)
     other = RunLock(str(d))
 
-    def other_run_takes_the_folder(args):
+    def other_run_takes_the_folder(*args):
         d.mkdir(parents=True, exist_ok=True)
         other.acquire()
-        return real(args)
-    monkeypatch.setattr(train, 'create_model', other_run_takes_the_folder)
+        return real(*args)
+    monkeypatch.setattr(train, 'create_data', other_run_takes_the_folder)
     try:
         assert run(data, tmp_path / 'out', '--experiment', 'e', '--epochs', '1') == 2
         assert f"output folder '{d}' is in use by another run (pid {os.getpid()}" in last_error(capsys)
@@ -129,10 +129,10 @@ def test_the_lock_is_taken_before_the_first_write_and_the_folder_checked_again(t
     finally:
         other.release()
 
-    def other_run_wrote_a_checkpoint(args):
+    def other_run_wrote_a_checkpoint(*args):
         torch.save({'epoch': 0}, d / 'last.pth.tar')
-        return real(args)
-    monkeypatch.setattr(train, 'create_model', other_run_wrote_a_checkpoint)
+        return real(*args)
+    monkeypatch.setattr(train, 'create_data', other_run_wrote_a_checkpoint)
     assert run(data, tmp_path / 'out', '--experiment', 'e', '--epochs', '1') == 2
     assert 'already holds checkpoints of another run' in last_error(capsys)
     assert sorted(os.listdir(d)) == ['last.pth.tar', LOCK_NAME]
