@@ -109,6 +109,7 @@ class RunLock:
         self._fd = fd
 
     def release(self) -> None:
+        """Drop the lock (the file stays, for the next run to lock)."""
         if self._fd is not None:
             os.close(self._fd)   # closing the only descriptor drops the flock
             self._fd = None

@@ -17,7 +17,8 @@ __all__ = ['note_ranks', 'peer_failure', 'is_peer_failure']
 _RANKS: List[Tuple[str, int]] = []   # (host, pid) per rank, from note_ranks()
 
 # what the backends write when a peer's connection breaks (gloo raises a plain RuntimeError)
-_MARKERS = ('gloo', 'NCCL', 'Connection reset by peer', 'Connection closed by peer', 'Broken pipe')
+_MARKERS = ('gloo/transport', 'Connection reset by peer', 'Connection closed by peer', 'Broken pipe',
+            'NCCL communicator was aborted')
 
 
 def note_ranks() -> List[Tuple[str, int]]:

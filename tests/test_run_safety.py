@@ -371,3 +371,19 @@ def test_a_rank_killed_under_torchrun_is_named_by_the_survivor_in_one_line(tmp_p
     assert lines == [f'train.py: error: rank 1 (pid {pid.group(1)}) ended (killed or crashed: see its own output '
                      f'for the cause); rank 0 stops too, the checkpoints are those of the epochs completed before'], log
     assert '[rank0]' not in log and log.count('Traceback') <= 1, log[-3000:]   # (torchrun's own report)
+
+
+def test_another_runtime_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only a broken collective of a live process group becomes the one line: a bug of the run itself
+    (here a RuntimeError in the epoch, with gloo's wording but no process group) is not hidden."""
+    from sam_on_timm.peers import peer_failure
+    data = make_image_folder(tmp_path / 'data', n_train=4, n_val=2)
+    error = RuntimeError('[third_party/gloo/gloo/transport/tcp/pair.cc:545] Connection reset by peer')
+    assert peer_failure(error) is None
+
+    def failing_epoch(*a, **k):
+        raise error
+    monkeypatch.setattr(train, 'train_one_epoch', failing_epoch)
+    with pytest.raises(RuntimeError, match='Connection reset by peer'):
+        run(data, tmp_path / 'out', '--experiment', 'e', '--epochs', '1')
+    assert lock_holder(str(tmp_path / 'out' / 'e')) is None   # released on the way out
