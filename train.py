@@ -81,7 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='load this checkpoint into the model (strict)')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
                    help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
-    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--no-resume-opt', action='store_true', default=False,
+                   help='resume weights and epoch with a fresh optimizer (and loss scaler)')
+    g.add_argument('--resume-partial', action='store_true', default=False,
+                   help='resume a checkpoint that lacks the loss scaler, EMA or RNG state this run needs: '
+                        'those start afresh (no longer an exact continuation)')
     g.add_argument('--num-classes', type=int, default=None, metavar='N')
     g.add_argument('--gp', default=None, type=str, metavar='POOL')
     g.add_argument('--img-size', type=int, default=None, metavar='N')
@@ -542,6 +546,11 @@ def validate_args(args) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
+    from sam_on_timm.outputs import check_experiment_name
+    try:
+        check_experiment_name(args.experiment)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     check_output_writable(args)
 
 
@@ -723,7 +732,8 @@ def given_args(args) -> Dict[str, Any]:
     """The script's arguments as given (flags over YAML over defaults), before computed values (lr from
     lr-base, input_size, ...) are filled in: what args.yaml holds, so that ``-c args.yaml`` repeats the run.
     Where to resume from is not part of the run: a resumed run's args.yaml would otherwise resume again."""
-    dests = {a.dest for a in build_parser()._actions} - {'help', 'config', 'resume', 'no_resume_opt', 'start_epoch'}
+    dests = {a.dest for a in build_parser()._actions} - {'help', 'config', 'resume', 'no_resume_opt', 'resume_partial',
+                                                  'start_epoch'}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in dests}
 
 
@@ -734,10 +744,17 @@ def output_dir_for(args) -> str:
     return os.path.join(args.output or './output/train', exp_name)
 
 
-def check_output_dir(args, output_dir: str) -> None:
-    """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it."""
+def check_output_dir(args, output_dir: str, probe_lock: bool = True) -> None:
+    """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it, and
+    never while another live run writes it (its lock, sam_on_timm.outputs.RunLock; ``probe_lock`` False:
+    this process holds it)."""
+    from sam_on_timm.outputs import lock_holder
     if not os.path.isdir(output_dir):
         return
+    holder = lock_holder(output_dir) if probe_lock else None
+    if holder is not None:
+        raise UsageError(f"output folder '{output_dir}' is in use by another run ({holder}): wait for it to end, "
+                         f"or choose another --experiment / --output")
     # tmp.pth.tar (and a *.part copy) is a write that never completed: not a checkpoint to resume from
     ckpts = [f for f in os.listdir(output_dir) if f.endswith('.pth.tar') and f != 'tmp.pth.tar']
     resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
@@ -1032,6 +1049,13 @@ def main(argv=None) -> int:
     except OSError as e:   # a full disk, a folder that became read-only: the file and the reason, no traceback
         print(f'train.py: error: {e}', file=sys.stderr)
         return 1
+    except RuntimeError as e:   # under torchrun, a rank died: the survivors name it in one line
+        from sam_on_timm.peers import peer_failure
+        line = peer_failure(e)
+        if line is None:
+            raise
+        print(f'train.py: error: {line}', file=sys.stderr)
+        return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1075,15 +1099,17 @@ def run(args) -> int:
         return 0
     saver = create_saver(args, as_given, output_dir, student, optimizer, model_ema, loss_scaler, schedule, resumed,
                          task)
-    resume_random_state(args, resumed, schedule.start_epoch)
     rc = 1
     try:
+        resume_random_state(args, resumed, schedule.start_epoch)
         rc = train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
                         saver, output_dir, device)
     finally:
         if args.log_wandb and saver is not None:   # rank 0's run, closed and flushed (main() may run again)
             import wandb
             wandb.finish(exit_code=rc)
+        if saver is not None:
+            saver.run_lock.release()
     return rc
 
 
@@ -1094,6 +1120,8 @@ def setup_device(args) -> torch.device:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     device = init_distributed_device(args)
     if args.distributed:
+        from sam_on_timm.peers import note_ranks
+        note_ranks()   # each rank's pid: a survivor names the rank that died (main())
         _logger.info(f'Distributed training: rank {args.rank} of {args.world_size}, device {device}')
     if args.demo_data:
         from sam_on_timm.demo_data import prepare_demo_data
@@ -1327,7 +1355,7 @@ def resume(args, model, optimizer, loss_scaler, task=None):
         return Resumed()
     try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
         resumed = load_resume(args.resume, model, None if args.no_resume_opt else optimizer, loss_scaler,
-                              opt_name=args.opt)
+                              opt_name=args.opt, ema=args.model_ema, partial=args.resume_partial)
         task_state = (resumed.checkpoint or {}).get('task_state')
         if task is not None and task.get_task_state():   # a task with state of its own: the file's, if it has it
             if task_state:
@@ -1339,6 +1367,9 @@ def resume(args, model, optimizer, loss_scaler, task=None):
         raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
     if resumed.checkpoint is None:
         _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
+    elif resumed.afresh and args.rank == 0:
+        _logger.warning(f"--resume-partial: '{args.resume}' lacks {' and '.join(resumed.afresh)}: started afresh "
+                        f"(not an exact continuation)")
     return resumed
 
 
@@ -1671,18 +1702,30 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     ``model`` is the student (its weights are the checkpoint's ``state_dict``); a distillation task's own
     trainable state (feature distillation's projection) goes into ``task_state``, as in timm's checkpoints."""
     from sam_on_timm.checkpoint import RngCheckpointSaver, resume_saver
+    from sam_on_timm.outputs import RunLock
     if args.rank != 0:
         return None
     if args.log_wandb:   # before the run folder is written: a run that cannot log stops with nothing written
         start_wandb(args, output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        yaml.safe_dump(as_given, f)
+    lock = RunLock(output_dir)   # held until run() ends (the OS drops it if the process dies)
+    try:
+        lock.acquire()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:   # under the lock, again: another run may have written the folder since the first check
+        check_output_dir(args, output_dir, probe_lock=False)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(as_given, f)
+    except BaseException:
+        lock.release()
+        raise
     trim_summary(os.path.join(output_dir, 'summary.csv'), schedule.start_epoch)
     saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
     saver.task_state = None if task is None else task.get_task_state
+    saver.run_lock = lock
     resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
     _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
                  f'{schedule.end_epoch - 1}; output {output_dir}')

@@ -200,7 +200,8 @@ def test_simclr_style_augmentations_reach_the_loader(image_folder, tmp_path, mon
 
 def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_path, capsys):
     """timm's CheckpointSaver (args as an argparse.Namespace, a plain SGD optimizer) and bare weights
-    with DDP's module. prefix (timm's resume_checkpoint takes both) resume here too."""
+    with DDP's module. prefix (timm's resume_checkpoint takes both) resume here too. timm's checkpoints
+    hold no RNG states: resuming one is not an exact continuation, so it takes --resume-partial."""
     import argparse
     from timm.optim import create_optimizer_v2
     from timm.utils import CheckpointSaver
@@ -211,14 +212,16 @@ def test_resume_takes_checkpoints_of_timms_own_train_script(image_folder, tmp_pa
     saver = CheckpointSaver(model, sgd, args=argparse.Namespace(model='test_resnet'), checkpoint_dir=str(up),
                             recovery_dir=str(up))
     saver.save_checkpoint(epoch=0, metric=50.0)
-    assert run(image_folder, tmp_path, '--opt', 'sam-on', '--experiment', 'r',
-               '--resume', str(up / 'last.pth.tar')) == 0
+    timm_ckpt = ['--opt', 'sam-on', '--experiment', 'r', '--resume', str(up / 'last.pth.tar')]
+    assert run(image_folder, tmp_path, *timm_ckpt) == 2
+    assert 'lacks the RNG states' in capsys.readouterr().err
+    assert run(image_folder, tmp_path, *timm_ckpt, '--resume-partial') == 0
     assert [r['epoch'] for r in read_summary(tmp_path / 'r' / 'summary.csv')] == ['1']   # continued after epoch 0
     # an optimizer state of another layout (one group: no weight decay there) is refused, with the way out
     (up / 'one').mkdir()
     CheckpointSaver(model, create_optimizer_v2(model, 'sgd', lr=0.1), checkpoint_dir=str(up / 'one'),
                     recovery_dir=str(up / 'one')).save_checkpoint(epoch=0, metric=50.0)
-    other = ['--opt', 'sam-on', '--resume', str(up / 'one' / 'last.pth.tar')]
+    other = ['--opt', 'sam-on', '--resume', str(up / 'one' / 'last.pth.tar'), '--resume-partial']
     assert run(image_folder, tmp_path, *other, '--experiment', 'o') == 2
     assert '--no-resume-opt resumes weights and epoch' in capsys.readouterr().err.strip().splitlines()[-1]
     assert run(image_folder, tmp_path, *other, '--experiment', 'o', '--no-resume-opt') == 0
