@@ -113,9 +113,9 @@ def check_class_sets(train: Any, validation: Any, class_map: Any = None, input_k
 # ---------------------------------------------------------------------------------------------
 # readable images
 # ---------------------------------------------------------------------------------------------
-def _retries() -> int:
-    from timm.data import dataset
-    return int(getattr(dataset, '_ERROR_RETRY', 10))
+def _retries(ds: Any) -> int:
+    """How many unreadable images in a row timm's ImageDataset skips (TIMM_DATASET_MAX_RETRIES, 10)."""
+    return int(getattr(ds, '_max_retries', 10))
 
 
 def _load(ds: ImageDataset, index: int) -> None:
@@ -167,7 +167,7 @@ def check_readable(ds: Any, split: str) -> None:
     reads first), without the transform, so no random number is drawn. Raises ``ValueError``."""
     if not isinstance(ds, ImageDataset) or ds.load_bytes or len(ds) == 0:
         return
-    count = min(len(ds), _retries())
+    count = min(len(ds), _retries(ds))
     name, e = _first_failure(ds, 0, count)
     if name is None:
         return
@@ -176,7 +176,7 @@ def check_readable(ds: Any, split: str) -> None:
     which = (f'all {count} {split} images are' if count == len(ds) else
              f'the first {count} {split} images (of {len(ds)}) are')
     raise ValueError(f"{which} unreadable (first: '{name}': {_reason(e)}), and timm's loader gives up after "
-                     f"{_retries()} in a row (TIMM_DATASET_MAX_RETRIES): check the image files of the split")
+                     f"{_retries(ds)} in a row (TIMM_DATASET_MAX_RETRIES): check the image files of the split")
 
 
 class GuardedImageDataset(ImageDataset):
@@ -194,17 +194,17 @@ class GuardedImageDataset(ImageDataset):
         try:
             return super().__getitem__(index)
         except Image.DecompressionBombError as e:
-            name, found = _first_failure(self, index, _retries())   # timm may have moved past unreadable files
+            name, found = _first_failure(self, index, _retries(self))   # timm may have moved past unreadable files
             raise DataError(_bomb_message(name if isinstance(found, Image.DecompressionBombError)
                                           else self.filename(index, absolute=True), e)) from None
         except RuntimeError as e:
             if not str(e).startswith('Failed to load'):
                 raise
-            name, found = _first_failure(self, index, _retries())
+            name, found = _first_failure(self, index, _retries(self))
             name = name or self.filename(index, absolute=True)
-            raise DataError(f"{_retries()} {self.guard_split} images in a row are unreadable, from '{name}' "
+            raise DataError(f"{_retries(self)} {self.guard_split} images in a row are unreadable, from '{name}' "
                             f"({_reason(found) if found else 'unknown'}), and timm's loader gives up after "
-                            f"{_retries()} (TIMM_DATASET_MAX_RETRIES): check or remove those files") from None
+                            f"{_retries(self)} (TIMM_DATASET_MAX_RETRIES): check or remove those files") from None
 
 
 def guard_dataset(ds: Any, split: str, max_image_pixels: Optional[int] = None) -> Any:
