@@ -113,6 +113,11 @@ def check_class_sets(train: Any, validation: Any, class_map: Any = None, input_k
 # ---------------------------------------------------------------------------------------------
 # readable images
 # ---------------------------------------------------------------------------------------------
+def _folder_reader(ds: Any) -> bool:
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+    return isinstance(ds, ImageDataset) and isinstance(ds.reader, ReaderImageFolder)
+
+
 def _retries(ds: Any) -> int:
     """How many unreadable images in a row timm's ImageDataset skips (TIMM_DATASET_MAX_RETRIES, 10)."""
     return int(getattr(ds, '_max_retries', 10))
@@ -165,8 +170,8 @@ def check_readable(ds: Any, split: str) -> None:
     ``TIMM_DATASET_MAX_RETRIES`` (10) in a row: a split whose images are all unreadable stops the run at
     its first batch, in a DataLoader worker. Checked here on the first images (what the first batch
     reads first), without the transform, so no random number is drawn. Raises ``ValueError``."""
-    if not isinstance(ds, ImageDataset) or ds.load_bytes or len(ds) == 0:
-        return
+    if not _folder_reader(ds) or ds.load_bytes or len(ds) == 0:
+        return   # (a tar reader caches its open tar file: opened here, forked workers would share its offset)
     count = min(len(ds), _retries(ds))
     name, e = _first_failure(ds, 0, count)
     if name is None:
@@ -208,13 +213,14 @@ class GuardedImageDataset(ImageDataset):
 
 
 def guard_dataset(ds: Any, split: str, max_image_pixels: Optional[int] = None) -> Any:
-    """Make a timm ``ImageDataset`` a :class:`GuardedImageDataset` in place (the same object, its class
-    replaced by the subclass: timm's loader, AugMixDataset and train.py keep their references to it),
-    and apply ``max_image_pixels`` (0: no limit; None: PIL's own) here and in every worker. Other
-    datasets are returned as they are."""
+    """Make a timm ``ImageDataset`` of an image folder a :class:`GuardedImageDataset` in place (the
+    same object, its class replaced by the subclass: timm's loader, AugMixDataset and train.py keep
+    their references to it), and apply ``max_image_pixels`` (0: no limit; None: PIL's own) here and
+    in every worker. Other datasets (tar, Hugging Face, torchvision ...) are returned as they are,
+    with PIL's limit set here (forked workers inherit it)."""
     if max_image_pixels is not None:
         Image.MAX_IMAGE_PIXELS = max_image_pixels or None
-    if type(ds) is ImageDataset:
+    if type(ds) is ImageDataset and _folder_reader(ds):
         ds.__class__ = GuardedImageDataset
     if isinstance(ds, GuardedImageDataset):
         ds.guard_split = split

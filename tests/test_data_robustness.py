@@ -366,9 +366,15 @@ def test_tta_against_the_validation_batches(tmp_path, capsys, n_val, vb, message
     assert not (tmp_path / 'out').exists()
 
 
-def test_tta_with_whole_batches_validates(tmp_path):
-    data = make_image_folder(tmp_path / 'data', n_train=8, n_val=6, size=16)
-    assert run(data, tmp_path / 'out', '--experiment', 't', '--tta', '3', '-vb', '3') == 0
+def test_tta_passes_batches_it_divides():
+    """The check against timm's own loader: every batch a multiple of T passes (the last one too)."""
+    from timm.data import create_loader
+    ds = torch.utils.data.TensorDataset(torch.zeros(6, 3, 8, 8), torch.zeros(6))
+    for tta, vb in ((3, 3), (3, 6), (2, 2), (2, 4), (1, 4), (0, 4)):
+        data_checks.check_tta(tta, create_loader(ds, (3, 8, 8), vb, use_prefetcher=False, num_workers=0))
+    ds = torch.utils.data.TensorDataset(torch.zeros(7, 3, 8, 8), torch.zeros(7))
+    with pytest.raises(ValueError, match=r'one here holds 3 \(-vb 4, 7 validation images\)'):   # 7 = 4 + 3
+        data_checks.check_tta(2, create_loader(ds, (3, 8, 8), 4, use_prefetcher=False, num_workers=0))
 
 
 class _Evil:
