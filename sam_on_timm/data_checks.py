@@ -5,7 +5,7 @@ Before training (each a ``ValueError`` with one line, which train.py reports as 
 
 - :func:`check_input_size`: a model with a fixed input size (timm's ``PatchEmbed`` with
   ``strict_img_size``, the ViT family) against the input size of the data;
-- :func:`check_class_sets`: the training and validation folders number their classes alike;
+- :func:`check_class_sets`: the validation folders get the labels the training folders have;
 - :func:`check_readable`: timm's loader can read the first image of a split (timm skips an
   unreadable image and gives up after ``TIMM_DATASET_MAX_RETRIES`` in a row);
 - :func:`check_tta`: ``--tta T`` averages runs of T consecutive outputs, so every validation batch
@@ -88,11 +88,16 @@ def check_class_sets(train: Any, validation: Any, class_map: Any = None, input_k
     """timm's folder and tar readers number the classes they find in each split on their own: the
     sorted names of the folders that hold at least one image of the types they read (.png, .jpg,
     .jpeg by default; an ImageFolder's ``--input-key``). An empty class folder, one holding only other
-    files, or a class present in one split only shifts the numbering of one split, and top-1 is then
-    computed against wrong labels.
-    Raises ``ValueError`` naming the classes that differ, unless a class map numbers both splits."""
+    files, or a class present in one split only can shift the numbering of one split, and top-1 is
+    then computed against wrong labels. Raises ``ValueError`` naming the classes that differ where a
+    validation class gets another label than in training (or has none there), unless a class map
+    numbers both splits. A validation split that lacks classes numbered after all of its own (a
+    subset with the same labels) is left alone."""
     a, b = _classes(train), _classes(validation)
-    if class_map or a is None or b is None or a == b:
+    if class_map or a is None or b is None:
+        return
+    wrong = [name for name, label in b.items() if a.get(name) != label]
+    if not wrong:
         return
     parts = []
     for split, ds, missing in (('training', train, sorted(set(b) - set(a))),
@@ -105,9 +110,10 @@ def check_class_sets(train: Any, validation: Any, class_map: Any = None, input_k
                          f"hold{'' if len(empty) > 1 else 's'} no {_extensions(input_key)} image")
         if absent:
             parts.append(f"{_names(absent)} {'are' if len(absent) > 1 else 'is'} missing from the {split} split")
-    raise ValueError(f"the training and validation splits have different classes, so their labels would be numbered "
-                     f"differently (validation scored against wrong labels): {'; '.join(parts) or 'numbered apart'}: "
-                     f"fix the folders, or pass --class-map FILE (one class name per line) to number both alike")
+    raise ValueError(f"the training and validation splits number their classes differently ({len(wrong)} of the "
+                     f"{len(b)} validation classes would be scored against another label): "
+                     f"{'; '.join(parts) or 'numbered apart'}: fix the folders, or pass --class-map FILE (one "
+                     f"class name per line) to number both alike")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -181,8 +181,8 @@ def test_train_py_runs_an_inc1_randaugment_through_zero_bits(tmp_path, monkeypat
 # ---------------------------------------------------------------------------------------------
 # class sets of the two splits
 # ---------------------------------------------------------------------------------------------
-def _folder(tmp_path, train=('a', 'b', 'c'), validation=('a', 'b', 'c'), per_class=4, size=16):
-    root = tmp_path / 'data'
+def _folder(tmp_path, train=('a', 'b', 'c'), validation=('a', 'b', 'c'), per_class=4, size=16, name='data'):
+    root = tmp_path / name
     rng = np.random.RandomState(0)
     for split, classes in (('train', train), ('validation', validation)):
         for c in classes:
@@ -209,10 +209,14 @@ CLASS_CASES = {
                      "the validation folder 'b' holds no .jpeg/.jpg/.png image"),
     'only non-images': (lambda r: _only_other_files(r, 'train', 'a'),
                         "the training folder 'a' holds no .jpeg/.jpg/.png image"),
-    'class in one split only': (lambda r: os.makedirs(r / 'validation' / 'aa') or
-                                Image.new('RGB', (16, 16)).save(r / 'validation' / 'aa' / '0.png'),
-                                "'aa' is missing from the training split"),
+    'class in validation only': (lambda r: _add(r, 'validation', 'aa'), "'aa' is missing from the training split"),
+    'class in training only': (lambda r: _add(r, 'train', 'bb'), "'bb' is missing from the validation split"),
 }
+
+
+def _add(root, split, c):
+    os.makedirs(root / split / c)
+    Image.new('RGB', (16, 16)).save(root / split / c / '0.png')
 
 
 @pytest.mark.parametrize('case', CLASS_CASES)
@@ -224,17 +228,28 @@ def test_splits_with_different_classes_are_refused_before_training(tmp_path, cap
     assert train_ds.reader.class_to_idx != val_ds.reader.class_to_idx   # what timm does: numbered apart
     assert run(root, tmp_path / 'out', '--experiment', 'c', classes=4) == 2
     line = one_line(capsys)
-    assert line.startswith('the training and validation splits have different classes') and names in line
+    assert line.startswith('the training and validation splits number their classes differently (') and names in line
     assert line.endswith('pass --class-map FILE (one class name per line) to number both alike')
     assert not (tmp_path / 'out').exists()
 
 
 def test_splits_that_agree_or_share_a_class_map_train(tmp_path, capsys):
-    """The same classes: no error (every other train.py test runs such folders). Different ones with a
-    --class-map: one numbering, the run trains, and validation reads the map's labels."""
+    """The same classes: no error (every other train.py test runs such folders), nor where validation
+    lacks the last classes (a subset with the same labels). Different ones with a --class-map: one
+    numbering, the run trains, and validation reads the map's labels."""
     root = _folder(tmp_path, per_class=2)
-    data_checks.check_class_sets(*(create_dataset('', root=str(root), split=s) for s in ('train', 'validation')))
+
+    def check():
+        data_checks.check_class_sets(*(create_dataset('', root=str(root), split=s) for s in ('train', 'validation')))
+    check()
+    _add(root, 'train', 'd')   # training only, numbered after every validation class
+    check()
+    _empty(root, 'validation', 'c')
+    check()
+    root = _folder(tmp_path, per_class=2, name='data2')
     _empty(root, 'validation', 'b')
+    with pytest.raises(ValueError, match="1 of the 2 validation classes would be scored against another label"):
+        check()
     cmap = tmp_path / 'classes.txt'
     cmap.write_text('a\nb\nc\n')
     assert run(root, tmp_path / 'out', '--experiment', 'map', '--class-map', str(cmap), classes=3) == 0
