@@ -144,14 +144,15 @@ def _load(ds: ImageDataset, index: int) -> None:
 
 
 def _first_failure(ds: ImageDataset, start: int, count: int) -> Tuple[Optional[str], Optional[BaseException]]:
-    """(file, exception) of the first of ``count`` samples from ``start`` that cannot be read; (None, None)
-    where one of them can be read before any fails with more than an unreadable file."""
+    """Read samples from ``start`` on as timm's retry does, at most ``count``: (file, exception) of the
+    first unreadable one where none of them can be read, of a decompression bomb where one comes
+    before a readable image; (None, None) where an image is read first."""
     first = (None, None)
     for i in range(start, start + count):
         index = i % len(ds)
         try:
             _load(ds, index)
-            return first
+            return None, None
         except Image.DecompressionBombError as e:
             return ds.filename(index, absolute=True), e
         except OSError as e:

@@ -287,6 +287,20 @@ def test_a_validation_split_of_unreadable_images_is_one_line(tmp_path, capsys, w
     assert not (tmp_path / 'out').exists()
 
 
+def test_a_few_unreadable_images_first_are_skipped_as_timm_does(tmp_path):
+    """timm's loader skips unreadable images: 3 of them before a readable one pass the check."""
+    data = make_image_folder(tmp_path / 'data', n_train=8, n_val=4, size=16)
+    ds = create_dataset('', root=data, split='validation')
+    for f in [name for name, _ in ds.reader.samples][:3]:
+        with open(f, 'wb') as fh:
+            fh.write(b'junk')
+    data_checks.check_readable(ds, 'validation')
+    with open(ds.reader.samples[3][0], 'wb') as fh:
+        fh.write(b'junk')
+    with pytest.raises(ValueError, match='all 4 validation images are unreadable'):
+        data_checks.check_readable(ds, 'validation')
+
+
 @pytest.mark.parametrize('workers', [0, 1])
 def test_a_run_of_unreadable_images_mid_epoch_names_the_first(tmp_path, capsys, monkeypatch, workers):
     """timm skips an unreadable image and gives up after TIMM_DATASET_MAX_RETRIES in a row (2 here): the
