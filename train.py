@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', metavar='NAME', default='validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    g.add_argument('--max-image-pixels', default=None, type=int, metavar='N',
+                   help="PIL's decompression-bomb limit: it warns above N pixels, refuses above 2 N (0: no limit)")
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
                    help='samples in the train split (iterable datasets)')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
@@ -643,8 +646,8 @@ def validate_timm_options(args) -> None:
                          f'statistics from SAM; use --torchcompile')
     if args.torchscript and args.sync_bn:
         raise UsageError('--torchscript cannot script SyncBatchNorm (--sync-bn)')
-    for flag, low in (('val_interval', 1), ('recovery_interval', 0), ('tta', 0)):
-        if getattr(args, flag) < low:
+    for flag, low in (('val_interval', 1), ('recovery_interval', 0), ('tta', 0), ('max_image_pixels', 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     if args.kd_model_name is not None:
         if args.kd_distill_type == 'token' and args.torchscript:   # a scripted DeiT never returns its two heads
@@ -1036,6 +1039,7 @@ def _first_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     from timm.utils import setup_default_logging
+    from sam_on_timm.data_checks import DataError
     if not logging.getLogger().handlers:  # once per process (main() may run several times in tests)
         setup_default_logging()
     try:
@@ -1043,6 +1047,9 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
+    except DataError as e:   # a file the loaders met while training (in a worker or not): its one line
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:   # before or after the epoch loop (which handles its own): no traceback
         print('train.py: interrupted', file=sys.stderr)
         return 130
@@ -1152,6 +1159,7 @@ def setup_device(args) -> torch.device:
 def create_model(args):
     """timm's model and its data config (input size, interpolation, mean / std, crop)."""
     import timm
+    from sam_on_timm import data_checks
     from sam_on_timm.train_step import ascent_samples
     from timm.data import resolve_data_config
     in_chans = 3 if args.in_chans is None else args.in_chans
@@ -1216,6 +1224,10 @@ def create_model(args):
     if args.cifar_aug and tuple(args.input_size[1:]) != (32, 32):   # a crop of the padded 32x32 image
         raise UsageError(f"--cifar-aug {args.cifar_aug} crops 32x32 CIFAR images: the input size must be 32x32, got "
                          f"{args.input_size[1]}x{args.input_size[2]} (--img-size 32, or a cifar_* model)")
+    try:
+        data_checks.check_input_size(model, args.model, data_config['input_size'])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.gaussian_blur_prob and min(args.input_size[1:]) < 12:   # it would fail in the first batch
         raise UsageError(f"--gaussian-blur-prob needs images of at least 12 px (timm's blur kernel is 23 px), "
                          f"got {args.input_size[1]}x{args.input_size[2]}")
@@ -1423,6 +1435,8 @@ class Data(NamedTuple):
 def create_data(args, data_config, device) -> Data:
     """timm's datasets and loaders, mixup / cutmix and the training loss."""
     from timm.data import AugMixDataset, Mixup, FastCollateMixup, create_dataset, create_loader
+    from sam_on_timm import data_checks
+    from sam_on_timm.augment import install_posterize_fix
     channels = data_config['input_size'][0]
     if args.input_img_mode is not None:
         check_input_img_mode(args, channels)
@@ -1445,10 +1459,21 @@ def create_data(args, data_config, device) -> Data:
             dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
                                           num_samples=args.val_num_samples, **dataset_kwargs)
     # unknown dataset, class map, ...; TypeError: a reader that takes no such key (a folder's --target-key)
-    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError, pickle.UnpicklingError,
+            EOFError) as e:
+        refused = data_checks.class_map_error(args.class_map, e)
+        if refused:
+            raise UsageError(refused) from None
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
                          f"--class-map, --input-key, --target-key): {_first_line(e)}") from None
     splits = [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else [])
+    try:   # the same classes in both splits, readable images (the loaders' failures then name their file)
+        if dataset_eval is not None:
+            data_checks.check_class_sets(dataset_train, dataset_eval, args.class_map, args.input_key)
+        for split, ds in splits:
+            data_checks.check_readable(data_checks.guard_dataset(ds, split, args.max_image_pixels), split)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for split, ds in splits:
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
         # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
@@ -1458,6 +1483,7 @@ def create_data(args, data_config, device) -> Data:
             raise UsageError(f'the {split} data has {n} classes but the model head has {args.num_classes}: '
                              f'pass --num-classes {n}')
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    install_posterize_fix()   # before the transforms are built: timm's posterize at 0 bits on Pillow 13
     if args.naflex_loader:   # batches sized from a token budget, patch dicts (timm's create_naflex_loader)
         try:
             loader_train, loader_eval = create_naflex_loaders(args, data_config, device, dataset_train, dataset_eval,
@@ -1532,6 +1558,10 @@ def create_data(args, data_config, device) -> Data:
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
+    try:
+        data_checks.check_tta(args.tta, loader_eval)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn,
                 *create_losses(args, mixup_active, device), batch_erasing)
 
