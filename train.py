@@ -1408,7 +1408,17 @@ def wrap_model(args, model, device, task=None):
                                task.get_clip_parameters(exclude_head=exclude_head))   # feature: + the projection
     if args.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[device] if device.type == 'cuda' else None, broadcast_buffers=not args.no_ddp_bb)
+        device_ids = [device] if device.type == 'cuda' else None
+        if not args.no_ddp_bb:   # DDP's default syncs the buffers at init and before each forward, as timm's
+            model = DDP(model, device_ids=device_ids)
+        else:
+            # --no-ddp-bb: no buffer sync at all, which torch >= 2.14 can only spell with its deprecated
+            # broadcast_buffers=False (forward_sync_buffers=False still syncs at init): its FutureWarning,
+            # once per rank, says nothing the user can act on
+            import warnings
+            with warnings.catch_warnings():
+                warnings.filterwarnings('ignore', message='.*broadcast_buffers.* is deprecated', category=FutureWarning)
+                model = DDP(model, device_ids=device_ids, broadcast_buffers=False)
     if args.torchcompile:
         try:
             model = torch.compile(model, backend=args.torchcompile, mode=args.torchcompile_mode)

@@ -3,7 +3,7 @@
 ``import sam_on_timm`` registers the SAM optimizer names in timm's optimizer factory and the paper's
 CIFAR models (``cifar_*``, see ``cifar_models``) in timm's model registry.
 """
-from .norm_params import NORM_TYPES, bias_parameters, is_norm_module, named_norm_parameters, norm_parameters
+from .norms import NORM_TYPES, bias_parameters, is_norm_module, named_norm_parameters, norm_parameters
 from .perturbations import VARIANTS, compute_eps
 from .registry import SAM_OPTIMIZERS, SPARSE_OPTIMIZERS, is_sam_name, parse_sam_name, register_sam_optimizers, sam_name
 from .sam import MODES, SAM

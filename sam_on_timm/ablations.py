@@ -16,7 +16,7 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
-from .norm_params import is_norm_module, named_norm_parameters
+from .norms import is_norm_module, named_norm_parameters
 
 __all__ = ['fix_norm', 'train_only_norm', 'parse_epoch_window', 'check_window_in_run', 'in_window']
 

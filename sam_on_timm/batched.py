@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm_params import is_norm_module
+from .norms import is_norm_module
 
 __all__ = ['CHUNK_PATHS', 'unbatchable_reason', 'interleave', 'chunk_rows', 'ghost_norms', 'apply_running_stats']
 

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .norm_params import is_norm_module
+from .norms import is_norm_module
 
 __all__ = ['read_summary', 'load_checkpoint_model', 'norm_affine', 'layer_type_values', 'shared_histograms',
            'gamma_summary', 'plot_curves', 'plot_norms', 'plot_sharpness', 'main']
 
-# for SAM runs train_loss is the descent loss L(w + eps); the panel shows L(w) (train_ascent_loss) for them,
-# the same quantity as an SGD run's train_loss
-CURVES = (('eval_top1', 'eval top-1 (%)'), ('train_loss', 'train loss L(w)'),
+# for SAM runs train_loss (the logged `loss`) is the descent loss L(w + eps); the panel shows L(w) for every run:
+# train_ascent_loss for SAM runs, train_loss for the others (the same quantity), and its title says so
+CURVES = (('eval_top1', 'eval top-1 (%)'),
+          ('train_loss', 'train loss L(w), unperturbed\n(SAM runs: train_ascent_loss, not the logged L(w+eps))'),
           ('train_sharpness', '1-step train sharpness L(w+eps) - L(w)'), ('train_eps_norm', '||eps||_2'))
 
 
@@ -266,13 +267,15 @@ def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
         raise UsageError(f"two results for run '{twice[0][0]}' with --params {twice[0][1]}: pass one of them")
     runs = list(OrderedDict.fromkeys(r.get('name', r.get('model', '?')) for r in results))
     sets = list(OrderedDict.fromkeys(r['params'] for r in results))
-    metrics = list(OrderedDict.fromkeys(m for r in results for m in r['sharpness']))
+    # a metric the sharpness run did not compute is absent from its JSON, or null: no panel of its own
+    metrics = list(OrderedDict.fromkeys(m for r in results for m, v in r['sharpness'].items() if v is not None))
     table = {m: {s: {} for s in sets} for m in metrics}
     top1 = OrderedDict()
     for r in results:
         name = r.get('name', r.get('model', '?'))
         for m, v in r['sharpness'].items():
-            table[m][r['params']][name] = v
+            if v is not None:
+                table[m][r['params']][name] = v
         held = r.get('checkpoint_metric')
         top1.setdefault(name, {})['held-out'] = held if held is not None else float('nan')
         top1[name]['sharpness examples'] = r.get('clean_top1', float('nan'))
@@ -286,7 +289,10 @@ def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
     for row, s in zip(axes, sets):
         for ax, m in zip(row, metrics):
             bars = ax.bar(x, [table[m][s].get(n, np.nan) for n in runs], 0.6, color=[f'C{i}' for i in range(len(runs))])
-            ax.bar_label(bars, fmt='%.4f', fontsize=7)
+            ax.bar_label(bars, fmt='%.3g', fontsize=7)   # 3 significant digits: 8e-06 is not 0.0000
+            if not table[m][s]:
+                ax.text(0.5, 0.5, f'not computed for --params {s}', ha='center', va='center',
+                        transform=ax.transAxes, fontsize=8)
             ax.set_xticks(x, runs, fontsize=8)
             ax.set_title(f'{m} sharpness, --params {s}', fontsize=10)
             ax.grid(axis='y', alpha=0.3)
@@ -319,16 +325,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest='what', required=True)
     p = sub.add_parser('curves', help="runs' summary.csv side by side per epoch")
     p.add_argument('runs', nargs='+', metavar='RUN_DIR')
-    p.add_argument('--output', default='curves.png')
+    p.add_argument('--output', default=None, help='default: curves.png beside the runs (their common folder)')
     p = sub.add_parser('norms', help='gamma / beta distributions of the norm layers; |w| per layer type')
     p.add_argument('checkpoints', nargs='+', metavar='CHECKPOINT')
-    p.add_argument('--output', default='norms.png', help='the gamma/beta figure; the per-type one gets -layers')
+    p.add_argument('--output', default=None, help='the gamma/beta figure; the per-type one gets -layers '
+                   '(default: norms.png beside the checkpoints, in their common folder)')
     p.add_argument('--bins', type=int, default=40)
     p.add_argument('--model', default='', help="timm model name (default: the checkpoint's)")
     p.add_argument('--num-classes', type=int, default=None)
     p = sub.add_parser('sharpness', help='sharpness results next to top-1')
     p.add_argument('results', nargs='+', metavar='JSON')
-    p.add_argument('--output', default='sharpness.png')
+    p.add_argument('--output', default=None, help='default: sharpness.png beside the results (their common folder)')
     return ap
 
 
@@ -341,8 +348,20 @@ def _print_gamma(summary: Dict[str, Dict[str, float]]) -> None:
                   f"{s['q75']:7.4f} {s['max']:7.4f} {100 * s['frac_above_1']:5.1f}%")
 
 
+def default_output(inputs: Sequence[str], name: str) -> str:
+    """``name`` in the folder the inputs have in common: a run folder's parent holds the figure of its runs
+    (``output/demo/{sgd,sam}`` -> ``output/demo/curves.png``), a file's folder the figure of its files, so
+    a figure lands beside what it shows and never in whatever the current folder happens to be."""
+    dirs = [os.path.abspath(p) if os.path.isdir(p) else os.path.dirname(os.path.abspath(p)) for p in inputs]
+    return os.path.join(os.path.commonpath(dirs), name)   # one run folder: the figure goes into it
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output is None:
+        inputs = {'curves': getattr(args, 'runs', None), 'norms': getattr(args, 'checkpoints', None),
+                  'sharpness': getattr(args, 'results', None)}[args.what]
+        args.output = default_output(inputs, f'{args.what}.png')
     try:
         from .outputs import check_output_file
         try:   # before any work (reading checkpoints, drawing), not when saving the figure

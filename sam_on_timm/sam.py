@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .checkpoint import load_optimizer_state
 from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
-from .norm_params import bias_parameters, norm_parameters
+from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
 from .perturbations import VARIANTS, compute_eps
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .norm_params import norm_parameters
+from .norms import norm_parameters
 from .perturbations import compute_eps
 from .sam import MODES
 
@@ -333,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--device', default='cpu', help='cpu or cuda (under torchrun: each rank its local GPU)')
     g.add_argument('--seed', type=int, default=0, help='draws the examples and the Gaussian samples')
     g.add_argument('--output', default='', metavar='FILE',
-                   help="JSON file (default: sharpness-<params>-l<p>[-adaptive]-rho<rho>.json next to the checkpoint)")
+                   help="JSON file (default: next to the checkpoint, named by every setting: "
+                        "sharpness-<params>-l<p>[-adaptive]-rho<rho>-n<examples>-m<m>-it<steps>-seed<seed>[...].json)")
     g.add_argument('--quiet', action='store_true', help='no per-batch progress')
     return ap
 
@@ -447,8 +448,21 @@ def _build(args, device: torch.device):
 
 
 def _default_output(args) -> str:
-    rho = f'{args.rho:g}'
-    name = f"sharpness-{args.params}-l{args.p}{'-adaptive' if args.adaptive else ''}-rho{rho}.json"
+    """The JSON's default name: every setting that changes the result is in it, so a rerun with other
+    settings (fewer examples, another seed, other metrics ...) writes a file of its own instead of
+    overwriting the earlier one; a rerun with the same settings replaces its own file."""
+    parts = [f'sharpness-{args.params}', f"l{args.p}{'-adaptive' if args.adaptive else ''}", f'rho{args.rho:g}',
+             f'n{args.n_examples}', f'm{args.m}', f'it{args.n_iters}', f'seed{args.seed}']
+    metrics = list(args.metrics) if not isinstance(args.metrics, str) else args.metrics.split(',')
+    if metrics != list(METRICS):
+        parts.append('+'.join(metrics))
+    if 'average' in metrics:
+        parts.append(f's{args.n_samples}')
+    if args.split != 'train':
+        parts.append(args.split.replace(os.sep, '_'))
+    parts += [flag for flag, on in (('ema', args.ema), ('bnbatch', args.bn_batch_stats),
+                                    ('rawlogits', not args.normalize_logits)) if on]
+    name = '-'.join(parts) + '.json'
     folder = os.path.dirname(os.path.abspath(args.checkpoint)) if args.checkpoint else os.getcwd()
     return os.path.join(folder, name)
 

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
-from .norm_params import is_norm_module
+from .norms import is_norm_module
 from .flat import FlatSet, flat_ok
 from .perturbations import VARIANTS, compute_eps
 from .sam import SAM, torch_grad_scaler, unscale_grads

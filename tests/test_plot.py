@@ -126,3 +126,47 @@ def test_cli_errors_one_line(tmp_path, capsys):
     assert main(['norms', str(tmp_path / 'missing.pth.tar'), '--output', str(tmp_path / 'z.png')]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and 'no summary.csv' in err[0] and 'not a result' in err[1] and 'not a file' in err[2]
+
+
+def test_default_output_beside_the_inputs(tmp_path, monkeypatch, checkpoints):
+    # never the current folder: curves of two runs go to their common folder, norms beside the checkpoints
+    sgd = [dict(epoch=e, train_loss=1.0, eval_top1=80 + e) for e in range(2)]
+    _write_summary(tmp_path / 'a', sgd)
+    _write_summary(tmp_path / 'b', sgd)
+    cwd = tmp_path / 'elsewhere'
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert main(['curves', str(tmp_path / 'a'), str(tmp_path / 'b')]) == 0
+    assert _is_png(tmp_path / 'curves.png')
+    assert main(['curves', str(tmp_path / 'a')]) == 0
+    assert _is_png(tmp_path / 'a' / 'curves.png')
+    assert main(['norms', checkpoints[0]]) == 0
+    folder = checkpoints[0].rsplit('/', 1)[0]
+    assert _is_png(f'{folder}/norms.png') and _is_png(f'{folder}/norms-layers.png')
+    assert list(cwd.iterdir()) == []
+
+
+def test_sharpness_plot_has_no_panel_for_an_uncomputed_metric(tmp_path):
+    files = []
+    for name, sharp in (('sgd', {'worst': 8e-6, 'one-step': 4e-6, 'average': None}),
+                        ('sam', {'worst': 9e-6, 'one-step': 5e-6})):
+        r = dict(name=name, params='on', sharpness=sharp, checkpoint_metric=90.0, clean_top1=99.0, p='inf',
+                 adaptive=True, rho=0.005, m=128, normalize_logits=True)
+        files.append(tmp_path / f'{name}.json')
+        files[-1].write_text(json.dumps(r))
+    import matplotlib.axes
+    labels = []
+    real = matplotlib.axes.Axes.bar_label
+
+    def spy(self, container, *a, **k):
+        out = real(self, container, *a, **k)
+        labels.extend(t.get_text() for t in out)
+        return out
+    matplotlib.axes.Axes.bar_label = spy
+    try:
+        drawn = plot_sharpness([str(f) for f in files], str(tmp_path / 's.png'))
+    finally:
+        matplotlib.axes.Axes.bar_label = real
+    assert list(drawn['sharpness']) == ['worst', 'one-step']   # 'average' (null) gets no panel
+    # small values keep their digits (8e-06, not 0.0000)
+    assert '8e-06' in labels and '4e-06' in labels and not any(t.startswith('0.0000') for t in labels)

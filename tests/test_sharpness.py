@@ -384,3 +384,18 @@ def test_two_gloo_ranks_equal_one_process(ckpt_and_data, tmp_path):
     for k in a['sharpness']:
         assert b['sharpness'][k] == pytest.approx(a['sharpness'][k], rel=1e-6, abs=1e-9)
     assert b['clean_top1'] == a['clean_top1']
+
+
+def test_default_output_names_every_setting(tmp_path):
+    # a rerun with other sample settings must not overwrite the earlier result; the same settings reuse the name
+    from sam_on_timm.sharpness import _default_output, build_parser
+    ckpt = str(tmp_path / 'run' / 'last.pth.tar')
+
+    def name(*extra):
+        return _default_output(build_parser().parse_args(['--checkpoint', ckpt, *extra]))
+    base = name()
+    assert base.startswith(str(tmp_path / 'run') + '/sharpness-all-linf-adaptive-rho0.005') and base == name()
+    others = [name('--n-examples', '1024'), name('--seed', '1'), name('--m', '64'), name('--n-iters', '5'),
+              name('--metrics', 'worst'), name('--n-samples', '3'), name('--split', 'validation'), name('--ema'),
+              name('--bn-batch-stats'), name('--no-normalize-logits'), name('--params', 'on'), name('--rho', '0.01')]
+    assert len(set(others + [base])) == len(others) + 1

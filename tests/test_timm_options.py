@@ -555,6 +555,7 @@ def test_repeated_augmentation_and_no_ddp_bb_on_two_gloo_ranks(data16, tmp_path)
         seen.append(set(got))
     assert seen[0] & seen[1]   # an image's repeats go to both ranks
     assert [(tmp_path / f'ddp-{rank}.txt').read_text() for rank in range(2)] == ['False 0'] * 2
+    assert 'broadcast_buffers' not in r.stderr   # torch's deprecation FutureWarning, once per rank
 
 
 def test_scheduled_resolution_keeps_the_sam_chunk_size(data16, tmp_path, monkeypatch):
