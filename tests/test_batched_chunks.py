@@ -1,6 +1,7 @@
 """The batched chunk path (all m-sharpness chunks of a pass in one forward and backward, ghost
-normalization) against the sequential one: float64 equality after 3 updates, the automatic choice,
-the lean ascent, bf16 / fp16 autocast, and 2 gloo ranks."""
+normalization) against the sequential one: float64 equality after 3 updates, every registered SAM name
+through every chunk path it accepts, the automatic choice, the lean ascent, bf16 / fp16 autocast, and
+2 gloo ranks."""
 import copy
 import datetime
 import os
