@@ -18,10 +18,10 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_optimizer_state
 from .checks import check_arg, check_base_opt, check_optimizer_args, check_variant
 from .norm_params import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
+from .optim_state import load_optimizer_state
 from .perturbations import VARIANTS, compute_eps
 
 __all__ = ['SAM', 'MODES', 'torch_grad_scaler', 'unscale_grads']
@@ -64,6 +64,9 @@ class SAM(torch.optim.Optimizer):
         mode: 'all' (every parameter), 'on' (norm-layer affine parameters only), 'nonorm' (the rest).
         model: the model, to find norm and bias parameters by module type. The timm factory passes it.
         norm_params / bias_params: the same sets given explicitly (instead of ``model``).
+        mask: a sparse baseline's mask, injected (``sparse.SparseMask``; the registry makes it for sam-rand,
+            ssam-f, ssam-d): an object with ``name`` and ``build(perturbed, norm_params)``, which SAM calls
+            once P is known; eps <- mask * eps in ``perturbation``. None: no mask.
         momentum, **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer
             through timm's factory, which keeps what the base takes and drops the rest (as for any timm name).
         base_args: the same as a dict; how ``create_optimizer_v2`` hands on ``eps`` / ``betas`` (registry.py).
@@ -81,12 +84,7 @@ class SAM(torch.optim.Optimizer):
             norm_params: Optional[Iterable[Tensor]] = None,
             bias_params: Optional[Iterable[Tensor]] = None,
             momentum: float = 0.9,
-            sparse: Optional[str] = None,
-            sparsity: Optional[float] = None,
-            mask_seed: int = 0,
-            mask_update_epochs: int = 5,
-            fisher_samples: int = 1024,
-            drop_rate: float = 0.5,
+            mask: Optional[Any] = None,
             base_args: Optional[Dict[str, Any]] = None,
             **base_kwargs,
     ) -> None:
@@ -139,22 +137,10 @@ class SAM(torch.optim.Optimizer):
         if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in self.perturbed]
-        self.mask = None   # sparse baselines (sparse.py): eps <- mask * eps
-        if sparse is None and sparsity is not None:
-            raise ValueError(f"'{name}': sparsity is an option of the sparse baselines (sam-rand, ssam-f, ssam-d)")
-        if sparse is not None:
-            from .sparse import SPARSE_NAMES, PerturbationMask
-            if sparse not in SPARSE_NAMES:
-                raise ValueError(f"unknown sparse mask '{sparse}'; valid: {', '.join(SPARSE_NAMES)}")
-            self.name = name = SPARSE_NAMES[sparse]
-            if sparsity is None and sparse == 'rand':   # the sparsity SAM-ON has on this model
-                if norm_params is None:
-                    raise ValueError(f"'{name}' needs sparsity=..., or the model to take SAM-ON's sparsity from it")
-                norm = set(norm_params)
-                n_norm = sum(p.numel() for p in self.perturbed if p in norm)
-                sparsity = 1.0 - n_norm / sum(p.numel() for p in self.perturbed)
-            self.mask = PerturbationMask(sparse, self.perturbed, 0.5 if sparsity is None else sparsity, mask_seed,
-                                         mask_update_epochs, fisher_samples, drop_rate)
+        self.mask = None   # sparse baselines: built over P by the injected spec (sparse.SparseMask)
+        if mask is not None:
+            self.name = name = mask.name
+            self.mask = mask.build(self.perturbed, norm_params)
         self._n_groups = len(self.param_groups)
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
