@@ -329,6 +329,9 @@ def train_step(
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
                          'backward under no_sync(), which a static graph does not allow; wrap the model without '
                          'static_graph')
+    if sam is not None and sam.is_perturbed:   # before anything: the user's w + eps is theirs to restore
+        raise RuntimeError(f'{sam.name}: train_step() while the weights are perturbed (after first_step()); call '
+                           f'second_step() or restore() first')
     scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
     sizes = [batch_rows(x) for x, _ in chunks]

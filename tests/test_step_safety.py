@@ -231,3 +231,19 @@ def test_second_step_restores_when_the_scaler_raises(method):
         opt.restore()
     assert_at(model, weights, before)
     assert not opt.is_perturbed and opt.state_dict()['state'] == {}
+
+
+@pytest.mark.parametrize('path', ['sequential', 'batched'])
+def test_train_step_refuses_a_perturbed_optimizer(path):
+    """After a user's first_step(), train_step changes nothing (the batched path would take eps at w + eps,
+    the sequential one would restore the user's perturbation) and says so in one line."""
+    model = make_model()
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.5)
+    (x, y), = data(m=8)
+    F.cross_entropy(model(x), y).backward()
+    opt.first_step(zero_grad=True)
+    perturbed = params_of(model)
+    with pytest.raises(RuntimeError, match=r"^sam-on: train_step\(\) while the weights are perturbed \(after "
+                                           r"first_step\(\)\); call second_step\(\) or restore\(\) first$"):
+        train_step(model, opt, data(), F.cross_entropy, chunk_path=path)
+    assert opt.is_perturbed and all(torch.equal(p, perturbed[n]) for n, p in model.named_parameters())
