@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument('--val-split', metavar='NAME', default='validation')
     g.add_argument('--dataset-download', action='store_true', default=False)
     g.add_argument('--class-map', default='', type=str, metavar='FILENAME')
+    g.add_argument('--max-image-pixels', default=None, type=int, metavar='N',
+                   help="PIL's decompression-bomb limit: it warns above N pixels, refuses above 2 N (0: no limit)")
     g.add_argument('--train-num-samples', default=None, type=int, metavar='N',
                    help='samples in the train split (iterable datasets)')
     g.add_argument('--val-num-samples', default=None, type=int, metavar='N',
@@ -81,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help='load this checkpoint into the model (strict)')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
                    help='resume model, optimizer, scaler, EMA, epoch and RNG from a checkpoint')
-    g.add_argument('--no-resume-opt', action='store_true', default=False)
+    g.add_argument('--no-resume-opt', action='store_true', default=False,
+                   help='resume weights and epoch with a fresh optimizer (and loss scaler)')
+    g.add_argument('--resume-partial', action='store_true', default=False,
+                   help='resume a checkpoint that lacks the loss scaler, EMA or RNG state this run needs: '
+                        'those start afresh (no longer an exact continuation)')
     g.add_argument('--num-classes', type=int, default=None, metavar='N')
     g.add_argument('--gp', default=None, type=str, metavar='POOL')
     g.add_argument('--img-size', type=int, default=None, metavar='N')
@@ -318,63 +325,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class ParseKwargs(argparse.Action):
-    """timm's ``KEY=VALUE ...`` option (values read as Python literals, else kept as strings)."""
+    """timm's ``KEY=VALUE ...`` option (values read as Python literals, else kept as strings), bounded in size
+    and nesting (sam_on_timm.config.parse_kwargs)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
-        from timm.utils import ParseKwargs as TimmParseKwargs
-        bad = [v for v in values if v and '=' not in v]
-        if bad:
-            parser.error(f"{option_string} takes KEY=VALUE pairs, got '{bad[0]}'")
-        TimmParseKwargs.__call__(self, parser, namespace, values, option_string)
-
-
-def _config_value(path, action, value):
-    """A YAML value checked and converted as argparse would convert it on the command line."""
-    if isinstance(action, ParseKwargs) and not isinstance(value, dict):
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' (expected a mapping)")
-    if value is None or action.type is None or isinstance(value, bool):
-        return value
-    try:
-        if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-            if not isinstance(value, (list, tuple)):
-                raise ValueError('expected a list')
-            return [action.type(v) for v in value]
-        if action.type is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError('expected an integer')   # int(1.5) would silently give 1
-        value = action.type(value)
-    except (TypeError, ValueError) as e:
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' ({e})") from None
-    if action.choices is not None and value not in action.choices:   # as argparse checks the command line
-        raise UsageError(f"config file '{path}': bad value {value!r} for '{action.dest}' "
-                         f"(choose from {', '.join(map(str, action.choices))})")
-    return value
+        from sam_on_timm.config import parse_kwargs
+        try:
+            setattr(namespace, self.dest, parse_kwargs(values, option_string))
+        except ValueError as e:
+            raise UsageError(str(e)) from None
 
 
 def parse_args(argv=None):
     parser = build_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
     if args_config.config:
-        if os.path.isdir(args_config.config):
-            raise UsageError(f"config file '{args_config.config}' is a folder: pass a YAML file")
-        if not os.path.isfile(args_config.config):
-            raise UsageError(f"config file '{args_config.config}' does not exist")
-        with open(args_config.config) as f:
-            try:
-                cfg = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise UsageError(f"config file '{args_config.config}' is not valid YAML: "
-                                 f"{' '.join(str(e).split())}") from None
-        if not isinstance(cfg, dict):
-            raise UsageError(f"config file '{args_config.config}' must be a mapping of argument names to values")
-        actions = {a.dest: a for a in parser._actions}
+        # the file and each value checked against its flag as the command line checks it (sam_on_timm.config)
+        from sam_on_timm.config import config_value, drop_config_key, load_config
+        path = args_config.config
+        try:
+            cfg = load_config(path)
+            drop_config_key(cfg, path)
+            actions = {a.dest: a for a in parser._actions}
+            for key, value in cfg.items():
+                if key not in actions:
+                    raise UsageError(f"config file '{path}': unknown key '{key}' (not a train.py argument; "
+                                     f"keys are argument names with '_', e.g. batch_size, sam_m)")
+                cfg[key] = config_value(key, value, actions[key], path)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         # a YAML null (timm's args.yaml writes one for every option left unset) means the flag's default
-        cfg = {k: v for k, v in cfg.items() if v is not None or k not in actions}
-        for key, value in cfg.items():
-            if key not in actions:
-                raise UsageError(f"config file '{args_config.config}': unknown key '{key}' (not a train.py argument; "
-                                 f"keys are argument names with '_', e.g. batch_size, sam_m)")
-            cfg[key] = _config_value(args_config.config, actions[key], value)
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**{k: v for k, v in cfg.items() if v is not None})
     try:
         args = parser.parse_args(remaining)
     except SystemExit as e:  # argparse already printed its one-line usage error
@@ -387,6 +368,8 @@ def parse_args(argv=None):
 # checks that run before anything is created or written
 # ---------------------------------------------------------------------------------------------
 EVAL_METRICS = ('top1', 'top5', 'loss')   # what validate() returns
+DIST_BN = ('reduce', 'broadcast', '')   # BatchNorm statistics across ranks at the end of an epoch ('': none)
+LR_BASE_SCALES = ('linear', 'sqrt', '')   # how --lr follows the global batch ('': by optimizer)
 
 # train.py's options whose rule is the library's (sam_on_timm.checks.RANGES): option -> the library's name
 LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_frac', 'lr': 'lr', 'momentum': 'momentum',
@@ -449,8 +432,8 @@ def check_numbers(args) -> None:
 
 def validate_args(args) -> None:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
-    from sam_on_timm.checks import check_base_opt, check_sam_m
-    from sam_on_timm.registry import split_opt_name
+    from sam_on_timm.checks import check_base_opt, check_eta_used, check_sam_m
+    from sam_on_timm.registry import parse_sam_name, split_opt_name
     from timm.optim import list_optimizers
     try:
         opt_name = split_opt_name(args.opt)[1]
@@ -469,6 +452,8 @@ def validate_args(args) -> None:
             check_sam_m(args.sam_m, None if args.naflex_loader else args.batch_size, '--sam-m',
                         'the per-GPU batch size -b')
         check_numbers(args)
+        if args.is_sam:   # an eta that the variant has no use for (plain SAM: T = 1)
+            check_eta_used(parse_sam_name(args.opt)[1], args.sam_eta, '--sam-eta', f'--opt {args.opt}')
     except ValueError as e:
         raise UsageError(str(e)) from None
     args.sparse = args.is_sam and split_opt_name(args.opt)[1] in sam_on_timm.SPARSE_OPTIMIZERS
@@ -502,6 +487,12 @@ def validate_args(args) -> None:
         raise UsageError(f"--amp-dtype must be float16 or bfloat16, got '{args.amp_dtype}'")
     if args.clip_mode not in ('norm', 'value', 'agc'):
         raise UsageError(f"--clip-mode must be norm, value or agc, got '{args.clip_mode}'")
+    if args.dist_bn not in DIST_BN:   # timm's script skips any other value without a word
+        raise UsageError(f"--dist-bn must be reduce, broadcast or '' (keep each rank's BatchNorm statistics), "
+                         f"got '{args.dist_bn}'")
+    if args.lr_base_scale not in LR_BASE_SCALES:   # timm's script scales linearly for any value but sqrt
+        raise UsageError(f"--lr-base-scale must be linear, sqrt or '' (sqrt for Ada* / Lamb optimizers, else "
+                         f"linear), got '{args.lr_base_scale}'")
     if args.data and not args.data_dir:
         args.data_dir = args.data
     if args.demo_data:
@@ -558,6 +549,11 @@ def validate_args(args) -> None:
         torch.device(args.device)
     except RuntimeError:
         raise UsageError(f"--device '{args.device}' is not a torch device (e.g. cuda, cuda:0, cpu)") from None
+    from sam_on_timm.outputs import check_experiment_name
+    try:
+        check_experiment_name(args.experiment)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     check_output_writable(args)
 
 
@@ -650,8 +646,8 @@ def validate_timm_options(args) -> None:
                          f'statistics from SAM; use --torchcompile')
     if args.torchscript and args.sync_bn:
         raise UsageError('--torchscript cannot script SyncBatchNorm (--sync-bn)')
-    for flag, low in (('val_interval', 1), ('recovery_interval', 0), ('tta', 0)):
-        if getattr(args, flag) < low:
+    for flag, low in (('val_interval', 1), ('recovery_interval', 0), ('tta', 0), ('max_image_pixels', 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < low:
             raise UsageError(f"--{flag.replace('_', '-')} must be >= {low}, got {getattr(args, flag)}")
     if args.kd_model_name is not None:
         if args.kd_distill_type == 'token' and args.torchscript:   # a scripted DeiT never returns its two heads
@@ -739,7 +735,8 @@ def given_args(args) -> Dict[str, Any]:
     """The script's arguments as given (flags over YAML over defaults), before computed values (lr from
     lr-base, input_size, ...) are filled in: what args.yaml holds, so that ``-c args.yaml`` repeats the run.
     Where to resume from is not part of the run: a resumed run's args.yaml would otherwise resume again."""
-    dests = {a.dest for a in build_parser()._actions} - {'help', 'config', 'resume', 'no_resume_opt', 'start_epoch'}
+    dests = {a.dest for a in build_parser()._actions} - {'help', 'config', 'resume', 'no_resume_opt', 'resume_partial',
+                                                  'start_epoch'}
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in dests}
 
 
@@ -750,10 +747,17 @@ def output_dir_for(args) -> str:
     return os.path.join(args.output or './output/train', exp_name)
 
 
-def check_output_dir(args, output_dir: str) -> None:
-    """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it."""
+def check_output_dir(args, output_dir: str, probe_lock: bool = True) -> None:
+    """Never overwrite another run's checkpoints: an existing run folder is only reused to resume it, and
+    never while another live run writes it (its lock, sam_on_timm.outputs.RunLock; ``probe_lock`` False:
+    this process holds it)."""
+    from sam_on_timm.outputs import lock_holder
     if not os.path.isdir(output_dir):
         return
+    holder = lock_holder(output_dir) if probe_lock else None
+    if holder is not None:
+        raise UsageError(f"output folder '{output_dir}' is in use by another run ({holder}): wait for it to end, "
+                         f"or choose another --experiment / --output")
     # tmp.pth.tar (and a *.part copy) is a write that never completed: not a checkpoint to resume from
     ckpts = [f for f in os.listdir(output_dir) if f.endswith('.pth.tar') and f != 'tmp.pth.tar']
     resuming_here = args.resume and os.path.abspath(os.path.dirname(args.resume)) == os.path.abspath(output_dir)
@@ -1035,6 +1039,7 @@ def _first_line(e: BaseException) -> str:
 
 def main(argv=None) -> int:
     from timm.utils import setup_default_logging
+    from sam_on_timm.data_checks import DataError
     if not logging.getLogger().handlers:  # once per process (main() may run several times in tests)
         setup_default_logging()
     try:
@@ -1042,11 +1047,21 @@ def main(argv=None) -> int:
     except UsageError as e:
         print(f'train.py: error: {e}', file=sys.stderr)
         return 2
+    except DataError as e:   # a file the loaders met while training (in a worker or not): its one line
+        print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:   # before or after the epoch loop (which handles its own): no traceback
         print('train.py: interrupted', file=sys.stderr)
         return 130
     except OSError as e:   # a full disk, a folder that became read-only: the file and the reason, no traceback
         print(f'train.py: error: {e}', file=sys.stderr)
+        return 1
+    except RuntimeError as e:   # under torchrun, a rank died: the survivors name it in one line
+        from sam_on_timm.peers import peer_failure
+        line = peer_failure(e)
+        if line is None:
+            raise
+        print(f'train.py: error: {line}', file=sys.stderr)
         return 1
 
 
@@ -1076,6 +1091,12 @@ def run(args) -> int:
         from sam_on_timm.distill import distillation_loss
         data = data._replace(train_loss_fn=distillation_loss(task, data.train_loss_fn))
     schedule = create_schedule(args, optimizer, data, resumed)
+    if args.sam_window is not None:   # against the schedule's length (cooldown and cycles included)
+        from sam_on_timm.ablations import check_window_in_run
+        try:
+            check_window_in_run(args.sam_window, schedule.num_epochs, args.sam_epochs)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if schedule.end_epoch <= schedule.start_epoch:   # nothing left: write nothing (args.yaml, checkpoints stay)
         if args.rank == 0:
             _logger.info(f'nothing to train: the run starts at epoch {schedule.start_epoch} and ends before epoch '
@@ -1085,15 +1106,17 @@ def run(args) -> int:
         return 0
     saver = create_saver(args, as_given, output_dir, student, optimizer, model_ema, loss_scaler, schedule, resumed,
                          task)
-    resume_random_state(args, resumed, schedule.start_epoch)
     rc = 1
     try:
+        resume_random_state(args, resumed, schedule.start_epoch)
         rc = train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, clip_parameters, data, schedule,
                         saver, output_dir, device)
     finally:
         if args.log_wandb and saver is not None:   # rank 0's run, closed and flushed (main() may run again)
             import wandb
             wandb.finish(exit_code=rc)
+        if saver is not None:
+            saver.run_lock.release()
     return rc
 
 
@@ -1104,6 +1127,8 @@ def setup_device(args) -> torch.device:
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
     device = init_distributed_device(args)
     if args.distributed:
+        from sam_on_timm.peers import note_ranks
+        note_ranks()   # each rank's pid: a survivor names the rank that died (main())
         _logger.info(f'Distributed training: rank {args.rank} of {args.world_size}, device {device}')
     if args.demo_data:
         from sam_on_timm.demo_data import prepare_demo_data
@@ -1134,6 +1159,7 @@ def setup_device(args) -> torch.device:
 def create_model(args):
     """timm's model and its data config (input size, interpolation, mean / std, crop)."""
     import timm
+    from sam_on_timm import data_checks
     from sam_on_timm.train_step import ascent_samples
     from timm.data import resolve_data_config
     in_chans = 3 if args.in_chans is None else args.in_chans
@@ -1198,6 +1224,10 @@ def create_model(args):
     if args.cifar_aug and tuple(args.input_size[1:]) != (32, 32):   # a crop of the padded 32x32 image
         raise UsageError(f"--cifar-aug {args.cifar_aug} crops 32x32 CIFAR images: the input size must be 32x32, got "
                          f"{args.input_size[1]}x{args.input_size[2]} (--img-size 32, or a cifar_* model)")
+    try:
+        data_checks.check_input_size(model, args.model, data_config['input_size'])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     if args.gaussian_blur_prob and min(args.input_size[1:]) < 12:   # it would fail in the first batch
         raise UsageError(f"--gaussian-blur-prob needs images of at least 12 px (timm's blur kernel is 23 px), "
                          f"got {args.input_size[1]}x{args.input_size[2]}")
@@ -1337,7 +1367,7 @@ def resume(args, model, optimizer, loss_scaler, task=None):
         return Resumed()
     try:   # also checkpoints of timm's own train.py: args as a Namespace, DDP's module. prefix, bare weights
         resumed = load_resume(args.resume, model, None if args.no_resume_opt else optimizer, loss_scaler,
-                              opt_name=args.opt)
+                              opt_name=args.opt, ema=args.model_ema, partial=args.resume_partial)
         task_state = (resumed.checkpoint or {}).get('task_state')
         if task is not None and task.get_task_state():   # a task with state of its own: the file's, if it has it
             if task_state:
@@ -1349,6 +1379,9 @@ def resume(args, model, optimizer, loss_scaler, task=None):
         raise UsageError(f"--resume '{args.resume}' cannot be loaded into this run: {_first_line(e)}") from None
     if resumed.checkpoint is None:
         _logger.info(f"--resume '{args.resume}' holds weights only: training starts at epoch 0")
+    elif resumed.afresh and args.rank == 0:
+        _logger.warning(f"--resume-partial: '{args.resume}' lacks {' and '.join(resumed.afresh)}: started afresh "
+                        f"(not an exact continuation)")
     return resumed
 
 
@@ -1412,6 +1445,8 @@ class Data(NamedTuple):
 def create_data(args, data_config, device) -> Data:
     """timm's datasets and loaders, mixup / cutmix and the training loss."""
     from timm.data import AugMixDataset, Mixup, FastCollateMixup, create_dataset, create_loader
+    from sam_on_timm import data_checks
+    from sam_on_timm.augment import install_posterize_fix
     channels = data_config['input_size'][0]
     if args.input_img_mode is not None:
         check_input_img_mode(args, channels)
@@ -1434,10 +1469,21 @@ def create_data(args, data_config, device) -> Data:
             dataset_eval = create_dataset(args.dataset, root=args.data_dir, split=args.val_split, is_training=False,
                                           num_samples=args.val_num_samples, **dataset_kwargs)
     # unknown dataset, class map, ...; TypeError: a reader that takes no such key (a folder's --target-key)
-    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError) as e:
+    except (RuntimeError, ValueError, KeyError, OSError, AssertionError, TypeError, pickle.UnpicklingError,
+            EOFError) as e:
+        refused = data_checks.class_map_error(args.class_map, e)
+        if refused:
+            raise UsageError(refused) from None
         raise UsageError(f"cannot read the data (--dataset '{args.dataset}', --data-dir, --train-split, --val-split, "
                          f"--class-map, --input-key, --target-key): {_first_line(e)}") from None
     splits = [('training', dataset_train)] + ([('validation', dataset_eval)] if dataset_eval is not None else [])
+    try:   # the same classes in both splits, readable images (the loaders' failures then name their file)
+        if dataset_eval is not None:
+            data_checks.check_class_sets(dataset_train, dataset_eval, args.class_map, args.input_key)
+        for split, ds in splits:
+            data_checks.check_readable(data_checks.guard_dataset(ds, split, args.max_image_pixels), split)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     for split, ds in splits:
         # a label past the head is an index error mid-epoch (a device assert on CUDA). Folder and tar
         # readers know their classes; other datasets (torch/*, hfds/*, ...) are not checked here.
@@ -1447,6 +1493,7 @@ def create_data(args, data_config, device) -> Data:
             raise UsageError(f'the {split} data has {n} classes but the model head has {args.num_classes}: '
                              f'pass --num-classes {n}')
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    install_posterize_fix()   # before the transforms are built: timm's posterize at 0 bits on Pillow 13
     if args.naflex_loader:   # batches sized from a token budget, patch dicts (timm's create_naflex_loader)
         try:
             loader_train, loader_eval = create_naflex_loaders(args, data_config, device, dataset_train, dataset_eval,
@@ -1521,6 +1568,10 @@ def create_data(args, data_config, device) -> Data:
     except (RuntimeError, ValueError, KeyError, TypeError, AssertionError) as e:
         raise UsageError(f'cannot build the data pipeline (--aa, --reprob/--remode, --scale, --ratio, --color-jitter, '
                          f'--interpolation, --mean/--std, --mixup/--cutmix, --workers): {_first_line(e)}') from None
+    try:
+        data_checks.check_tta(args.tta, loader_eval)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return Data(dataset_train, loader_train, loader_eval, mixup_active, mixup_fn,
                 *create_losses(args, mixup_active, device), batch_erasing)
 
@@ -1691,18 +1742,30 @@ def create_saver(args, as_given, output_dir, model, optimizer, model_ema, loss_s
     ``model`` is the student (its weights are the checkpoint's ``state_dict``); a distillation task's own
     trainable state (feature distillation's projection) goes into ``task_state``, as in timm's checkpoints."""
     from sam_on_timm.checkpoint import RngCheckpointSaver, resume_saver
+    from sam_on_timm.outputs import RunLock
     if args.rank != 0:
         return None
     if args.log_wandb:   # before the run folder is written: a run that cannot log stops with nothing written
         start_wandb(args, output_dir)
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-        yaml.safe_dump(as_given, f)
+    lock = RunLock(output_dir)   # held until run() ends (the OS drops it if the process dies)
+    try:
+        lock.acquire()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    try:   # under the lock, again: another run may have written the folder since the first check
+        check_output_dir(args, output_dir, probe_lock=False)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            yaml.safe_dump(as_given, f)
+    except BaseException:
+        lock.release()
+        raise
     trim_summary(os.path.join(output_dir, 'summary.csv'), schedule.start_epoch)
     saver = RngCheckpointSaver(model=model, optimizer=optimizer, args=args, model_ema=model_ema,
                                amp_scaler=loss_scaler, checkpoint_dir=output_dir, recovery_dir=output_dir,
                                decreasing=schedule.decreasing, max_history=args.checkpoint_hist)
     saver.task_state = None if task is None else task.get_task_state
+    saver.run_lock = lock
     resume_saver(saver, resumed.checkpoint, args.resume, output_dir)
     _logger.info(f'Scheduled epochs: {schedule.num_epochs}; running epochs {schedule.start_epoch}..'
                  f'{schedule.end_epoch - 1}; output {output_dir}')

@@ -18,7 +18,7 @@ from torch import nn
 
 from .norms import is_norm_module, named_norm_parameters
 
-__all__ = ['fix_norm', 'train_only_norm', 'parse_epoch_window', 'in_window']
+__all__ = ['fix_norm', 'train_only_norm', 'parse_epoch_window', 'check_window_in_run', 'in_window']
 
 
 def _norm_params_or_raise(model: nn.Module, what: str) -> List[Tuple[str, nn.Parameter]]:
@@ -77,6 +77,16 @@ def parse_epoch_window(text: str) -> Tuple[int, float]:
     if start < 0 or not end > start:
         raise ValueError(f"--sam-epochs '{text}': need 0 <= START < END, got START {start}, END {end}")
     return start, end
+
+
+def check_window_in_run(window: Tuple[int, float], num_epochs: int, text: str) -> None:
+    """A window that starts at or after the run's last epoch (``num_epochs``: the schedule's length, cooldown
+    included) would never switch SAM on: ValueError, rather than a run of the base optimizer that was asked
+    to be SAM. A window that ends past the run is fine (it ends with the run)."""
+    if window[0] >= num_epochs:
+        raise ValueError(f"--sam-epochs '{text}' starts at epoch {window[0]}, but the run trains epochs 0 to "
+                         f"{num_epochs - 1} (--epochs and the schedule): SAM would never run; start the window "
+                         f"before epoch {num_epochs}")
 
 
 def in_window(epoch: int, window: Tuple[int, float]) -> bool:

@@ -8,7 +8,6 @@ rank; ``rng_state`` is rank 0's) and, for a plateau schedule, ``lr_scheduler`` (
 """
 import argparse
 import contextlib
-import copy
 import math
 import os
 import random
@@ -18,11 +17,13 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
+
+from .optim_state import load_optimizer_state  # noqa: F401  (exported here too, beside the other loaders)
 from timm.utils import CheckpointSaver, get_state_dict
 
 __all__ = ['RngCheckpointSaver', 'get_rng_state', 'set_rng_state', 'plain_args', 'plateau_state', 'resume_plateau',
            'Resumed', 'load_resume', 'resume_rng', 'resume_saver', 'read_checkpoint', 'load_optimizer_state',
-           'state_dict_mismatch']
+           'state_dict_mismatch', 'check_rng_state', 'check_resume_contents', 'missing_for_resume']
 
 
 def plain_args(args) -> Dict[str, Any]:
@@ -102,36 +103,6 @@ def resume_plateau(lr_scheduler, epoch: int, lrs: Optional[List[float]], state: 
         for key in PLATEAU_PROGRESS:
             if key in saved and (same_direction or key in ('cooldown_counter', 'last_epoch')):
                 setattr(plateau, key, saved[key])
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Dict[str, Any], load=None) -> None:
-    """``optimizer.load_state_dict(state_dict)`` (or ``load(state_dict)``), refused when the state was saved
-    by an optimizer of another kind: ValueError, and the optimizer keeps its state.
-
-    torch checks only the number of groups and parameters, then replaces each group's settings with
-    the saved ones: an AdamW state loaded into momentum SGD loses ``momentum`` and fails with a
-    KeyError at the first step (and the other way round ``betas``). A setting this optimizer has
-    that the loaded groups lack (after the optimizer's own fill-in of settings newer than the file)
-    marks another kind.
-    """
-    load = optimizer.load_state_dict if load is None else load
-    before = [set(group) for group in optimizer.param_groups]
-    kept = copy.deepcopy(optimizer.state_dict())
-    failed = None
-    try:
-        load(state_dict)
-        after = optimizer.param_groups
-    except (KeyError, TypeError) as e:   # the optimizer's own fill-in met state of another kind (Adam: no 'step')
-        failed, after = e, state_dict.get('param_groups', [])
-    lost = sorted(set().union(*(b - set(g) for b, g in zip(before, after))))
-    if failed is not None or lost:
-        load(kept)
-    if failed is not None and not lost:
-        raise failed
-    if lost:
-        raise ValueError(f"the optimizer state was saved by another kind of optimizer than this "
-                         f"{type(optimizer).__name__} (its parameter groups lack {', '.join(lost)}); "
-                         f"load the weights without it (train.py: --no-resume-opt)")
 
 
 def state_dict_mismatch(model: torch.nn.Module, state_dict: Mapping[str, Any], shown: int = 3) -> Optional[str]:
@@ -234,25 +205,108 @@ class Resumed:
     checkpoint: Optional[Dict[str, Any]] = None   # the file (None: weights only); EMA weights cleaned
     epoch: Optional[int] = None                   # the first epoch to train (None: the file has no epoch)
     lrs: Optional[List[float]] = field(default=None)   # the resumed optimizer's lrs (None: not resumed)
+    afresh: List[str] = field(default_factory=list)    # what the file lacked and starts afresh (partial=True)
+
+
+def check_rng_state(state: Any) -> None:
+    """``state`` is one rank's ``get_rng_state()`` that ``set_rng_state`` takes (tried, then this process's
+    streams are put back); else ValueError. A crafted or damaged state fails here, not after the run
+    has written its folder."""
+    saved = get_rng_state()
+    try:
+        set_rng_state(state)
+    except Exception as e:   # a wrong type, size or key: whatever the setters raise
+        raise ValueError(f'malformed ({_first_line(e)})') from None
+    finally:
+        set_rng_state(saved)
+
+
+def check_resume_contents(checkpoint: Mapping[str, Any], model: Optional[torch.nn.Module] = None) -> None:
+    """What a resume takes from ``checkpoint`` besides the weights is well-formed (ValueError otherwise):
+    ``epoch`` an integer >= 0 (the last completed epoch), every RNG state one ``set_rng_state`` takes,
+    ``state_dict_ema`` (when present) a non-empty state dict that fits ``model``."""
+    from timm.models import clean_state_dict
+    if 'epoch' in checkpoint:
+        epoch = checkpoint['epoch']
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f'its epoch is {epoch!r}, not a completed epoch (an integer >= 0)')
+    states = checkpoint.get('rng_states')
+    if states is not None and not isinstance(states, (list, tuple)):
+        raise ValueError(f'its RNG states (rng_states) are a {type(states).__name__}, not one state per rank')
+    for rank, state in enumerate(states or []):
+        try:
+            check_rng_state(state)
+        except ValueError as e:
+            raise ValueError(f'the RNG state of rank {rank} (rng_states) is {e}') from None
+    if checkpoint.get('rng_state') is not None:
+        try:
+            check_rng_state(checkpoint['rng_state'])
+        except ValueError as e:
+            raise ValueError(f'its RNG state (rng_state) is {e}') from None
+    if 'state_dict_ema' in checkpoint:
+        ema = checkpoint['state_dict_ema']
+        if not isinstance(ema, Mapping):
+            raise ValueError(f'its EMA weights (state_dict_ema) are a {type(ema).__name__}, not a state dict')
+        if not ema:
+            raise ValueError("its EMA weights (state_dict_ema) are empty, not the model's state dict")
+        mismatch = state_dict_mismatch(model, clean_state_dict(ema)) if model is not None else None
+        if mismatch:
+            raise ValueError(f'its EMA weights (state_dict_ema) do not fit the model: {mismatch}')
+
+
+def missing_for_resume(checkpoint: Mapping[str, Any], optimizer: bool = False, scaler_key: Optional[str] = None,
+                       ema: bool = False) -> List[str]:
+    """The states an exact continuation needs that ``checkpoint`` lacks: the optimizer's (``optimizer``:
+    it is resumed), the loss scaler's (``scaler_key``: the key of a resumed fp16 scaler), the EMA weights
+    (``ema``: the run keeps an EMA), the RNG states (always: the data order and augmentations)."""
+    missing = []
+    if optimizer and checkpoint.get('optimizer') is None:
+        missing.append('the optimizer state')
+    if scaler_key is not None and checkpoint.get(scaler_key) is None:
+        missing.append(f'the loss scaler state ({scaler_key})')
+    if ema and 'state_dict_ema' not in checkpoint:
+        missing.append('the EMA weights (state_dict_ema)')
+    if not checkpoint.get('rng_states') and checkpoint.get('rng_state') is None:
+        missing.append('the RNG states')
+    return missing
 
 
 def load_resume(path: str, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
-                loss_scaler=None, opt_name: str = '') -> Resumed:
+                loss_scaler=None, opt_name: str = '', ema: bool = False, partial: bool = False) -> Resumed:
     """Load a checkpoint to resume from into ``model``, ``optimizer`` (None: a fresh optimizer) and
     ``loss_scaler``.
 
     Also reads checkpoints of timm's own train.py (``args`` as a Namespace, DDP's ``module.`` prefix)
     and bare weights (training starts at epoch 0, as timm's ``resume_checkpoint``). Raises on a file
     that is not a checkpoint of this model; an optimizer state of another layout is a ValueError that
-    names ``--no-resume-opt``.
+    names ``--no-resume-opt``. Before anything is loaded, the file's epoch, RNG and EMA states are
+    checked (``check_resume_contents``), and a checkpoint that lacks a state the run needs
+    (``missing_for_resume``; ``ema``: the run keeps an EMA) is a ValueError naming the way out:
+    ``--no-resume-opt`` for the optimizer, ``partial`` (``--resume-partial``) for the others, which are then
+    listed in ``Resumed.afresh``.
     """
     from timm.models import clean_state_dict
     checkpoint = read_checkpoint(path)
     if 'state_dict' not in checkpoint:   # weights only, as timm's resume_checkpoint: from epoch 0
         _load_weights(model, clean_state_dict(checkpoint))
         return Resumed()
-    resumed = Resumed(checkpoint=checkpoint)
-    _load_weights(model, clean_state_dict(checkpoint['state_dict']), checkpoint.get('arch'))
+    weights = clean_state_dict(checkpoint['state_dict'])
+    _check_weights(model, weights, checkpoint.get('arch'))   # first: a file of another model is refused as such
+    check_resume_contents(checkpoint, model)
+    scaler_key = loss_scaler.state_dict_key if loss_scaler is not None and optimizer is not None else None
+    missing = missing_for_resume(checkpoint, optimizer is not None, scaler_key, ema)
+    blocking = [m for m in missing if m == 'the optimizer state' or not partial]
+    if blocking:
+        ways = []
+        if 'the optimizer state' in blocking:
+            ways.append('--no-resume-opt resumes with a fresh optimizer')
+        others = [m for m in blocking if m != 'the optimizer state']
+        if others:
+            ways.append(f"--resume-partial starts {' and '.join(others)} afresh")
+        raise ValueError(f"it lacks {' and '.join(blocking)}, which an exact continuation needs: "
+                         f"{'; '.join(ways)}")
+    resumed = Resumed(checkpoint=checkpoint, afresh=missing)
+    _load_weights(model, weights, checkpoint.get('arch'))
     if optimizer is not None and 'optimizer' in checkpoint:
         try:   # refused when saved by another kind of optimizer
             load_optimizer_state(optimizer, checkpoint['optimizer'])
@@ -317,11 +371,16 @@ def read_checkpoint(path: str) -> Dict[str, Any]:
     return checkpoint
 
 
-def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
-    """Strict load; the weights of another model name its first mismatched keys."""
+def _check_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """The weights of another model: ValueError naming its first mismatched keys."""
     mismatch = state_dict_mismatch(model, state_dict)
     if mismatch:
         raise ValueError(f"the weights are of another model{f' ({arch!r})' if arch else ''}: {mismatch}")
+
+
+def _load_weights(model: torch.nn.Module, state_dict: Mapping[str, Any], arch: Optional[str] = None) -> None:
+    """Strict load; the weights of another model name its first mismatched keys."""
+    _check_weights(model, state_dict, arch)
     model.load_state_dict(state_dict)
 
 

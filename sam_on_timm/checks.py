@@ -14,7 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['RANGES', 'check_number', 'check_arg', 'check_sam_m', 'check_variant', 'check_base_opt',
+__all__ = ['RANGES', 'check_number', 'check_arg', 'check_sam_m', 'check_variant', 'check_eta_used', 'check_base_opt',
            'check_optimizer_args']
 
 # argument -> (low, high, low excluded, high excluded); None: unbounded on that side
@@ -80,6 +80,17 @@ def check_variant(variant: Any, name: str = 'SAM variant') -> None:
     from .perturbations import VARIANTS   # late: perturbations imports this module
     if variant not in VARIANTS:
         raise ValueError(f"unknown {name} '{variant}'; valid: {', '.join(VARIANTS)}")
+
+
+def check_eta_used(variant: str, eta: Any, name: str = 'eta', what: Optional[str] = None) -> None:
+    """An eta given to a variant whose T has no eta (plain SAM, T = 1) would change nothing: refused, so that a
+    run asked for eta is never silently plain SAM. ``eta`` None (the variant's default) passes. ``what``: how
+    the caller names the variant (train.py: its --opt)."""
+    from .perturbations import VARIANTS   # late: perturbations imports this module
+    if eta is not None and variant in VARIANTS and not VARIANTS[variant].has_eta:
+        with_eta = ', '.join(v.name for v in VARIANTS.values() if v.has_eta)
+        raise ValueError(f"{name} {eta} has no effect with {what or f'variant {variant!r}'} (T = 1 has no eta): "
+                         f"leave it unset, or choose a variant with an eta ({with_eta})")
 
 
 def check_base_opt(base_opt: Any, name: str = 'base_opt') -> None:

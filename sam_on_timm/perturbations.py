@@ -26,10 +26,11 @@ class Variant:
     p: float              # 2 or inf
     default_eta: float
     description: str
+    has_eta: bool = True  # whether T depends on eta (plain SAM's T = 1 does not)
 
 
 VARIANTS = {v.name: v for v in (
-    Variant('sam', 2, 0.0, 'SAM: T = 1'),
+    Variant('sam', 2, 0.0, 'SAM: T = 1', has_eta=False),
     Variant('eleml2', 2, 0.0, 'ASAM elementwise l2: T = |w| + eta'),
     Variant('eleml2orig', 2, 0.01, 'original ASAM: T = |w| + eta for weights, 1 + eta for biases'),
     Variant('elemlinf', float('inf'), 0.0, 'ASAM elementwise l-inf: T = |w| + eta, eps = rho T sign(g)'),

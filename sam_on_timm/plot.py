@@ -70,8 +70,14 @@ def read_summary(run_dir: str) -> Dict[str, List[float]]:
     path = os.path.join(run_dir, 'summary.csv') if os.path.isdir(run_dir) else run_dir
     if not os.path.isfile(path):
         raise UsageError(f"'{run_dir}' holds no summary.csv (pass train.py run folders)")
-    with open(path, newline='') as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline='', encoding='utf-8') as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:   # train.py writes UTF-8: another file, or a damaged one
+        raise UsageError(f"'{path}' is not a UTF-8 text file (byte 0x{e.object[e.start]:02x}: {e.reason}): "
+                         f"pass a summary.csv written by train.py") from None
+    except csv.Error as e:
+        raise UsageError(f"'{path}' is not a CSV file ({e})") from None
     if not rows:
         raise UsageError(f"'{path}' has no epochs")
     cols = {}
@@ -363,6 +369,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   'sharpness': getattr(args, 'results', None)}[args.what]
         args.output = default_output(inputs, f'{args.what}.png')
     try:
+        from .outputs import check_output_file
+        try:   # before any work (reading checkpoints, drawing), not when saving the figure
+            check_output_file(args.output if os.path.splitext(args.output)[1] else args.output + '.png')
+            if args.what == 'norms':
+                check_output_file(_layers_output(args.output), '--output (its -layers figure)')
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         out_dir = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(out_dir, exist_ok=True)
         if args.what == 'curves':

@@ -376,6 +376,13 @@ def _check_args(args) -> None:
     if bad or not metrics:
         raise UsageError(f"--metrics {args.metrics}: valid: {', '.join(METRICS)} (comma-separated)")
     args.metrics = metrics
+    if int(os.environ.get('RANK', '0')) == 0:   # the one writer: before any work, not after it
+        from .outputs import check_output_file
+        try:
+            check_output_file(args.output or _default_output(args))
+        except ValueError as e:
+            raise UsageError(str(e) if args.output else f'{e} (the default, next to the checkpoint): '
+                                                        f'pass --output FILE') from None
 
 
 def _build(args, device: torch.device):
@@ -410,6 +417,12 @@ def _build(args, device: torch.device):
         except Exception as e:
             raise UsageError(f"--checkpoint '{args.checkpoint}' does not fit '{args.model}' "
                              f"(--model, --num-classes): {str(e).splitlines()[0]}") from None
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:   # the loss, its gradient and every metric would be nan: nothing to measure
+        more = f' (+{len(bad) - 1} more)' if len(bad) > 1 else ''
+        raise UsageError(f"the weights of {args.checkpoint or args.model!r}{' (EMA)' if args.ema else ''} are not "
+                         f"finite: {bad[0]}{more} holds nan or inf (a diverged run): pass a checkpoint of a finite "
+                         f"epoch")
     model.to(device)
     cfg_args = {k: targs.get(k) for k in ('input_size', 'img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean',
                                           'std', 'in_chans')}
@@ -537,7 +550,7 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         per_batch={key: values[keys.index(key)].tolist() for key in keys if key != 'clean_correct'},
     )
     if rank == 0:
-        out = args.output or _default_output(args)
+        out = args.output or _default_output(args)   # (writable: checked in _check_args)
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, 'w') as f:
             json.dump(result, f, indent=2)
