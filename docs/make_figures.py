@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Regenerate every demo number, table and figure of the docs, in one command:
 
-    python docs/make_figures.py            # about 15 min on an idle 2-core CPU; needs '.[demo,plot]'
+    python docs/make_figures.py            # about 10 min on an idle 2-core CPU; needs '.[demo,plot]'
 
 It trains the three demos (`hparams/demo/{sgd,sam,sam-on}.yaml`) into `output/figures/{sgd,sam,sam-on}`,
-measures their sharpness (l-inf adaptive, rho 0.005, 1024 training examples, `--params all` and `on`),
+measures their sharpness (l-inf adaptive, rho 0.005, 512 training examples, `--params all` and `on`),
 draws `docs/figures/*.png` (each with a caption naming the date, machine and this command), and rewrites
 the generated blocks of `README.md` and `docs/analysis.md` (between `<!-- demo:... -->` markers) with
 the numbers of these runs. Nothing in those blocks is typed by hand, so the README, the analysis page and
@@ -25,14 +25,15 @@ import time
 from typing import Dict, List
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)   # this checkout's sam_on_timm, as train.py (run from ROOT) uses, not another install
 RUNS = ('sgd', 'sam', 'sam-on')
 LABEL = {'sgd': 'SGD', 'sam': 'SAM', 'sam-on': 'SAM-ON (`sam-on-layerl2`)'}
-SHARPNESS = ['--n-examples', '1024', '--metrics', 'worst,one-step', '--quiet']   # rho 0.005, l-inf adaptive
+SHARPNESS = ['--n-examples', '512', '--metrics', 'worst,one-step', '--quiet']   # rho 0.005, l-inf adaptive
 COMMAND = 'python docs/make_figures.py'
 
 
 def machine() -> str:
-    """CPU model, cores, torch / timm versions and the load when the runs started: a figure's provenance."""
+    """CPU model, cores, torch / timm versions: a figure's provenance (each run's load is in its timing)."""
     model = platform.processor() or platform.machine()
     try:
         with open('/proc/cpuinfo') as f:
@@ -41,9 +42,7 @@ def machine() -> str:
         pass
     import timm
     import torch
-    load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else float('nan')
-    return (f'{os.cpu_count()}-core {model}, torch {torch.__version__.split("+")[0]}, timm {timm.__version__}, '
-            f'load {load:.1f} at start')
+    return f'{os.cpu_count()}-core {model}, torch {torch.__version__.split("+")[0]}, timm {timm.__version__}'
 
 
 def run(cmd: List[str]) -> float:
@@ -68,6 +67,11 @@ def block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(2), text)
 
 
+def wall(run: dict) -> str:
+    load = run.get('load')
+    return f"{run['seconds']:.0f}" + (f' (load {load:.1f})' if load is not None else ' (load not recorded)')
+
+
 def tables(runs: Dict[str, dict], when: str, where: str) -> Dict[str, str]:
     def cell(name, params, key, fmt):
         v = runs[name]['sharpness'][params]['sharpness'].get(key)
@@ -76,7 +80,7 @@ def tables(runs: Dict[str, dict], when: str, where: str) -> Dict[str, str]:
     rows = [('held-out top-1 (%), by epoch', [' / '.join(f'{t:.1f}' for t in runs[n]['top1']) for n in RUNS]),
             ('mean ‖eps‖ in the last epoch (rho 0.05)', [f"{runs[n]['eps']:.3f}" if runs[n]['eps'] is not None
                                                          else '-' for n in RUNS]),
-            ('training wall time (s)', [f"{runs[n]['seconds']:.0f}" for n in RUNS])]
+            ('training wall time (s), the load average at its start', [wall(runs[n]) for n in RUNS])]
     for params in ('all', 'on'):
         count = runs['sgd']['sharpness'][params]['n_params']
         rows.append((f'worst-case sharpness, `--params {params}` ({count:,} parameters)',
@@ -97,7 +101,8 @@ def tables(runs: Dict[str, dict], when: str, where: str) -> Dict[str, str]:
     readme = (f'**Demo** (`hparams/demo/`, MNIST-5k on CPU, resnet18 at 32 px, 3 epochs, one seed each; {when}, '
               f'{where}): ' + ', '.join(f"`{n}` {runs[n]['top1'][-1]:.1f}% held-out top-1 in "
                                         f"{runs[n]['seconds']:.0f} s" for n in RUNS) +
-              '. The `sam-on` demo runs `sam-on-layerl2` at rho 0.05. Differences of a few tenths are within '
+              '. The `sam-on` demo runs `sam-on-layerl2` at rho 0.05. Wall times depend on what else the machine '
+              'runs (`docs/analysis.md` gives the load each run started at). Differences of a few tenths are within '
               'seed noise; `docs/analysis.md` has the sharpness of the three models, and '
               f'`{COMMAND}` remakes these numbers.\n')
     return {'table': provenance + '\n' + demo, 'gamma': gamma, 'readme': readme}
@@ -119,10 +124,11 @@ def main(argv=None) -> int:
         if not (args.reuse and os.path.isfile(ckpt) and os.path.isfile(timing)):
             if os.path.isdir(run_dir):
                 raise SystemExit(f"make_figures: '{run_dir}' exists: remove it, or pass --reuse")
+            load = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
             seconds = run([sys.executable, 'train.py', '-c', f'hparams/demo/{name}.yaml', '--output', args.out,
                            '--experiment', name])
             with open(timing, 'w') as f:
-                json.dump({'seconds': seconds}, f)
+                json.dump({'seconds': seconds, 'load': load, 'omp_threads': os.environ.get('OMP_NUM_THREADS')}, f)
         with open(timing) as f:
             runs[name] = {**last_row(run_dir), **json.load(f), 'sharpness': {}}
         for params in ('all', 'on'):
