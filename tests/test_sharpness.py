@@ -384,3 +384,201 @@ def test_two_gloo_ranks_equal_one_process(ckpt_and_data, tmp_path):
     for k in a['sharpness']:
         assert b['sharpness'][k] == pytest.approx(a['sharpness'][k], rel=1e-6, abs=1e-9)
     assert b['clean_top1'] == a['clean_top1']
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-PGD's schedule, against a trace worked out by hand
+# ---------------------------------------------------------------------------------------------
+# f(u) = -(u_1 - 0.6)^2 - (u_2 + 0.9)^2 on the l-inf ball of radius 1, N = 5 steps, eta_0 = 2 rho = 2,
+# alpha = 0.75 (Croce & Hein 2020, Algorithm 1); checkpoints ceil(p_j N) for p = 0.22, 0.41, 0.57, 0.70,
+# 0.80, 0.87: 2, 3, 3, 4, 4, 5.
+#   u_0 = (0, 0)                                          f = -1.17      grad ( 1.2, -1.8)
+#   u_1 = clip(u_0 + 2 sign(grad))    = (1, -1)             f = -0.17      grad (-0.8,  0.2)    up
+#   z_2 = clip(u_1 + 2 (-1, 1))       = (-1, 1)
+#   u_2 = u_1 + 0.75 (z_2 - u_1) + 0.25 (u_1 - u_0) = (-0.25, 0.25)          f = -2.045          down
+#   checkpoint 2: 1 < 0.75 * 2 steps went up -> eta = 1, restart from the best u_1 (not the last u_2)
+#   u_3 = u_1 + 0.75 (clip(u_1 + 1 (-1, 1)) - u_1) = (0.25, -0.25)          f = -0.545          down
+#   checkpoint 3: 0 < 0.75 * 1 -> eta = 0.5, restart from the best u_1 again (not the last u_3)
+#   u_4 = u_1 + 0.75 (clip(u_1 + 0.5 (-1, 1)) - u_1) = (0.625, -0.625)      f = -0.07625 (best)  up
+#   checkpoint 4: 1 of 1 step up, and eta was halved at 3 -> no change   grad (-0.05, -0.55)
+#   z_5 = clip(u_4 + 0.5 (-1, -1)) = (0.125, -1)
+#   u_5 = u_4 + 0.75 (z_5 - u_4) + 0.25 (u_4 - u_1) = (0.15625, -0.8125)    f = -0.2045703125
+#   (checkpoint 5 is the end.) The result is the best value, -0.07625, not the last.
+HAND_TRACE = [(0.0, 0.0), (1.0, -1.0), (-0.25, 0.25), (0.25, -0.25), (0.625, -0.625), (0.15625, -0.8125)]
+HAND_F = [-1.17, -0.17, -2.045, -0.545, -0.07625, -0.2045703125]
+
+
+def _hand_f(u1, u2):
+    return -(u1 - 0.6) ** 2 - (u2 + 0.9) ** 2
+
+
+def test_hand_trace_is_self_consistent():
+    assert [_hand_f(*u) for u in HAND_TRACE] == pytest.approx(HAND_F, abs=1e-12)
+    assert apgd_checkpoints(5) == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize('rho,adaptive', [(1.0, False), (0.5, False), (0.1, True)])
+def test_apgd_linf_trace_by_hand(rho, adaptive):
+    """The iterates Auto-PGD evaluates are the hand trace above, scaled to the ball: u in units of
+    rho (the step is 2 rho, halved at the checkpoints), delta = T u with T = |w0| when adaptive. Pins the
+    step size, the momentum, the clipping, the checkpoint rule and both restarts from a best iterate that
+    is not the last one."""
+    w0 = torch.tensor([2.0, -0.5], dtype=torch.float64)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    model = Vec(w0)
+    seen = []
+
+    def loss_fn():
+        seen.append(model.w.detach().clone())
+        u = (model.w - w0) / (rho * t)   # the hand trace's coordinates
+        return -(u[0] - 0.6) ** 2 - (u[1] + 0.9) ** 2
+
+    best, f0 = apgd_max(loss_fn, _Perturbation([model.w], Ball(rho, math.inf, adaptive)), n_iters=5)
+    got = [((w - w0) / (rho * t)).tolist() for w in seen]
+    assert len(got) == 6
+    for k, (g, h) in enumerate(zip(got, HAND_TRACE)):
+        assert g == pytest.approx(list(h), abs=1e-12), f'iterate {k}'
+    assert f0 == pytest.approx(HAND_F[0], abs=1e-12) and best == pytest.approx(max(HAND_F), abs=1e-12)
+
+
+def _apgd_reference(grad_f, f, dim, n, rho, p, alpha=0.75, rho_ratio=0.75):
+    """Auto-PGD in the l-p ball of radius rho (p = 2 or inf; pure-Python floats, written from Croce & Hein
+    2020, Algorithm 1 and Sec. 3.2): the evaluated iterates, and which rules the run exercised."""
+    def proj(v):
+        if p == 2:
+            n_ = math.hypot(*v)
+            return list(v) if n_ <= rho else [x * rho / n_ for x in v]
+        return [min(max(x, -rho), rho) for x in v]
+
+    def step(u, g, eta):
+        if p == 2:
+            n_ = math.hypot(*g)
+            return proj([a + eta * b / n_ for a, b in zip(u, g)]) if n_ > 0 else list(u)
+        return proj([a + eta * ((b > 0) - (b < 0)) for a, b in zip(u, g)])
+
+    # checkpoints ceil(p_j n) with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+    ps = [0.0, 0.22]
+    while ps[-1] < 1:
+        ps.append(ps[-1] + max(ps[-1] - ps[-2] - 0.03, 0.06))
+    cps = sorted({math.ceil(round(q * n, 9)) for q in ps[1:]} & set(range(1, n)))
+    u = prev = [0.0] * dim
+    eta, f_cur = 2 * rho, f(u)
+    best_u, best_f = u, f_cur
+    trace, ups, last, halved_last, best_last = [u], 0, 0, False, best_f
+    seen = dict(restart_not_last=0, tie_kept=0, stalled=0)
+    for k in range(1, n + 1):
+        z = step(u, grad_f(u), eta)
+        if k == 1:
+            new = z
+        else:
+            new = proj([a + alpha * (b - a) + (1 - alpha) * (a - c) for a, b, c in zip(u, z, prev)])
+        prev, u = u, new
+        f_new = f(u)
+        ups += f_new > f_cur
+        f_cur = f_new
+        trace.append(u)
+        if f_new > best_f:
+            best_u, best_f = u, f_new
+        if k in cps:
+            # 1: fewer than rho_ratio of the steps since the last checkpoint went up; 2: the step size was not
+            # reduced at the last checkpoint and the best loss has not improved since
+            few_ups = ups < rho_ratio * (k - last)
+            stalled = not halved_last and best_f == best_last
+            seen['tie_kept'] += ups == rho_ratio * (k - last) and not stalled
+            seen['stalled'] += stalled and not few_ups
+            last, ups, halved_last, best_last = k, 0, few_ups or stalled, best_f
+            if few_ups or stalled:
+                eta /= 2
+                seen['restart_not_last'] += best_u is not u
+                u = prev = best_u
+                f_cur = best_f
+    return trace, seen
+
+
+# (maximum c, curvatures a, rho, steps, ball, adaptive): the maximum lies inside the ball, so steps overshoot
+# and come back. The second case runs into the checkpoint rule's edges: exactly rho_ratio of the steps went
+# up (kept), and a stalled best loss with enough steps up (halved).
+L2_CASES = {'l2-inside': ((0.15, -0.1), (1.0, 3.0), 0.4, 10, False),
+            'l2-inside-adaptive': ((0.15, -0.1), (1.0, 3.0), 0.4, 10, True),
+            'l2-rule-edges': ((0.98, -0.1, -0.72), (2.0, 1.0, 2.0), 1.0, 20, False)}
+
+
+@pytest.mark.parametrize('case', list(L2_CASES))
+def test_apgd_l2_trace_matches_reference(case):
+    """l2 ball: the normalised-gradient step, the projection that shrinks only points outside the ball (an
+    iterate inside stays where it is), the checkpoints and the restarts, against the reference above."""
+    c, a, rho, n, adaptive = L2_CASES[case]
+
+    def f(u):
+        return -sum(ai * (ui - ci) ** 2 for ai, ui, ci in zip(a, u, c))
+
+    def grad_f(u):
+        return [-2 * ai * (ui - ci) for ai, ui, ci in zip(a, u, c)]
+
+    ref, seen = _apgd_reference(grad_f, f, len(c), n, rho, 2)
+    assert seen['restart_not_last'] >= 1                           # the case exercises a restart
+    if case == 'l2-rule-edges':
+        assert seen['tie_kept'] and seen['stalled']
+    else:
+        assert any(0 < math.hypot(*u) < 0.95 * rho for u in ref[2:])   # an iterate strictly inside
+
+    w0 = torch.tensor([1.5, -0.25, 0.75][:len(c)], dtype=torch.float64)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    model = Vec(w0)
+    seen_w = []
+    ct, at = torch.tensor(c, dtype=torch.float64), torch.tensor(a, dtype=torch.float64)
+
+    def loss_fn():
+        seen_w.append(model.w.detach().clone())
+        return -(at * ((model.w - w0) / t - ct) ** 2).sum()
+
+    best, _ = apgd_max(loss_fn, _Perturbation([model.w], Ball(rho, 2.0, adaptive)), n_iters=n)
+    got = [((w - w0) / t).tolist() for w in seen_w]
+    assert len(got) == n + 1
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert g == pytest.approx(r, abs=1e-9), f'iterate {k}'
+    assert best == pytest.approx(max(f(u) for u in ref), abs=1e-12)
+
+
+def test_ball_projection():
+    """l2: a point inside the ball stays, one outside goes to the sphere along its own direction;
+    l-inf: coordinatewise clipping."""
+    ball = Ball(1.0, 2.0, False)
+    inside = [torch.tensor([0.3, -0.4]), torch.tensor([0.2])]
+    assert [t.tolist() for t in ball.project([t.clone() for t in inside])] == [t.tolist() for t in inside]
+    out = ball.project([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])   # norm 5
+    assert out[0].tolist() == pytest.approx([0.6, 0.0]) and out[1].tolist() == pytest.approx([0.8])
+    box = Ball(0.5, math.inf, False).project([torch.tensor([0.7, -0.2, -3.0])])
+    assert box[0].tolist() == pytest.approx([0.5, -0.2, -0.5])
+
+
+@pytest.mark.parametrize('p,adaptive', [(math.inf, False), (math.inf, True), (2.0, False), (2.0, True)])
+def test_one_step_point_by_hand(p, adaptive):
+    """The 1-step point for a linear loss L(w) = g.w, written out: l-inf w0 + rho T sign(g) (T = 1 without
+    --adaptive: the same step for every coordinate whatever |w|), l2 w0 + rho T^2 g / ||T g||."""
+    w0 = torch.tensor([3.0, -0.2, 0.5], dtype=torch.float64)
+    g = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    rho = 0.1
+    model = Vec(w0)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    if p == math.inf:
+        eps = rho * t * g.sign()
+    else:
+        eps = rho * t * t * g / (t * g).norm()
+    f, f0 = one_step(lambda: (g * model.w).sum(), _Perturbation([model.w], Ball(rho, p, adaptive)))
+    assert f0 == pytest.approx((g * w0).sum().item(), rel=1e-12)
+    assert f == pytest.approx((g * (w0 + eps)).sum().item(), rel=1e-12)
+
+
+def test_normalized_logits_centred_then_scaled():
+    """(z - mean z) / ||z - mean z||: the loss on it does not change when a constant is added to every
+    logit of an example (which would be false without the centring) nor with the logits' scale."""
+    from sam_on_timm.sharpness import normalized_logits
+    z = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 13.0]], dtype=torch.float64)
+    out = normalized_logits(z)
+    r = 1 / math.sqrt(2)
+    assert out[0].tolist() == pytest.approx([-r, 0.0, r])
+    assert out[1].tolist() == pytest.approx([-1 / math.sqrt(6), -1 / math.sqrt(6), 2 / math.sqrt(6)])
+    shifted = normalized_logits(z + torch.tensor([[5.0], [-7.0]], dtype=torch.float64))
+    assert torch.allclose(shifted, out, atol=1e-12)
+    assert torch.allclose(normalized_logits(3.0 * z), out, atol=1e-12)
