@@ -1,0 +1,147 @@
+"""sam_on_timm.checkpoint without train.py: the copies to model_best / checkpoint-N are atomic (a crash
+during the copy, by hard link or by copy, leaves the old file whole), the args a checkpoint stores keep
+their list values, the RNG states and a weights-only read round-trip. Fast: a 2x2 linear model."""
+import argparse
+import errno
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from sam_on_timm.checkpoint import (RngCheckpointSaver, get_rng_state, load_resume, plain_args, read_checkpoint,
+                                    set_rng_state)
+
+
+def _saver(tmp_path, model, args=None):
+    return RngCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), args=args,
+                              checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), decreasing=True)
+
+
+def _weight(path):
+    return torch.load(path, weights_only=True)['state_dict']['weight']
+
+
+@pytest.mark.parametrize('crash', ['link', 'copy', 'replace', 'interrupt'])
+def test_a_crash_while_copying_to_model_best_leaves_the_old_file_whole(tmp_path, monkeypatch, crash):
+    """A new best epoch: ``last`` is copied over ``model_best``. The copy fails midway (after writing part of
+    the file, by hard link or by copy, or in the final rename, or with Ctrl-C): model_best is byte for byte
+    the old one, no temporary file is left, and the same save without the crash then makes model_best the
+    new epoch's (the old file is not merely left alone by never being written)."""
+    model = torch.nn.Linear(2, 2)
+    saver = _saver(tmp_path, model)
+    saver.save_checkpoint(0, metric=2.0)
+    best = tmp_path / 'model_best.pth.tar'
+    old = best.read_bytes()
+    real_copy, real_link, real_replace = shutil.copy2, os.link, os.replace
+
+    def half_copy(src, dst, *a, **k):   # a partial file where the copy writes, then the failure
+        real_copy(src, dst)
+        if 'model_best' not in os.path.basename(dst):   # checkpoint-1 is copied first: let it through
+            return dst
+        with open(dst, 'r+b') as f:
+            f.truncate(10)
+        raise (KeyboardInterrupt() if crash == 'interrupt' else OSError(errno.ENOSPC, 'No space left on device'))
+
+    def half_link(src, dst):
+        real_link(src, dst)
+        if 'model_best' not in os.path.basename(dst):
+            return
+        raise OSError(errno.EIO, 'I/O error')
+
+    def failing_replace(src, dst):
+        if os.path.basename(dst) == 'model_best.pth.tar':
+            raise OSError(errno.EIO, 'I/O error')
+        return real_replace(src, dst)
+
+    if crash == 'link':
+        monkeypatch.setattr(os, 'link', half_link)
+    else:
+        monkeypatch.setattr(os, 'link', lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, 'no links')))
+        saver.can_hardlink = True
+    if crash in ('copy', 'interrupt'):
+        monkeypatch.setattr(shutil, 'copy2', half_copy)
+    if crash == 'replace':
+        monkeypatch.setattr(os, 'replace', failing_replace)
+    with torch.no_grad():
+        model.weight.add_(1)
+    with pytest.raises((OSError, KeyboardInterrupt)):
+        saver.save_checkpoint(1, metric=1.0)
+    assert torch.equal(_weight(tmp_path / 'checkpoint-1.pth.tar'), model.weight.detach())   # the crash was at model_best
+    assert best.read_bytes() == old
+    assert not list(tmp_path.glob('*.part'))
+    monkeypatch.undo()
+    saver = _saver(tmp_path, model)
+    saver.save_checkpoint(2, metric=0.5)
+    assert torch.equal(_weight(best), model.weight.detach()) and not list(tmp_path.glob('*.part'))
+
+
+@pytest.mark.parametrize('hardlink', [True, False])
+def test_copies_hold_the_saved_epoch(tmp_path, monkeypatch, hardlink):
+    """Without a crash, by hard link or by copy: model_best holds the best epoch's weights, last the latest,
+    checkpoint-N epoch N's; an existing model_best is replaced, not appended to."""
+    if not hardlink:
+        monkeypatch.setattr(os, 'link', lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, 'no links')))
+    model = torch.nn.Linear(2, 2)
+    saver = _saver(tmp_path, model)
+    weights = []
+    for epoch, metric in enumerate((3.0, 1.0, 2.0)):
+        with torch.no_grad():
+            model.weight.add_(1)
+        weights.append(model.weight.detach().clone())
+        saver.save_checkpoint(epoch, metric=metric)
+    assert torch.equal(_weight(tmp_path / 'model_best.pth.tar'), weights[1])
+    assert torch.equal(_weight(tmp_path / 'last.pth.tar'), weights[2])
+    for epoch in range(3):
+        assert torch.equal(_weight(tmp_path / f'checkpoint-{epoch}.pth.tar'), weights[epoch])
+    assert not list(tmp_path.glob('*.part')) and not (tmp_path / 'tmp.pth.tar').exists()
+
+
+def test_checkpoint_args_keep_list_and_tuple_values(tmp_path):
+    """The args in the file keep lists (--mean, --input-size, --train-img-sizes) and tuples as values, plain
+    numbers, strings, bools and None; what a weights-only load cannot hold (an object) is left out."""
+    args = argparse.Namespace(model='m', mean=[0.5, 0.25, 0.125], input_size=(3, 32, 32), lr=0.1, epochs=2,
+                              amp=False, resume=None, sizes=[[1, 2], [3]], device=torch.device('cpu'),
+                              fn=len)
+    want = dict(model='m', mean=[0.5, 0.25, 0.125], input_size=(3, 32, 32), lr=0.1, epochs=2, amp=False,
+                resume=None, sizes=[[1, 2], [3]])
+    assert plain_args(args) == want
+    model = torch.nn.Linear(2, 2)
+    _saver(tmp_path, model, args).save_checkpoint(0, metric=1.0)
+    saved = read_checkpoint(str(tmp_path / 'last.pth.tar'))['args']
+    assert {k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()} == \
+        {k: list(v) if isinstance(v, tuple) else v for k, v in want.items()}
+    assert saved['mean'] == [0.5, 0.25, 0.125] and list(saved['input_size']) == [3, 32, 32]
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    """get_rng_state -> file -> set_rng_state: torch, numpy and python draw the same numbers again."""
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    np.random.randn()   # a cached Gaussian in numpy's state
+    state = get_rng_state()
+    want = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    torch.save({'rng': state}, tmp_path / 'r.pt')
+    loaded = torch.load(tmp_path / 'r.pt', weights_only=True)['rng']
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    set_rng_state(loaded)
+    got = (torch.rand(3), np.random.rand(3), random.random(), np.random.randn())
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2:] == want[2:]
+
+
+def test_load_resume_loads_weights_optimizer_and_next_epoch(tmp_path):
+    """A saved epoch 4 resumes at epoch 5, with the weights and the optimizer's momentum buffers and lr."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    saver = RngCheckpointSaver(model, opt, checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path))
+    saver.save_checkpoint(4, metric=1.0)
+    other = torch.nn.Linear(2, 2)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.01, momentum=0.9)
+    resumed = load_resume(str(tmp_path / 'last.pth.tar'), other, other_opt)
+    assert resumed.epoch == 5 and resumed.lrs == [0.3]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
+    assert torch.equal(other_opt.state[other.weight]['momentum_buffer'], opt.state[model.weight]['momentum_buffer'])
