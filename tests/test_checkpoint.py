@@ -69,7 +69,8 @@ def test_a_crash_while_copying_to_model_best_leaves_the_old_file_whole(tmp_path,
         model.weight.add_(1)
     with pytest.raises((OSError, KeyboardInterrupt)):
         saver.save_checkpoint(1, metric=1.0)
-    assert torch.equal(_weight(tmp_path / 'checkpoint-1.pth.tar'), model.weight.detach())   # the crash was at model_best
+    # the crash was at model_best: checkpoint-1 was written whole
+    assert torch.equal(_weight(tmp_path / 'checkpoint-1.pth.tar'), model.weight.detach())
     assert best.read_bytes() == old
     assert not list(tmp_path.glob('*.part'))
     monkeypatch.undo()
