@@ -30,7 +30,7 @@ esac
 select=${MUTATION_SELECT:-not two_gloo and not ddp and not cli and not diverging and not full_disk and not killed \
 and not bad_numbers and not yaml and not split and not unwritable and not messages and not train_py and not \
 every_float and not non_finite_metric_never}
-case $module in   # the float64 Table-10 checks on resnet18 stand for the other three models there
+case $module in   # the float64 Table-10 checks on test_resnet stand for the other three models there
   perturbations|flat|sam) select="$select and not test_vit and not test_efficientnet and not test_convnext" ;;
 esac
 work=${MUTATION_DIR:-/tmp/sam-on-timm-mutation}/$module

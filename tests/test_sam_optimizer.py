@@ -14,8 +14,8 @@ from sam_on_timm import SAM, SAM_OPTIMIZERS, norm_parameters
 from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 
 DEFAULT_ETA = {'sam': 0.0, 'eleml2': 0.0, 'eleml2orig': 0.01, 'elemlinf': 0.0, 'layerl2': 0.0, 'fisher': 1.0}
-MODELS = {  # name -> (kwargs, input size): BN2d + unnamed downsample BN, BatchNormAct2d, LayerNorm, LN2d + gammas
-    'resnet18': 32, 'test_efficientnet': 32, 'test_vit': 32, 'test_convnext': 32}
+MODELS = {  # name -> input size: BN2d + unnamed downsample BN (test_resnet: resnet18's layout, 0.5M weights not 11M),
+    'test_resnet': 32, 'test_efficientnet': 32, 'test_vit': 32, 'test_convnext': 32}
 
 
 def independent_norm_set(model):
