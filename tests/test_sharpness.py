@@ -465,7 +465,7 @@ def _apgd_reference(grad_f, f, dim, n, rho, p, alpha=0.75, rho_ratio=0.75):
     eta, f_cur = 2 * rho, f(u)
     best_u, best_f = u, f_cur
     trace, ups, last, halved_last, best_last = [u], 0, 0, False, best_f
-    seen = dict(restart_not_last=0, tie_kept=0, stalled=0)
+    seen = dict(restart_not_last=0, tie_kept=0, stalled=0, kept_after_halving=0)
     for k in range(1, n + 1):
         z = step(u, grad_f(u), eta)
         if k == 1:
@@ -486,6 +486,7 @@ def _apgd_reference(grad_f, f, dim, n, rho, p, alpha=0.75, rho_ratio=0.75):
             stalled = not halved_last and best_f == best_last
             seen['tie_kept'] += ups == rho_ratio * (k - last) and not stalled
             seen['stalled'] += stalled and not few_ups
+            seen['kept_after_halving'] += halved_last and best_f == best_last and not few_ups
             last, ups, halved_last, best_last = k, 0, few_ups or stalled, best_f
             if few_ups or stalled:
                 eta /= 2
@@ -538,6 +539,33 @@ def test_apgd_l2_trace_matches_reference(case):
     for k, (g, r) in enumerate(zip(got, ref)):
         assert g == pytest.approx(r, abs=1e-9), f'iterate {k}'
     assert best == pytest.approx(max(f(u) for u in ref), abs=1e-12)
+
+
+def test_apgd_rule_2_needs_a_step_size_kept_since_the_last_checkpoint():
+    """f(u) = sin(6 u_1 + 1.1) + sin(3.2 u_2 + 1), l2 ball of radius 1, 30 steps: at one checkpoint the best
+    loss has not improved since the last one, but eta was halved there and enough steps went up, so eta is
+    kept (the stalled rule asks for an unchanged eta). The iterates against the reference."""
+    a, b, n = (6.0, 3.2), (1.1, 1.0), 30
+
+    def f(u):
+        return sum(math.sin(ai * ui + bi) for ai, ui, bi in zip(a, u, b))
+
+    def grad_f(u):
+        return [ai * math.cos(ai * ui + bi) for ai, ui, bi in zip(a, u, b)]
+
+    ref, seen = _apgd_reference(grad_f, f, 2, n, 1.0, 2)
+    assert seen['kept_after_halving'] and seen['restart_not_last']
+    model = Vec(torch.zeros(2, dtype=torch.float64))
+    at, bt = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    seen_w = []
+
+    def loss_fn():
+        seen_w.append(model.w.detach().clone())
+        return torch.sin(at * model.w + bt).sum()
+
+    apgd_max(loss_fn, _Perturbation([model.w], Ball(1.0, 2.0, False)), n_iters=n)
+    for k, (w, r) in enumerate(zip(seen_w, ref)):
+        assert w.tolist() == pytest.approx(r, abs=1e-9), f'iterate {k}'
 
 
 def test_ball_projection():
