@@ -610,3 +610,4 @@ def test_normalized_logits_centred_then_scaled():
     shifted = normalized_logits(z + torch.tensor([[5.0], [-7.0]], dtype=torch.float64))
     assert torch.allclose(shifted, out, atol=1e-12)
     assert torch.allclose(normalized_logits(3.0 * z), out, atol=1e-12)
+    assert torch.allclose(normalized_logits(1e-3 * z), out, atol=1e-12)   # a centred norm below 1 too
