@@ -146,3 +146,86 @@ def test_load_resume_loads_weights_optimizer_and_next_epoch(tmp_path):
     assert resumed.epoch == 5 and resumed.lrs == [0.3]
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), other.state_dict().values()))
     assert torch.equal(other_opt.state[other.weight]['momentum_buffer'], opt.state[model.weight]['momentum_buffer'])
+
+
+def test_the_file_holds_every_part_of_the_run(tmp_path):
+    """What a saved checkpoint holds, key by key: timm's (epoch, arch, state_dict, optimizer, version 2,
+    metric, the saver's history, the scaler's and the EMA's state) and ours (every rank's RNG state, rank 0's
+    as rng_state, a plateau schedule's progress, a distillation task's state)."""
+    from timm.utils import ModelEmaV3, NativeScaler
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(3, 2)).sum().backward()
+    opt.step()
+    ema = ModelEmaV3(model, decay=0.5)
+    with torch.no_grad():
+        ema.module.weight.add_(3.0)   # EMA weights unlike the model's
+    scaler = NativeScaler(device='cpu')
+    args = argparse.Namespace(model='my_arch', lr=0.1)
+    saver = RngCheckpointSaver(model, opt, args=args, model_ema=ema, amp_scaler=scaler,
+                               checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), decreasing=True)
+    ranks = [get_rng_state(), get_rng_state()]
+    ranks[1]['python'] = ranks[1]['python'][:1] + [list(range(3))] + ranks[1]['python'][2:]
+    saver.rng_states = ranks
+    saver.scheduler_state = {'restore_lr': [0.5], 'reduce_on_plateau': {'best': 1.5}}
+    saver.task_state = lambda: {'projection': torch.ones(2)}
+    saver.save_checkpoint(7, metric=0.25)
+    ck = read_checkpoint(str(tmp_path / 'last.pth.tar'))
+    assert ck['epoch'] == 7 and ck['arch'] == 'my_arch' and ck['version'] == 2 and ck['metric'] == 0.25
+    assert torch.equal(ck['state_dict']['weight'], model.weight.detach())
+    assert torch.equal(ck['state_dict_ema']['weight'], ema.module.weight.detach())
+    assert ck['optimizer']['param_groups'][0]['lr'] == 0.1 and ck['optimizer']['state']
+    assert ck[scaler.state_dict_key] == scaler.state_dict()
+    assert ck['lr_scheduler'] == {'restore_lr': [0.5], 'reduce_on_plateau': {'best': 1.5}}
+    assert torch.equal(ck['task_state']['projection'], torch.ones(2))
+    assert ck['args'] == {'model': 'my_arch', 'lr': 0.1}
+    assert len(ck['rng_states']) == 2 and ck['rng_states'][1]['python'][1] == [0, 1, 2]
+    assert torch.equal(ck['rng_state']['torch'], ranks[0]['torch']) and ck['rng_state']['python'] == ranks[0]['python']
+    assert 'saver' in ck   # timm's history, for a resume into the same folder
+    # without args / EMA / scaler / schedule / task: none of their keys, the arch from the model's class
+    bare = RngCheckpointSaver(model, opt, checkpoint_dir=str(tmp_path / 'b'), recovery_dir=str(tmp_path / 'b'))
+    os.makedirs(tmp_path / 'b')
+    bare.save_checkpoint(0)
+    ck = read_checkpoint(str(tmp_path / 'b' / 'last.pth.tar'))
+    assert ck['arch'] == 'linear' and len(ck['rng_states']) == 1 and 'metric' not in ck
+    assert not {'args', 'state_dict_ema', 'lr_scheduler', 'task_state', scaler.state_dict_key} & set(ck)
+
+
+def test_rng_state_holds_each_generator_exactly():
+    """get_rng_state: torch's state tensor, numpy's (kind, keys, position, cached Gaussian) and python's state
+    as lists (what a weights-only file holds); set_rng_state takes exactly that back."""
+    np.random.seed(5)
+    np.random.randn()
+    random.seed(6)
+    state = get_rng_state()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    assert torch.equal(state['torch'], torch.get_rng_state())
+    n = state['numpy']
+    assert n['kind'] == kind and n['pos'] == pos and n['has_gauss'] == has_gauss == 1 and n['cached_gaussian'] == cached
+    assert n['keys'].dtype == torch.int64 and np.array_equal(n['keys'].numpy(), keys)
+    assert isinstance(state['python'], list) and isinstance(state['python'][1], list)
+    assert tuple(state['python'][0:1]) + (tuple(state['python'][1]),) + tuple(state['python'][2:]) == random.getstate()
+    set_rng_state(state)
+    assert np.random.get_state()[4] == cached and random.getstate() == tuple(
+        tuple(x) if isinstance(x, list) else x for x in state['python'])
+
+
+def test_state_dict_mismatch_names_the_first_keys_of_two_kinds():
+    """At most 3 keys per kind, '(+N more)' for the rest, and at most two kinds (missing, unexpected,
+    reshaped, in that order)."""
+    from sam_on_timm.checkpoint import state_dict_mismatch
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(3)])
+    sd = model.state_dict()
+    assert state_dict_mismatch(model, sd) is None
+    missing = {k: v for k, v in sd.items() if not k.startswith(('1.', '2.'))}
+    assert state_dict_mismatch(model, missing) == 'missing keys 1.weight, 1.bias, 2.weight (+1 more)'
+    extra = dict(sd, **{f'x{i}': torch.zeros(1) for i in range(5)})
+    assert state_dict_mismatch(model, extra) == 'unexpected keys x0, x1, x2 (+2 more)'
+    assert state_dict_mismatch(model, extra, shown=5) == 'unexpected keys x0, x1, x2, x3, x4'
+    reshaped = dict(sd, **{'0.weight': torch.zeros(3, 2)})
+    assert state_dict_mismatch(model, reshaped) == 'other shapes 0.weight (3, 2) vs (2, 2)'
+    both = dict(missing, y=torch.zeros(1), **{'0.weight': torch.zeros(3, 2)})
+    assert state_dict_mismatch(model, both) == 'missing keys 1.weight, 1.bias, 2.weight (+1 more); unexpected keys y'
+    two = dict(sd, y=torch.zeros(1), **{'0.weight': torch.zeros(3, 2)})
+    assert state_dict_mismatch(model, two) == 'unexpected keys y; other shapes 0.weight (3, 2) vs (2, 2)'
