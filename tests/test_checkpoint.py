@@ -229,3 +229,115 @@ def test_state_dict_mismatch_names_the_first_keys_of_two_kinds():
     assert state_dict_mismatch(model, both) == 'missing keys 1.weight, 1.bias, 2.weight (+1 more); unexpected keys y'
     two = dict(sd, y=torch.zeros(1), **{'0.weight': torch.zeros(3, 2)})
     assert state_dict_mismatch(model, two) == 'unexpected keys y; other shapes 0.weight (3, 2) vs (2, 2)'
+
+
+class _Wrapped(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+
+def test_the_saver_unwraps_with_its_unwrap_fn_and_keeps_timms_history(tmp_path):
+    """``unwrap_fn`` gives the weights' keys of the inner model (model and EMA); the history saved in the file
+    restores a saver's best epoch, best metric and kept files (what a resume into the same folder needs)."""
+    from timm.utils import ModelEmaV3
+    inner = torch.nn.Linear(2, 2)
+    model = _Wrapped(inner)
+    ema = _Wrapped(torch.nn.Linear(2, 2))
+    saver = RngCheckpointSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), model_ema=ModelEmaV3(ema),
+                               unwrap_fn=lambda m: m.module.inner if hasattr(m, 'module') else m.inner,
+                               checkpoint_dir=str(tmp_path), recovery_dir=str(tmp_path), decreasing=True)
+    for epoch, metric in enumerate((2.0, 1.0, 3.0)):
+        saver.save_checkpoint(epoch, metric=metric)
+    ck = read_checkpoint(str(tmp_path / 'last.pth.tar'))
+    assert set(ck['state_dict']) == set(ck['state_dict_ema']) == {'weight', 'bias'}
+    fresh = _saver(tmp_path, torch.nn.Linear(2, 2))
+    fresh.load_state_dict(ck['saver'])
+    assert (fresh.best_epoch, fresh.best_metric) == (1, 1.0) == (saver.best_epoch, saver.best_metric)
+    assert [(os.path.basename(f), m) for f, m in fresh.checkpoint_files] == [
+        ('checkpoint-1.pth.tar', 1.0), ('checkpoint-0.pth.tar', 2.0), ('checkpoint-2.pth.tar', 3.0)]
+
+
+@pytest.mark.parametrize('err', [OSError(errno.ENOSPC, 'No space left on device'), OSError('quota exceeded')])
+def test_a_failed_write_keeps_errno_and_reason(tmp_path, monkeypatch, err):
+    """The OSError of a failed save names the epoch, the folder and the reason, and keeps the errno."""
+    saver = _saver(tmp_path, torch.nn.Linear(2, 2))
+
+    def fail(*a, **k):
+        raise err
+
+    monkeypatch.setattr(torch, 'save', fail)
+    with pytest.raises(OSError) as info:
+        saver.save_checkpoint(3, metric=1.0)
+    assert info.value.errno == err.errno
+    reason = err.strerror or str(err)
+    assert str(info.value).endswith(f"cannot write the checkpoint of epoch 3 into '{tmp_path}' ({reason}); the "
+                                    f"checkpoints already there are intact")
+
+
+def test_load_resume_cases(tmp_path):
+    """load_resume: the checkpoint dict it read (EMA weights without DDP's 'module.'), the next epoch (None for
+    a file without one), no optimizer given (weights only), the scaler's state, another model's weights
+    refused naming the file's arch and the first mismatch."""
+    from timm.utils import NativeScaler
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    sd = model.state_dict()
+    scaler = NativeScaler(device='cpu')
+    path = str(tmp_path / 'c.pth.tar')
+    torch.save({'state_dict': sd, 'epoch': 4, 'arch': 'lin', 'optimizer': {'state': {}, 'param_groups': []},
+                'state_dict_ema': {f'module.{k}': v for k, v in sd.items()},
+                scaler.state_dict_key: dict(scaler.state_dict(), scale=1024.0)}, path)
+    fresh = torch.nn.Linear(2, 2)
+    resumed = load_resume(path, fresh)   # no optimizer: its state is not read
+    assert resumed.epoch == 5 and resumed.lrs is None and resumed.checkpoint['arch'] == 'lin'
+    assert set(resumed.checkpoint['state_dict_ema']) == {'weight', 'bias'}
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())
+    opt = torch.optim.SGD(fresh.parameters(), lr=0.1)
+    torch.save({'state_dict': sd, 'epoch': 4, 'optimizer': torch.optim.SGD(model.parameters(), lr=0.2).state_dict(),
+                scaler.state_dict_key: dict(scaler.state_dict(), scale=1024.0)}, path)
+    resumed = load_resume(path, fresh, opt, loss_scaler=scaler)
+    assert resumed.lrs == [0.2] and scaler.state_dict()['scale'] == 1024.0
+    torch.save({'state_dict': sd}, path)
+    assert load_resume(path, fresh).epoch is None
+    with pytest.raises(ValueError, match=r"^the weights are of another model \('lin'\): other shapes weight \(2, 2\) "
+                                         r"vs \(2, 3\)"):
+        torch.save({'state_dict': sd, 'arch': 'lin'}, path)
+        load_resume(path, torch.nn.Linear(3, 2))
+
+
+def test_load_optimizer_state_refusal_and_other_errors():
+    """Another kind's state: ValueError naming this optimizer's class and the setting missing, the state kept;
+    a state without param groups: torch's own KeyError, also with the state kept; ``load`` is the loader used."""
+    from sam_on_timm.checkpoint import load_optimizer_state
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.ones(2))], lr=0.5)
+    with pytest.raises(ValueError, match=r'than this SGD \(its parameter groups lack .*momentum'):
+        load_optimizer_state(opt, adam.state_dict())
+    assert opt.param_groups[0]['lr'] == 0.1 and opt.param_groups[0]['momentum'] == 0.9
+    with pytest.raises(KeyError):
+        load_optimizer_state(opt, {'state': {}})
+    assert opt.param_groups[0]['lr'] == 0.1
+    calls = []
+    load_optimizer_state(opt, opt.state_dict(), load=lambda sd: calls.append(sd))
+    assert len(calls) == 1
+
+
+def test_read_checkpoint_formats(tmp_path):
+    """torch's zip format and its legacy pickle format are read; a file of neither, and one holding Python
+    objects a weights-only load refuses, are ValueErrors saying so."""
+    sd = {'w': torch.arange(3.0)}
+    torch.save({'state_dict': sd}, tmp_path / 'zip.pt')
+    torch.save({'state_dict': sd}, tmp_path / 'legacy.pt', _use_new_zipfile_serialization=False)
+    for name in ('zip.pt', 'legacy.pt'):
+        assert torch.equal(read_checkpoint(str(tmp_path / name))['state_dict']['w'], sd['w'])
+    (tmp_path / 'text.pt').write_text('hello')
+    with pytest.raises(ValueError, match=r"neither torch.save's zip format nor a pickle"):
+        read_checkpoint(str(tmp_path / 'text.pt'))
+    torch.save({'state_dict': sd, 'obj': _Wrapped(torch.nn.Linear(1, 1))}, tmp_path / 'obj.pt')
+    with pytest.raises(ValueError, match='other than tensors and plain values'):
+        read_checkpoint(str(tmp_path / 'obj.pt'))
+    torch.save([1, 2], tmp_path / 'list.pt')
+    with pytest.raises(ValueError, match='holds a list, not a checkpoint'):
+        read_checkpoint(str(tmp_path / 'list.pt'))
