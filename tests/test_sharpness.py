@@ -611,3 +611,72 @@ def test_normalized_logits_centred_then_scaled():
     assert torch.allclose(shifted, out, atol=1e-12)
     assert torch.allclose(normalized_logits(3.0 * z), out, atol=1e-12)
     assert torch.allclose(normalized_logits(1e-3 * z), out, atol=1e-12)   # a centred norm below 1 too
+
+
+def test_ball_norm_and_direction_edge_cases():
+    """l-inf norm over a set with an empty tensor; the steepest-ascent direction of a zero or non-finite
+    gradient is 0 (l2), of a NaN entry 0 (l-inf): no NaN ever reaches an iterate."""
+    linf, l2 = Ball(1.0, math.inf, False), Ball(1.0, 2.0, False)
+    assert float(linf.norm([torch.zeros(0), torch.tensor([-2.0, 1.0])])) == 2.0
+    assert float(l2.norm([torch.zeros(0), torch.tensor([3.0, 4.0])])) == 5.0
+    for g in ([torch.zeros(3)], [torch.tensor([1.0, float('inf')])], [torch.tensor([float('nan'), 1.0])]):
+        assert all(not d.any() for d in l2.direction(g))
+    assert linf.direction([torch.tensor([float('nan'), -3.0, 0.0, 0.5])])[0].tolist() == [0.0, -1.0, 0.0, 1.0]
+    d = l2.direction([torch.tensor([3.0], dtype=torch.float64), torch.tensor([-4.0], dtype=torch.float64)])
+    assert [x.tolist() for x in d] == [pytest.approx([0.6]), pytest.approx([-0.8])]
+
+
+def test_select_params_sets():
+    """all: every trainable parameter (also of a model without norm layers); on: the norm layers' affine
+    parameters; nonorm: the rest."""
+    from sam_on_timm.sharpness import select_params
+    net, _, _ = _bn_net()
+    norm = [net[1].weight, net[1].bias]
+    assert select_params(net, 'all') == list(net.parameters())
+    assert select_params(net, 'on') == norm
+    assert select_params(net, 'nonorm') == [p for p in net.parameters() if all(p is not q for q in norm)]
+    lin = nn.Linear(2, 2)
+    assert select_params(lin, 'all') == list(lin.parameters())
+
+
+def test_average_case_samples_are_on_the_sphere_and_counted():
+    """One-element parameters (|z| is often below 1): every sample is scaled to |u| = rho; one sample is a mean
+    of one; L(w0) is returned when not given."""
+    from sam_on_timm.sharpness import average_case
+    model = Vec(torch.tensor([0.5], dtype=torch.float64))
+    seen = []
+
+    def loss_fn():
+        seen.append(float(model.w.detach() - 0.5))
+        return 3.0 * model.w.sum()
+
+    pert = _Perturbation([model.w], Ball(0.1, math.inf, False))
+    mean, f0 = average_case(loss_fn, pert, 8, torch.Generator().manual_seed(3))
+    assert f0 == 1.5 and seen[0] == 0.0
+    assert [abs(d) for d in seen[1:]] == pytest.approx([0.1] * 8, rel=1e-9)
+    assert mean == pytest.approx(1.5 + 3.0 * sum(seen[1:]) / 8, rel=1e-12)
+    seen.clear()
+    one, _ = average_case(loss_fn, pert, 1, torch.Generator().manual_seed(3), f0=1.5)
+    assert one == pytest.approx(1.5 + 3.0 * seen[0], rel=1e-12)
+
+
+def test_batch_sharpness_defaults_and_reproducible_average():
+    """Defaults: 20 Auto-PGD steps (21 losses), 1 for the 1-step point, 10 Gaussian samples, after the clean
+    loss; without a generator the samples are those of a generator seeded 0, whatever the global RNG."""
+    model = Vec(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (model.w ** 2).sum() + model.w.prod()
+
+    ball = Ball(0.05, 2.0, True)
+    batch_sharpness(model, [model.w], loss_fn, ball)
+    assert len(calls) == 1 + 20 + 1 + 10
+    torch.manual_seed(1)
+    a = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'])
+    torch.manual_seed(2)
+    b = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'])
+    c = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'],
+                        generator=torch.Generator().manual_seed(0))
+    assert a == b == c
