@@ -680,3 +680,23 @@ def test_batch_sharpness_defaults_and_reproducible_average():
     c = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'],
                         generator=torch.Generator().manual_seed(0))
     assert a == b == c
+
+
+def test_small_n_iters_checkpoints_ball_radius_and_unused_parameters():
+    """N = 3: checkpoints ceil(0.66) = 1, ceil(1.23) = 2, 3; a negative or infinite rho is refused; a
+    perturbed parameter the loss does not reach gets gradient 0 and stays at its value."""
+    assert apgd_checkpoints(3) == [1, 2, 3]
+    for bad in (-0.1, math.inf):
+        with pytest.raises(ValueError, match='rho must be a finite number >= 0'):
+            Ball(bad)
+    model = Vec(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    unused = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    seen = []
+
+    def loss_fn():
+        seen.append(unused.detach().clone())
+        return (model.w ** 2).sum()
+
+    res = batch_sharpness(model, [model.w, unused], loss_fn, Ball(0.1, 2.0, False), metrics=['worst', 'one-step'],
+                          n_iters=3)
+    assert res['worst'] > 0 and all(float(u) == 2.0 for u in seen)
