@@ -15,8 +15,8 @@ from sam_on_timm.sparse import SparseMask
 from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 
 DEFAULT_ETA = {'sam': 0.0, 'eleml2': 0.0, 'eleml2orig': 0.01, 'elemlinf': 0.0, 'layerl2': 0.0, 'fisher': 1.0}
-MODELS = {  # name -> (kwargs, input size): BN2d + unnamed downsample BN, BatchNormAct2d, LayerNorm, LN2d + gammas
-    'resnet18': 32, 'test_efficientnet': 32, 'test_vit': 32, 'test_convnext': 32}
+MODELS = {  # name -> input size: BN2d + unnamed downsample BN (test_resnet: resnet18's layout, 0.5M weights not 11M),
+    'test_resnet': 32, 'test_efficientnet': 32, 'test_vit': 32, 'test_convnext': 32}
 
 
 def independent_norm_set(model):
@@ -681,13 +681,15 @@ def test_fused_path_gives_the_same_eps_with_channels_last_and_nan(monkeypatch, d
     and it calls masked_fill_ once, not once per tensor."""
     from sam_on_timm import flat, perturbations
     from sam_on_timm.perturbations import compute_eps
-    monkeypatch.setattr(flat, 'FLAT_MAX_NUMEL', 1 << 40)  # resnet18's 11M weights: the flat path
+    monkeypatch.setattr(flat, 'FLAT_MAX_NUMEL', 1 << 40)  # every set: the flat path
     torch.manual_seed(0)
-    m = timm.create_model('resnet18', num_classes=3).to(device).to(memory_format=torch.channels_last)
+    # test_resnet: 3x3 and 1x1 (downsample) convs, BatchNorm, biases; 0.5M weights (resnet18's 11M took 40 s)
+    m = timm.create_model('test_resnet', num_classes=3).to(device).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 32, 32, device=device).contiguous(memory_format=torch.channels_last)
     F.cross_entropy(m(x), torch.tensor([0, 1], device=device)).backward()
     params = list(m.parameters())
     assert any(p.dim() == 4 and not p.grad.is_contiguous() for p in params)  # channels_last gradients
+    assert any(p.dim() == 4 and p.shape[2:] == (1, 1) for p in params)      # strides ambiguous in size-1 dims
     is_bias = [p.dim() == 1 for p in params]
     calls = {'mul_pairs': [], 'masked_fill_': 0}
     foreach_mul, foreach_mul_, masked_fill_ = torch._foreach_mul, torch._foreach_mul_, torch.Tensor.masked_fill_
@@ -784,9 +786,11 @@ def test_flat_path_issues_the_same_ops_whatever_the_number_of_tensors(monkeypatc
             Count.n += 1
             return func(*args, **(kwargs or {}))
 
-    def ops(model_name, opt_name):
+    def ops(n_blocks, opt_name):
+        # n blocks of conv (weight, bias) + BatchNorm + LayerNorm: SAM-ON's set has 4 n tensors, SAM's 6 n
         torch.manual_seed(0)
-        m = timm.create_model(model_name, num_classes=3)
+        m = nn.Sequential(*[nn.Sequential(nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.LayerNorm([4, 2, 2]))
+                            for _ in range(n_blocks)])
         opt = create_optimizer_v2(m, opt_name, lr=0.1, rho=0.05)
         grads = [torch.randn_like(p) for p in opt.perturbed]
         opt.perturb([g.clone() for g in grads], grads_writable=True)   # builds the buffers
@@ -799,10 +803,10 @@ def test_flat_path_issues_the_same_ops_whatever_the_number_of_tensors(monkeypatc
 
     for opt_name in ('sam-on', 'sam-on-layerl2', 'sam-on-eleml2orig', 'sam-on-fisher', 'sam-on-elemlinf'):
         monkeypatch.setattr(flat, 'FUSED_DEVICE_TYPES', {'cpu'})
-        (n_small, ops_small), (n_big, ops_big) = ops('test_resnet', opt_name), ops('resnet50', opt_name)
+        (n_small, ops_small), (n_big, ops_big) = ops(8, opt_name), ops(30, opt_name)
         assert n_big > 2 * n_small and ops_big == ops_small <= 40, (opt_name, ops_small, ops_big)
         monkeypatch.setattr(flat, 'FUSED_DEVICE_TYPES', set())
-        assert ops('resnet50', opt_name)[1] > ops('test_resnet', opt_name)[1], opt_name
+        assert ops(30, opt_name)[1] > ops(8, opt_name)[1], opt_name
 
 
 @pytest.mark.parametrize('change', ['double', 'channels_last'])
@@ -851,3 +855,110 @@ def test_pickle_loads_and_steps_and_counts_skips_in_float32():
     assert float(loaded.last_skipped) == 0.0
     loaded.second_step()
     assert all(not torch.equal(p, b) for p, b in zip(loaded.perturbed, before))
+
+
+# ---------------------------------------------------------------------------------------------
+# optimizer state: saved hyperparameters, an explicit eta of 0, zero_grad in place
+# ---------------------------------------------------------------------------------------------
+def test_load_state_dict_takes_the_saved_groups_hyperparameters():
+    """A state saved with lr 0.03 / momentum 0.5 / weight decay 1e-2, loaded into an optimizer built with
+    other values, steps with the saved ones: its next step is the plain SGD step written out here, and an
+    lr change made through ``param_groups`` afterwards (what a scheduler does) reaches the base optimizer."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    saved = create_optimizer_v2(model, 'sam-on', lr=0.03, momentum=0.5, weight_decay=1e-2, rho=0.05)
+    state = copy.deepcopy(saved.state_dict())
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.7, momentum=0.9, weight_decay=1e-4, rho=0.05)
+    opt.load_state_dict(state)
+    wds = [g['weight_decay'] for g in saved.param_groups]
+    assert sorted(wds) == [0.0, 1e-2]   # timm's factory: biases and norm parameters without decay
+    for gs in (opt.param_groups, opt.base_optimizer.param_groups):
+        assert [(g['lr'], g['momentum'], g['weight_decay']) for g in gs] == [(0.03, 0.5, wd) for wd in wds]
+    opt.param_groups[0]['lr'] = 0.02   # a scheduler's change after the load
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    before = {p: (p.detach().clone(), p.grad.clone()) for p in model.parameters()}
+    opt.step()   # no momentum buffer yet: buf = g + wd w; timm's sgd is Nesterov: d = g + wd w + 0.5 buf
+    for i, (lr, wd) in enumerate(((0.02, wds[0]), (0.03, wds[1]))):
+        for p in opt.param_groups[i]['params']:
+            w, g = before[p]
+            d = g + wd * w
+            torch.testing.assert_close(p.detach(), w - lr * (d + 0.5 * d), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize('name', ['sam-fisher', 'sam-eleml2orig'])
+def test_explicit_eta_zero_is_zero_not_the_default(name):
+    """eta=0.0 given is 0, not the variant's default (fisher 1, eleml2orig 0.01): Fisher-SAM's T is then 1
+    (eps = rho g / ||g||), original ASAM's T is |w| for weights and 1 for biases."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).double()
+    opt = create_optimizer_v2(model, name, lr=0.1, rho=0.05, eta=0.0)
+    assert opt.eta == 0.0
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn_like(p)
+    g = [p.grad.clone() for p in params]
+    if name == 'sam-fisher':
+        t = [torch.ones_like(p) for p in params]
+    else:
+        t = [torch.ones_like(p) if n.endswith('bias') else p.detach().abs() for n, p in zip(names, params)]
+    denom = math.sqrt(sum(float(((ti * gi) ** 2).sum()) for ti, gi in zip(t, g)))
+    before = [p.detach().clone() for p in params]
+    opt.first_step()
+    for p, w, ti, gi in zip(params, before, t, g):
+        torch.testing.assert_close(p.detach() - w, 0.05 * ti * ti * gi / denom, rtol=1e-9, atol=1e-15)
+    opt.restore()
+
+
+def test_zero_grad_set_to_none_false_zeros_in_place():
+    """``zero_grad(set_to_none=False)`` keeps every .grad tensor (the same object and storage) at zero;
+    the default sets them to None."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.05)
+    model(torch.randn(2, 3)).sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads[:2])
+    opt.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# gradients that share storage
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('variant', ['sam', 'eleml2', 'layerl2', 'elemlinf', 'fisher'])
+def test_eps_with_gradients_sharing_storage(variant, fused):
+    """Gradients that are views of one buffer (one with strides of its own in a size-1 dimension, at an
+    offset) and one gradient tensor given for two parameters, with ``grads_writable``: an in-place update
+    would reach the shared storage twice. eps is the formula's, computed here per element in float64,
+    on both the per-tensor and the flat path; and the shared buffer is read, never written."""
+    from sam_on_timm.perturbations import compute_eps
+    torch.manual_seed(0)
+    w = [torch.randn(4, dtype=torch.float64), torch.randn(3, 1, dtype=torch.float64),
+         torch.randn(2, 2, dtype=torch.float64), torch.randn(4, dtype=torch.float64)]
+    buf = torch.randn(11, dtype=torch.float64)
+    g = [buf[:4], buf.as_strided((3, 1), (1, 5), 4), buf[7:].view(2, 2)]
+    g.append(g[0])   # the same gradient tensor for the last parameter too
+    kept = buf.clone()
+    eta, rho = (1.0 if variant == 'fisher' else 0.0), 0.05
+    gd = [x.detach().clone() for x in g]
+    if variant == 'sam':
+        t = [torch.ones_like(x) for x in w]
+    elif variant in ('eleml2', 'elemlinf'):
+        t = [x.abs() for x in w]
+    elif variant == 'layerl2':
+        t = [torch.full_like(x, float(x.norm())) for x in w]
+    else:
+        t = [(1 + eta * x * x) ** -0.5 for x in gd]
+    if variant == 'elemlinf':
+        want = [rho * ti * gi.sign() for ti, gi in zip(t, gd)]
+    else:
+        denom = math.sqrt(sum(float(((ti * gi) ** 2).sum()) for ti, gi in zip(t, gd)))
+        want = [rho * ti * ti * gi / denom for ti, gi in zip(t, gd)]
+    eps, _, skipped = compute_eps(variant, w, g, rho, eta, grads_writable=True)
+    assert float(skipped) == 0.0
+    for e, ref in zip(eps, want):
+        torch.testing.assert_close(e.detach().clone(), ref, rtol=1e-12, atol=1e-15)
+    assert torch.equal(buf, kept)

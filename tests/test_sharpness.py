@@ -399,3 +399,319 @@ def test_default_output_names_every_setting(tmp_path):
               name('--metrics', 'worst'), name('--n-samples', '3'), name('--split', 'validation'), name('--ema'),
               name('--bn-batch-stats'), name('--no-normalize-logits'), name('--params', 'on'), name('--rho', '0.01')]
     assert len(set(others + [base])) == len(others) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Auto-PGD's schedule, against a trace worked out by hand
+# ---------------------------------------------------------------------------------------------
+# f(u) = -(u_1 - 0.6)^2 - (u_2 + 0.9)^2 on the l-inf ball of radius 1, N = 5 steps, eta_0 = 2 rho = 2,
+# alpha = 0.75 (Croce & Hein 2020, Algorithm 1); checkpoints ceil(p_j N) for p = 0.22, 0.41, 0.57, 0.70,
+# 0.80, 0.87: 2, 3, 3, 4, 4, 5.
+#   u_0 = (0, 0)                                          f = -1.17      grad ( 1.2, -1.8)
+#   u_1 = clip(u_0 + 2 sign(grad))    = (1, -1)             f = -0.17      grad (-0.8,  0.2)    up
+#   z_2 = clip(u_1 + 2 (-1, 1))       = (-1, 1)
+#   u_2 = u_1 + 0.75 (z_2 - u_1) + 0.25 (u_1 - u_0) = (-0.25, 0.25)          f = -2.045          down
+#   checkpoint 2: 1 < 0.75 * 2 steps went up -> eta = 1, restart from the best u_1 (not the last u_2)
+#   u_3 = u_1 + 0.75 (clip(u_1 + 1 (-1, 1)) - u_1) = (0.25, -0.25)          f = -0.545          down
+#   checkpoint 3: 0 < 0.75 * 1 -> eta = 0.5, restart from the best u_1 again (not the last u_3)
+#   u_4 = u_1 + 0.75 (clip(u_1 + 0.5 (-1, 1)) - u_1) = (0.625, -0.625)      f = -0.07625 (best)  up
+#   checkpoint 4: 1 of 1 step up, and eta was halved at 3 -> no change   grad (-0.05, -0.55)
+#   z_5 = clip(u_4 + 0.5 (-1, -1)) = (0.125, -1)
+#   u_5 = u_4 + 0.75 (z_5 - u_4) + 0.25 (u_4 - u_1) = (0.15625, -0.8125)    f = -0.2045703125
+#   (checkpoint 5 is the end.) The result is the best value, -0.07625, not the last.
+HAND_TRACE = [(0.0, 0.0), (1.0, -1.0), (-0.25, 0.25), (0.25, -0.25), (0.625, -0.625), (0.15625, -0.8125)]
+HAND_F = [-1.17, -0.17, -2.045, -0.545, -0.07625, -0.2045703125]
+
+
+def _hand_f(u1, u2):
+    return -(u1 - 0.6) ** 2 - (u2 + 0.9) ** 2
+
+
+def test_hand_trace_is_self_consistent():
+    assert [_hand_f(*u) for u in HAND_TRACE] == pytest.approx(HAND_F, abs=1e-12)
+    assert apgd_checkpoints(5) == [2, 3, 4, 5]
+
+
+@pytest.mark.parametrize('rho,adaptive', [(1.0, False), (0.5, False), (0.1, True)])
+def test_apgd_linf_trace_by_hand(rho, adaptive):
+    """The iterates Auto-PGD evaluates are the hand trace above, scaled to the ball: u in units of
+    rho (the step is 2 rho, halved at the checkpoints), delta = T u with T = |w0| when adaptive. Pins the
+    step size, the momentum, the clipping, the checkpoint rule and both restarts from a best iterate that
+    is not the last one."""
+    w0 = torch.tensor([2.0, -0.5], dtype=torch.float64)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    model = Vec(w0)
+    seen = []
+
+    def loss_fn():
+        seen.append(model.w.detach().clone())
+        u = (model.w - w0) / (rho * t)   # the hand trace's coordinates
+        return -(u[0] - 0.6) ** 2 - (u[1] + 0.9) ** 2
+
+    best, f0 = apgd_max(loss_fn, _Perturbation([model.w], Ball(rho, math.inf, adaptive)), n_iters=5)
+    got = [((w - w0) / (rho * t)).tolist() for w in seen]
+    assert len(got) == 6
+    for k, (g, h) in enumerate(zip(got, HAND_TRACE)):
+        assert g == pytest.approx(list(h), abs=1e-12), f'iterate {k}'
+    assert f0 == pytest.approx(HAND_F[0], abs=1e-12) and best == pytest.approx(max(HAND_F), abs=1e-12)
+
+
+def _apgd_reference(grad_f, f, dim, n, rho, p, alpha=0.75, rho_ratio=0.75):
+    """Auto-PGD in the l-p ball of radius rho (p = 2 or inf; pure-Python floats, written from Croce & Hein
+    2020, Algorithm 1 and Sec. 3.2): the evaluated iterates, and which rules the run exercised."""
+    def proj(v):
+        if p == 2:
+            n_ = math.hypot(*v)
+            return list(v) if n_ <= rho else [x * rho / n_ for x in v]
+        return [min(max(x, -rho), rho) for x in v]
+
+    def step(u, g, eta):
+        if p == 2:
+            n_ = math.hypot(*g)
+            return proj([a + eta * b / n_ for a, b in zip(u, g)]) if n_ > 0 else list(u)
+        return proj([a + eta * ((b > 0) - (b < 0)) for a, b in zip(u, g)])
+
+    # checkpoints ceil(p_j n) with p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)
+    ps = [0.0, 0.22]
+    while ps[-1] < 1:
+        ps.append(ps[-1] + max(ps[-1] - ps[-2] - 0.03, 0.06))
+    cps = sorted({math.ceil(round(q * n, 9)) for q in ps[1:]} & set(range(1, n)))
+    u = prev = [0.0] * dim
+    eta, f_cur = 2 * rho, f(u)
+    best_u, best_f = u, f_cur
+    trace, ups, last, halved_last, best_last = [u], 0, 0, False, best_f
+    seen = dict(restart_not_last=0, tie_kept=0, stalled=0, kept_after_halving=0)
+    for k in range(1, n + 1):
+        z = step(u, grad_f(u), eta)
+        if k == 1:
+            new = z
+        else:
+            new = proj([a + alpha * (b - a) + (1 - alpha) * (a - c) for a, b, c in zip(u, z, prev)])
+        prev, u = u, new
+        f_new = f(u)
+        ups += f_new > f_cur
+        f_cur = f_new
+        trace.append(u)
+        if f_new > best_f:
+            best_u, best_f = u, f_new
+        if k in cps:
+            # 1: fewer than rho_ratio of the steps since the last checkpoint went up; 2: the step size was not
+            # reduced at the last checkpoint and the best loss has not improved since
+            few_ups = ups < rho_ratio * (k - last)
+            stalled = not halved_last and best_f == best_last
+            seen['tie_kept'] += ups == rho_ratio * (k - last) and not stalled
+            seen['stalled'] += stalled and not few_ups
+            seen['kept_after_halving'] += halved_last and best_f == best_last and not few_ups
+            last, ups, halved_last, best_last = k, 0, few_ups or stalled, best_f
+            if few_ups or stalled:
+                eta /= 2
+                seen['restart_not_last'] += best_u is not u
+                u = prev = best_u
+                f_cur = best_f
+    return trace, seen
+
+
+# (maximum c, curvatures a, rho, steps, ball, adaptive): the maximum lies inside the ball, so steps overshoot
+# and come back. The second case runs into the checkpoint rule's edges: exactly rho_ratio of the steps went
+# up (kept), and a stalled best loss with enough steps up (halved).
+L2_CASES = {'l2-inside': ((0.15, -0.1), (1.0, 3.0), 0.4, 10, False),
+            'l2-inside-adaptive': ((0.15, -0.1), (1.0, 3.0), 0.4, 10, True),
+            'l2-rule-edges': ((0.98, -0.1, -0.72), (2.0, 1.0, 2.0), 1.0, 20, False)}
+
+
+@pytest.mark.parametrize('case', list(L2_CASES))
+def test_apgd_l2_trace_matches_reference(case):
+    """l2 ball: the normalised-gradient step, the projection that shrinks only points outside the ball (an
+    iterate inside stays where it is), the checkpoints and the restarts, against the reference above."""
+    c, a, rho, n, adaptive = L2_CASES[case]
+
+    def f(u):
+        return -sum(ai * (ui - ci) ** 2 for ai, ui, ci in zip(a, u, c))
+
+    def grad_f(u):
+        return [-2 * ai * (ui - ci) for ai, ui, ci in zip(a, u, c)]
+
+    ref, seen = _apgd_reference(grad_f, f, len(c), n, rho, 2)
+    assert seen['restart_not_last'] >= 1                           # the case exercises a restart
+    if case == 'l2-rule-edges':
+        assert seen['tie_kept'] and seen['stalled']
+    else:
+        assert any(0 < math.hypot(*u) < 0.95 * rho for u in ref[2:])   # an iterate strictly inside
+
+    w0 = torch.tensor([1.5, -0.25, 0.75][:len(c)], dtype=torch.float64)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    model = Vec(w0)
+    seen_w = []
+    ct, at = torch.tensor(c, dtype=torch.float64), torch.tensor(a, dtype=torch.float64)
+
+    def loss_fn():
+        seen_w.append(model.w.detach().clone())
+        return -(at * ((model.w - w0) / t - ct) ** 2).sum()
+
+    best, _ = apgd_max(loss_fn, _Perturbation([model.w], Ball(rho, 2.0, adaptive)), n_iters=n)
+    got = [((w - w0) / t).tolist() for w in seen_w]
+    assert len(got) == n + 1
+    for k, (g, r) in enumerate(zip(got, ref)):
+        assert g == pytest.approx(r, abs=1e-9), f'iterate {k}'
+    assert best == pytest.approx(max(f(u) for u in ref), abs=1e-12)
+
+
+def test_apgd_rule_2_needs_a_step_size_kept_since_the_last_checkpoint():
+    """f(u) = sin(6 u_1 + 1.1) + sin(3.2 u_2 + 1), l2 ball of radius 1, 30 steps: at one checkpoint the best
+    loss has not improved since the last one, but eta was halved there and enough steps went up, so eta is
+    kept (the stalled rule asks for an unchanged eta). The iterates against the reference."""
+    a, b, n = (6.0, 3.2), (1.1, 1.0), 30
+
+    def f(u):
+        return sum(math.sin(ai * ui + bi) for ai, ui, bi in zip(a, u, b))
+
+    def grad_f(u):
+        return [ai * math.cos(ai * ui + bi) for ai, ui, bi in zip(a, u, b)]
+
+    ref, seen = _apgd_reference(grad_f, f, 2, n, 1.0, 2)
+    assert seen['kept_after_halving'] and seen['restart_not_last']
+    model = Vec(torch.zeros(2, dtype=torch.float64))
+    at, bt = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    seen_w = []
+
+    def loss_fn():
+        seen_w.append(model.w.detach().clone())
+        return torch.sin(at * model.w + bt).sum()
+
+    apgd_max(loss_fn, _Perturbation([model.w], Ball(1.0, 2.0, False)), n_iters=n)
+    for k, (w, r) in enumerate(zip(seen_w, ref)):
+        assert w.tolist() == pytest.approx(r, abs=1e-9), f'iterate {k}'
+
+
+def test_ball_projection():
+    """l2: a point inside the ball stays, one outside goes to the sphere along its own direction;
+    l-inf: coordinatewise clipping."""
+    ball = Ball(1.0, 2.0, False)
+    inside = [torch.tensor([0.3, -0.4]), torch.tensor([0.2])]
+    assert [t.tolist() for t in ball.project([t.clone() for t in inside])] == [t.tolist() for t in inside]
+    out = ball.project([torch.tensor([3.0, 0.0]), torch.tensor([4.0])])   # norm 5
+    assert out[0].tolist() == pytest.approx([0.6, 0.0]) and out[1].tolist() == pytest.approx([0.8])
+    box = Ball(0.5, math.inf, False).project([torch.tensor([0.7, -0.2, -3.0])])
+    assert box[0].tolist() == pytest.approx([0.5, -0.2, -0.5])
+
+
+@pytest.mark.parametrize('p,adaptive', [(math.inf, False), (math.inf, True), (2.0, False), (2.0, True)])
+def test_one_step_point_by_hand(p, adaptive):
+    """The 1-step point for a linear loss L(w) = g.w, written out: l-inf w0 + rho T sign(g) (T = 1 without
+    --adaptive: the same step for every coordinate whatever |w|), l2 w0 + rho T^2 g / ||T g||."""
+    w0 = torch.tensor([3.0, -0.2, 0.5], dtype=torch.float64)
+    g = torch.tensor([0.5, -2.0, 1.0], dtype=torch.float64)
+    rho = 0.1
+    model = Vec(w0)
+    t = w0.abs() if adaptive else torch.ones_like(w0)
+    if p == math.inf:
+        eps = rho * t * g.sign()
+    else:
+        eps = rho * t * t * g / (t * g).norm()
+    f, f0 = one_step(lambda: (g * model.w).sum(), _Perturbation([model.w], Ball(rho, p, adaptive)))
+    assert f0 == pytest.approx((g * w0).sum().item(), rel=1e-12)
+    assert f == pytest.approx((g * (w0 + eps)).sum().item(), rel=1e-12)
+
+
+def test_normalized_logits_centred_then_scaled():
+    """(z - mean z) / ||z - mean z||: the loss on it does not change when a constant is added to every
+    logit of an example (which would be false without the centring) nor with the logits' scale."""
+    from sam_on_timm.sharpness import normalized_logits
+    z = torch.tensor([[1.0, 2.0, 3.0], [10.0, 10.0, 13.0]], dtype=torch.float64)
+    out = normalized_logits(z)
+    r = 1 / math.sqrt(2)
+    assert out[0].tolist() == pytest.approx([-r, 0.0, r])
+    assert out[1].tolist() == pytest.approx([-1 / math.sqrt(6), -1 / math.sqrt(6), 2 / math.sqrt(6)])
+    shifted = normalized_logits(z + torch.tensor([[5.0], [-7.0]], dtype=torch.float64))
+    assert torch.allclose(shifted, out, atol=1e-12)
+    assert torch.allclose(normalized_logits(3.0 * z), out, atol=1e-12)
+    assert torch.allclose(normalized_logits(1e-3 * z), out, atol=1e-12)   # a centred norm below 1 too
+
+
+def test_ball_norm_and_direction_edge_cases():
+    """l-inf norm over a set with an empty tensor; the steepest-ascent direction of a zero or non-finite
+    gradient is 0 (l2), of a NaN entry 0 (l-inf): no NaN ever reaches an iterate."""
+    linf, l2 = Ball(1.0, math.inf, False), Ball(1.0, 2.0, False)
+    assert float(linf.norm([torch.zeros(0), torch.tensor([-2.0, 1.0])])) == 2.0
+    assert float(l2.norm([torch.zeros(0), torch.tensor([3.0, 4.0])])) == 5.0
+    for g in ([torch.zeros(3)], [torch.tensor([1.0, float('inf')])], [torch.tensor([float('nan'), 1.0])]):
+        assert all(not d.any() for d in l2.direction(g))
+    assert linf.direction([torch.tensor([float('nan'), -3.0, 0.0, 0.5])])[0].tolist() == [0.0, -1.0, 0.0, 1.0]
+    d = l2.direction([torch.tensor([3.0], dtype=torch.float64), torch.tensor([-4.0], dtype=torch.float64)])
+    assert [x.tolist() for x in d] == [pytest.approx([0.6]), pytest.approx([-0.8])]
+
+
+def test_select_params_sets():
+    """all: every trainable parameter (also of a model without norm layers); on: the norm layers' affine
+    parameters; nonorm: the rest."""
+    from sam_on_timm.sharpness import select_params
+    net, _, _ = _bn_net()
+    norm = [net[1].weight, net[1].bias]
+    assert select_params(net, 'all') == list(net.parameters())
+    assert select_params(net, 'on') == norm
+    assert select_params(net, 'nonorm') == [p for p in net.parameters() if all(p is not q for q in norm)]
+    lin = nn.Linear(2, 2)
+    assert select_params(lin, 'all') == list(lin.parameters())
+
+
+def test_average_case_samples_are_on_the_sphere_and_counted():
+    """One-element parameters (|z| is often below 1): every sample is scaled to |u| = rho; one sample is a mean
+    of one; L(w0) is returned when not given."""
+    from sam_on_timm.sharpness import average_case
+    model = Vec(torch.tensor([0.5], dtype=torch.float64))
+    seen = []
+
+    def loss_fn():
+        seen.append(float(model.w.detach() - 0.5))
+        return 3.0 * model.w.sum()
+
+    pert = _Perturbation([model.w], Ball(0.1, math.inf, False))
+    mean, f0 = average_case(loss_fn, pert, 8, torch.Generator().manual_seed(3))
+    assert f0 == 1.5 and seen[0] == 0.0
+    assert [abs(d) for d in seen[1:]] == pytest.approx([0.1] * 8, rel=1e-9)
+    assert mean == pytest.approx(1.5 + 3.0 * sum(seen[1:]) / 8, rel=1e-12)
+    seen.clear()
+    one, _ = average_case(loss_fn, pert, 1, torch.Generator().manual_seed(3), f0=1.5)
+    assert one == pytest.approx(1.5 + 3.0 * seen[0], rel=1e-12)
+
+
+def test_batch_sharpness_defaults_and_reproducible_average():
+    """Defaults: 20 Auto-PGD steps (21 losses), 1 for the 1-step point, 10 Gaussian samples, after the clean
+    loss; without a generator the samples are those of a generator seeded 0, whatever the global RNG."""
+    model = Vec(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    calls = []
+
+    def loss_fn():
+        calls.append(1)
+        return (model.w ** 2).sum() + model.w.prod()
+
+    ball = Ball(0.05, 2.0, True)
+    batch_sharpness(model, [model.w], loss_fn, ball)
+    assert len(calls) == 1 + 20 + 1 + 10
+    torch.manual_seed(1)
+    a = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'])
+    torch.manual_seed(2)
+    b = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'])
+    c = batch_sharpness(model, [model.w], loss_fn, ball, metrics=['average'],
+                        generator=torch.Generator().manual_seed(0))
+    assert a == b == c
+
+
+def test_small_n_iters_checkpoints_ball_radius_and_unused_parameters():
+    """N = 3: checkpoints ceil(0.66) = 1, ceil(1.23) = 2, 3; a negative or infinite rho is refused; a
+    perturbed parameter the loss does not reach gets gradient 0 and stays at its value."""
+    assert apgd_checkpoints(3) == [1, 2, 3]
+    for bad in (-0.1, math.inf):
+        with pytest.raises(ValueError, match='rho must be a finite number >= 0'):
+            Ball(bad)
+    model = Vec(torch.tensor([0.5, -1.0], dtype=torch.float64))
+    unused = nn.Parameter(torch.tensor([2.0], dtype=torch.float64))
+    seen = []
+
+    def loss_fn():
+        seen.append(unused.detach().clone())
+        return (model.w ** 2).sum()
+
+    res = batch_sharpness(model, [model.w, unused], loss_fn, Ball(0.1, 2.0, False), metrics=['worst', 'one-step'],
+                          n_iters=3)
+    assert res['worst'] > 0 and all(float(u) == 2.0 for u in seen)
