@@ -8,6 +8,10 @@
   gradient is g_p - alpha g_orth, g_orth = g - (g . g_p / ||g_p||^2) g_p the part of the gradient at w
   orthogonal to the gradient g_p at w + eps (over P), and rho_t follows the learning rate:
   rho_t = rho_min + (rho - rho_min) (lr_t - lr_min) / (lr_max - lr_min), clamped to [rho_min, rho].
+- ``looksam`` (Liu et al., CVPR 2022, "Towards Efficient and Scalable Sharpness-Aware Minimization"): on
+  the SAM updates (every ``interval`` K) a full SAM step that also keeps g_v = g_s - (g . g_s / ||g||^2) g,
+  the part of the SAM gradient g_s orthogonal to g (over P); on the others one pass and
+  g_s = g + alpha (||g|| / ||g_v||) g_v (over P) instead of the plain step.
 - interval SAM (any SAM name, ``interval`` K > 1; MosaicML Composer's ``SAMOptimizer(interval=K)``): the
   SAM update on updates 0, K, 2K, ... of the optimizer's own counter, the base optimizer's plain step on
   the others. The counter is part of the optimizer state, so a resumed run keeps the same phase.
@@ -21,13 +25,15 @@ from torch import Tensor
 
 from .checks import check_number
 
-__all__ = ['FAMILIES', 'MOMENTUM_KEYS', 'check_family_args', 'momentum_buffers', 'gsam_rho', 'gsam_descent']
+__all__ = ['FAMILIES', 'MOMENTUM_KEYS', 'check_family_args', 'momentum_buffers', 'gsam_rho', 'gsam_descent',
+           'looksam_direction', 'looksam_reuse']
 
 # family -> what it is (the registry's descriptions)
 FAMILIES: Dict[str, str] = {
     'sam': 'SAM',
     'msam': 'Momentum-SAM: eps = -rho m / ||m|| from the base optimizer\'s momentum, no ascent pass',
     'gsam': 'GSAM: descent gradient g_p - alpha g_orth, rho following the lr from rho to rho_min',
+    'looksam': 'LookSAM: every interval-th update SAM keeping g_v, between g + alpha ||g|| / ||g_v|| g_v',
 }
 
 # the state keys under which timm / torch base optimizers keep their first moment
@@ -35,10 +41,12 @@ MOMENTUM_KEYS = ('momentum_buffer', 'exp_avg')
 
 
 def check_family_args(family: str, interval=1, gsam_alpha=None, rho_min=None, rho=None,
-                      names: Optional[Dict[str, str]] = None, what: Optional[str] = None) -> None:
+                      names: Optional[Dict[str, str]] = None, what: Optional[str] = None,
+                      looksam_alpha=None) -> None:
     """The family's own arguments: ``interval`` a positive integer; ``gsam_alpha`` (>= 0) and ``rho_min``
-    (in [0, rho]) only for GSAM (elsewhere they would do nothing: refused). ValueError, one line; ``names``:
-    how the caller calls them (train.py: its flags), ``what``: how it calls the optimizer."""
+    (in [0, rho]) only for GSAM, ``looksam_alpha`` (>= 0) only for LookSAM (elsewhere they would do nothing:
+    refused). ValueError, one line; ``names``: how the caller calls them (train.py: its flags), ``what``: how
+    it calls the optimizer."""
     names = names or {}
     what = what or f"'{family}'"
     if family not in FAMILIES:
@@ -46,10 +54,13 @@ def check_family_args(family: str, interval=1, gsam_alpha=None, rho_min=None, rh
     n_int = names.get('interval', 'interval')
     if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
         raise ValueError(f'{n_int} must be a positive integer (1: SAM on every update), got {interval}')
-    for key, value in (('gsam_alpha', gsam_alpha), ('rho_min', rho_min)):
-        if value is not None and family != 'gsam':
+    for key, value, owner in (('gsam_alpha', gsam_alpha, 'gsam'), ('rho_min', rho_min, 'gsam'),
+                              ('looksam_alpha', looksam_alpha, 'looksam')):
+        if value is not None and family != owner:
             raise ValueError(f"{names.get(key, key)} {value} has no effect with {what}: it is an option of "
-                             f"gsam, gsam-on, gsam-nonorm")
+                             f"{owner}, {owner}-on, {owner}-nonorm")
+    if looksam_alpha is not None:
+        check_number(looksam_alpha, names.get('looksam_alpha', 'looksam_alpha'), 0)
     if gsam_alpha is not None:
         check_number(gsam_alpha, names.get('gsam_alpha', 'gsam_alpha'), 0)
     if rho_min is not None:
@@ -88,3 +99,33 @@ def gsam_descent(descent: List[Tensor], ascent: List[Tensor], alpha: float) -> N
         # g_p (1 + alpha coef) - alpha g
         d.mul_((1.0 + alpha * coef).to(d.dtype))
         d.add_(torch.where(ok, a, torch.zeros((), dtype=a.dtype, device=a.device)) * a_scale.to(a.dtype))
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+
+
+@torch.no_grad()
+def looksam_direction(sam_grad: List[Tensor], ascent: List[Tensor]) -> Optional[List[Tensor]]:
+    """g_v = g_s - (g . g_s / ||g||^2) g over P (new tensors), g_s = ``sam_grad``, g = ``ascent``; None when it
+    is not finite or g is zero (an overflowed pass, a skipped perturbation): the kept g_v stays as it was.
+    g_s may carry a loss scale: only g_v's direction is used."""
+    dot, g2 = _dot(ascent, sam_grad), _dot(ascent, ascent)
+    if not (bool(torch.isfinite(dot)) and bool(torch.isfinite(g2)) and g2.item() > 0):
+        return None
+    coef = dot / g2
+    out = [s.detach().clone() for s in sam_grad]
+    for o, a in zip(out, ascent):
+        o.sub_(a * coef.to(a.dtype))
+    return out if bool(torch.isfinite(_dot(out, out))) else None
+
+
+@torch.no_grad()
+def looksam_reuse(grads: List[Tensor], g_v: List[Tensor], alpha: float) -> None:
+    """grads <- g + alpha (||g|| / ||g_v||) g_v in place, over P (``grads`` = g). A zero g_v changes nothing.
+    Scale-free in g: a loss-scaled g gets a correction scaled alike."""
+    gv2 = _dot(g_v, g_v)
+    ratio = torch.where(gv2 > 0, torch.sqrt(_dot(grads, grads)) / torch.sqrt(torch.where(gv2 > 0, gv2, 1.0)), 0.0)
+    scale = alpha * ratio
+    for g, v in zip(grads, g_v):
+        g.add_(v.to(g.dtype) * scale.to(g.dtype))

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
-from .family import check_family_args, gsam_descent, gsam_rho, momentum_buffers
+from .family import check_family_args, gsam_descent, gsam_rho, looksam_direction, looksam_reuse, momentum_buffers
 from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
 from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
@@ -77,6 +77,7 @@ class SAM(torch.optim.Optimizer):
             the base optimizer's plain step between (interval SAM; 1: every update).
         gsam_alpha, rho_min: GSAM's alpha (default 0.0) and the rho at lr_min (default rho: constant rho);
             lr_max / lr_min: the schedule's ends (default: the first group's lr at construction, and 0).
+        looksam_alpha: LookSAM's alpha (default 0.7); its k is ``interval``.
     """
 
     def __init__(
@@ -99,13 +100,14 @@ class SAM(torch.optim.Optimizer):
             rho_min: Optional[float] = None,
             lr_max: Optional[float] = None,
             lr_min: Optional[float] = None,
+            looksam_alpha: Optional[float] = None,
             **base_kwargs,
     ) -> None:
         check_variant(variant)
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
         check_arg('rho', rho)
-        check_family_args(family, interval, gsam_alpha, rho_min, rho)
+        check_family_args(family, interval, gsam_alpha, rho_min, rho, looksam_alpha=looksam_alpha)
         if family != 'sam' and variant != 'sam':
             raise ValueError(f"'{family}' perturbs with T = 1 only; variant '{variant}' is an option of the sam names")
         check_eta_used(variant, eta)
@@ -155,7 +157,10 @@ class SAM(torch.optim.Optimizer):
             check_optimizer_args({'lr': lr_max}, {'lr': 'lr_max'})
             check_optimizer_args({'lr': lr_min}, {'lr': 'lr_min'})
         self.lr_max, self.lr_min = lr_max, lr_min
-        self._ascent_grad: Optional[List[Tensor]] = None   # GSAM: g at w over P, until the descent gradient exists
+        self._ascent_grad: Optional[List[Tensor]] = None   # GSAM, LookSAM: g at w over P, until the descent
+        self.looksam_alpha = 0.7 if looksam_alpha is None else float(looksam_alpha)
+        self.looksam_gv: Optional[List[Tensor]] = None     # LookSAM's kept g_v over P (part of the state)
+        self._reuse_pending = False   # LookSAM: the coming base step is a reuse step (g + alpha ... g_v)
         if family == 'msam':
             momentum_ok = self.base_optimizer.defaults.get('momentum', 0) or 'betas' in self.base_optimizer.defaults
             if not momentum_ok:
@@ -235,7 +240,8 @@ class SAM(torch.optim.Optimizer):
         if self.family == 'msam':
             grads, found_inf, grads_writable = self._momentum_direction(), None, True
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-        if self.family == 'gsam' and self.gsam_alpha != 0:   # before compute_eps, which may write into writable grads
+        # GSAM / LookSAM keep g; before compute_eps, which may write into writable grads
+        if (self.family == 'gsam' and self.gsam_alpha != 0) or self.family == 'looksam':
             kept = [g.detach().float() * weight if g.dtype != torch.float64 else g.detach() * weight for g in grads]
             if self._ascent_grad is None or len(self._ascent_grad) != len(kept):
                 self._ascent_grad = kept
@@ -290,6 +296,20 @@ class SAM(torch.optim.Optimizer):
         (``family.gsam_descent``); the kept g is dropped. A no-op for the others, or when nothing is kept.
         ``train_step`` calls it before clipping; the base step calls it if it is still pending."""
         kept, self._ascent_grad = self._ascent_grad, None
+        reuse, self._reuse_pending = self._reuse_pending, False
+        if self.family == 'looksam':
+            grads = [p.grad for p in self.perturbed]
+            if any(g is None for g in grads):   # a tensor of P the loss did not reach: zero gradient
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.perturbed, grads)]
+            if kept is not None:
+                g_v = looksam_direction(grads, [g.to(d.dtype) for g, d in zip(kept, grads)])
+                if g_v is not None:
+                    self.looksam_gv = g_v
+            elif reuse and self.looksam_gv is not None:
+                looksam_reuse([p.grad for p in self.perturbed if p.grad is not None],
+                              [v for p, v in zip(self.perturbed, self.looksam_gv) if p.grad is not None],
+                              self.looksam_alpha)
+            return
         if kept is None or self.gsam_alpha == 0:
             return
         pairs = [(p.grad, g) for p, g in zip(self.perturbed, kept) if p.grad is not None]
@@ -404,7 +424,9 @@ class SAM(torch.optim.Optimizer):
             self._restore_and_descend()
             return None
         closure = torch.enable_grad()(closure)
-        if not self.is_sam_update():   # interval SAM: a plain base step
+        if not self.is_sam_update():   # interval SAM: a plain base step (LookSAM: its reuse step)
+            self._ascent_grad = None
+            self._reuse_pending = self.family == 'looksam'
             loss = closure()
         elif not self.needs_ascent:    # Momentum-SAM: one pass, at w + eps
             with self.perturbed_weights(zero_grad=True):
@@ -422,7 +444,7 @@ class SAM(torch.optim.Optimizer):
         found_inf = getattr(self, 'found_inf', None)   # set by GradScaler.step only
         if found_inf is not None:
             if found_inf.item():   # the same host sync GradScaler makes to skip a step
-                self._ascent_grad = None
+                self._ascent_grad, self._reuse_pending = None, False
                 return
             if getattr(self, 'grad_scale', None) is not None:   # not unscaled yet: as GradScaler.unscale_
                 grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
@@ -450,6 +472,8 @@ class SAM(torch.optim.Optimizer):
         self._refuse_while_perturbed('state_dict()')
         state = self.base_optimizer.state_dict()
         state['sam_updates'] = self.updates
+        if self.looksam_gv is not None:
+            state['sam_looksam_gv'] = [v.detach().clone() for v in self.looksam_gv]
         if self.mask is not None:
             state['sam_mask'] = self.mask.state_dict()
         return state
@@ -466,8 +490,11 @@ class SAM(torch.optim.Optimizer):
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             raise ValueError(f"'{self.name}': the optimizer state's update count is not a count: {updates!r}")
         load_optimizer_state(self.base_optimizer, {k: v for k, v in state_dict.items()
-                                                   if k not in ('sam_mask', 'sam_updates')})
+                                                   if k not in ('sam_mask', 'sam_updates', 'sam_looksam_gv')})
         self.updates = updates
+        g_v = state_dict.get('sam_looksam_gv')
+        self.looksam_gv = None if g_v is None else [v.to(device=p.device, dtype=p.dtype).clone()
+                                                    for v, p in zip(g_v, self.perturbed)]
         if self.mask is not None:
             self.mask.load_state_dict(state_dict['sam_mask'])
         self.param_groups = self.base_optimizer.param_groups

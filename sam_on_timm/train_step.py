@@ -332,9 +332,12 @@ def train_step(
     if sam is not None and sam.is_perturbed:   # before anything: the user's w + eps is theirs to restore
         raise RuntimeError(f'{sam.name}: train_step() while the weights are perturbed (after first_step()); call '
                            f'second_step() or restore() first')
+    family = sam   # the optimizer whose descent gradient the family may change (also on a plain update)
     if sam is not None:
-        sam._ascent_grad = None   # GSAM: nothing kept from an update that raised
-        if not sam.is_sam_update():   # interval SAM: the base optimizer's plain step
+        sam._ascent_grad = None   # GSAM, LookSAM: nothing kept from an update that raised
+        sam._reuse_pending = False
+        if not sam.is_sam_update():   # interval SAM: the base optimizer's plain step (LookSAM: its reuse step)
+            sam._reuse_pending = sam.family == 'looksam'
             sam = None
     moment = sam is not None and not sam.needs_ascent   # Momentum-SAM: eps known before any pass
     scaler = torch_grad_scaler(loss_scaler)
@@ -372,12 +375,12 @@ def train_step(
         loss_sum, ascent_sum, eps_sum, skipped = run(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update,
                                                      ascent_frac, others, trainable, per_pass, weights, mean_w)
     unscaled = False
-    if sam is not None and sam.family == 'gsam':   # the descent gradient before clipping (docs/design.md, 8)
-        _all_reduce_mean(model, sam._ascent_grad)
-        if scaler is not None:
+    if family is not None and family.family in ('gsam', 'looksam'):   # before clipping (docs/design.md, 8)
+        _all_reduce_mean(model, family._ascent_grad)
+        if scaler is not None and family.family == 'gsam':   # LookSAM's formulas are free of the loss scale
             scaler.unscale_(optimizer)
             unscaled = True
-        sam.descent_gradient()
+        family.descent_gradient()
 
     if clip_parameters is None and clip_grad is not None:
         clip_parameters = [p for g in optimizer.param_groups for p in g['params']]

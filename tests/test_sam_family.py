@@ -89,7 +89,7 @@ def _suffix(mode):
 
 # -- registration ----------------------------------------------------------------------------------------------
 def test_the_family_names_are_registered_in_timm_in_three_modes():
-    assert sorted(FAMILY_OPTIMIZERS) == sorted(f + _suffix(m) for f in ('msam', 'gsam') for m in MODES)
+    assert sorted(FAMILY_OPTIMIZERS) == sorted(f + _suffix(m) for f in ('msam', 'gsam', 'looksam') for m in MODES)
     for name in FAMILY_OPTIMIZERS:
         assert name in list_optimizers() and is_sam_name(name) and is_sam_name('lookahead_' + name)
         opt = create_optimizer_v2(_model(), name, lr=0.1)
@@ -261,6 +261,74 @@ def test_gsam_rho_follows_the_lr_and_alpha_zero_is_sam():
         assert torch.equal(a, b)
 
 
+# -- LookSAM -----------------------------------------------------------------------------------------------
+LOOK_ALPHA = 0.5
+
+
+def _looksam_reference(mode, k=2, steps=4, chunks=1):
+    """Liu et al. 2022, Alg. 1 (over P): t % k == 0: g = grad L(w), eps = rho g / ||g||, g_s = grad L(w + eps),
+    g_v = g_s - (g . g_s / ||g||^2) g, descent g_s; otherwise g = grad L(w), descent
+    g + alpha (||g|| / ||g_v||) g_v. Chunks: each its own eps; g, g_s the chunk means."""
+    model = _model()
+    w = {k_: p.detach().clone() for k_, p in model.named_parameters()}
+    sgd, g_v = RefSGD(), None
+    for step in range(steps):
+        x, y = _data(step)
+        m = len(x) // chunks
+        if step % k:
+            g = _grad(model, w, x, y)
+            gp = {n: v for n, v in g.items() if _in_p(n, mode)}
+            ratio = _norm(gp) / _norm(g_v)
+            g = {n: g[n] + LOOK_ALPHA * ratio * g_v[n] if n in g_v else g[n] for n in g}
+            w = sgd.step(w, g, LR)
+            continue
+        g_w = {n: torch.zeros_like(v) for n, v in w.items() if _in_p(n, mode)}
+        g_s = {n: torch.zeros_like(v) for n, v in w.items()}
+        for c in range(chunks):
+            xc, yc = x[c * m:(c + 1) * m], y[c * m:(c + 1) * m]
+            gc = {n: v for n, v in _grad(model, w, xc, yc).items() if _in_p(n, mode)}
+            wt = {n: w[n] + (RHO * gc[n] / _norm(gc) if n in gc else 0) for n in w}
+            gsc = _grad(model, wt, xc, yc)
+            g_w = {n: g_w[n] + gc[n] / chunks for n in g_w}
+            g_s = {n: g_s[n] + gsc[n] / chunks for n in g_s}
+        coef = sum((g_w[n] * g_s[n]).sum() for n in g_w) / sum((g_w[n] * g_w[n]).sum() for n in g_w)
+        g_v = {n: g_s[n] - coef * g_w[n] for n in g_w}
+        w = sgd.step(w, g_s, LR)
+    return w
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_looksam_matches_the_float64_reference(mode):
+    model, opt = _run('looksam' + _suffix(mode), mode, steps=4, interval=2, looksam_alpha=LOOK_ALPHA)
+    _close(model, _looksam_reference(mode))
+    assert opt.looksam_gv is not None
+
+
+@pytest.mark.parametrize('path', ['sequential', 'auto'])
+def test_looksam_with_chunks_matches_the_reference(path):
+    model, _ = _run('looksam-on', 'on', steps=4, chunks=2, chunk_path=path, interval=2, looksam_alpha=LOOK_ALPHA)
+    _close(model, _looksam_reference('on', chunks=2))
+
+
+def test_looksam_closure_step_matches_the_reference():
+    model = _model()
+    opt = create_optimizer_v2(model, 'looksam-nonorm', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO, interval=2,
+                              looksam_alpha=LOOK_ALPHA)
+    calls = []
+    for step in range(4):
+        x, y = _data(step)
+
+        def closure():
+            calls.append(step)
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+        opt.step(closure)
+    _close(model, _looksam_reference('nonorm'))
+    assert calls == [0, 0, 1, 2, 2, 3]   # two passes on the SAM updates, one on the reuse updates
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
@@ -285,13 +353,15 @@ def test_interval_sam_skips_the_ascent_between():
     assert len(calls) == 2 + 1 + 1 + 2   # updates 0 and 3 are SAM updates
 
 
-@pytest.mark.parametrize('name', ['sam-on', 'msam', 'gsam-on'])
+@pytest.mark.parametrize('name', ['sam-on', 'msam', 'gsam-on', 'looksam-on'])
 def test_resume_mid_run_equals_the_uninterrupted_run(name):
     """The update counter (interval SAM's phase) and the momentum (Momentum-SAM's direction) come back from
     ``state_dict``: 4 updates, a new optimizer from the state, 3 more = 7 updates in one go."""
     kw = dict(interval=3, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
     if name.startswith('gsam'):
         kw.update(gsam_alpha=ALPHA, rho_min=RHO_MIN, lr_min=LR_MIN)
+    if name.startswith('looksam'):
+        kw.update(looksam_alpha=LOOK_ALPHA)
     whole = _model()
     opt = create_optimizer_v2(whole, name, **kw)
     for step in range(7):
@@ -324,6 +394,9 @@ def test_resume_mid_run_equals_the_uninterrupted_run(name):
     ('sam-on', {'gsam_alpha': 0.1}, 'gsam'),   # an option of another name
     ('msam', {'rho_min': 0.01}, 'gsam'),
     ('msam', {'variant': 'layerl2'}, 'T = 1'),
+    ('looksam', {'looksam_alpha': float('nan')}, 'looksam_alpha'),
+    ('looksam', {'looksam_alpha': -1.0}, 'looksam_alpha'),
+    ('gsam', {'looksam_alpha': 0.5}, 'looksam'),
 ])
 def test_bad_family_arguments_are_refused_in_one_line(name, kwargs, words):
     with pytest.raises(ValueError) as e:
@@ -351,6 +424,8 @@ def _train(image_folder, out, *extra):
     (['--opt', 'sam-on', '--gsam-alpha', '0.1'], '--gsam-alpha'),
     (['--opt', 'msam-on', '--rho-min', '0.01'], '--rho-min'),
     (['--opt', 'sgd', '--gsam-alpha', '0.1'], '--gsam-alpha'),
+    (['--opt', 'looksam-on', '--looksam-alpha', 'inf'], '--looksam-alpha'),
+    (['--opt', 'sam-on', '--looksam-alpha', '0.5'], '--looksam-alpha'),
 ])
 def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, capsys, extra, flag):
     assert _train(image_folder, tmp_path, *extra, '--experiment', 'bad') == 2
@@ -361,7 +436,8 @@ def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, caps
 
 def test_train_runs_the_family(image_folder, tmp_path):
     for i, extra in enumerate((['--opt', 'msam-on'], ['--opt', 'gsam-on', '--gsam-alpha', '0.2', '--rho-min', '0.01'],
-                               ['--opt', 'sam-on', '--sam-interval', '2', '--sam-m', '2'])):
+                               ['--opt', 'sam-on', '--sam-interval', '2', '--sam-m', '2'],
+                               ['--opt', 'looksam-on', '--sam-interval', '2', '--looksam-alpha', '0.5'])):
         assert _train(image_folder, tmp_path, *extra, '--experiment', f'run{i}') == 0
         assert (tmp_path / f'run{i}' / 'last.pth.tar').exists()
         with open(tmp_path / f'run{i}' / 'summary.csv') as f:
@@ -369,4 +445,4 @@ def test_train_runs_the_family(image_folder, tmp_path):
         # msam has no ascent pass: no ascent loss; interval SAM's is the mean over its SAM updates, and the
         # sharpness (descent minus ascent loss over the same updates) is left out
         assert (row['train_ascent_loss'] == '') == (i == 0), row
-        assert (row['train_sharpness'] == '') == (i != 1), row
+        assert (row['train_sharpness'] == '') == (i not in (1,)), row

@@ -29,9 +29,9 @@ BARE = [n for n in NAMES if not (n.endswith(('-on', '-nonorm')) or n.startswith(
 
 
 def test_the_names_built_from_bare_parameters():
-    assert sorted(BARE) == ['gsam', 'msam', 'sam', 'sam-eleml2', 'sam-elemlinf', 'sam-fisher', 'sam-layerl2',
+    assert sorted(BARE) == ['gsam', 'looksam', 'msam', 'sam', 'sam-eleml2', 'sam-elemlinf', 'sam-fisher', 'sam-layerl2',
                             'ssam-d', 'ssam-f']
-    assert len(NAMES) == 27 and set(NAMES) <= set(list_optimizers())
+    assert len(NAMES) == 30 and set(NAMES) <= set(list_optimizers())
 
 
 def _model():
