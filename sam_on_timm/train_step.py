@@ -542,7 +542,8 @@ def _all_reduce_mean(model: nn.Module, tensors: Optional[List[Tensor]]) -> None:
         flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
         flat /= world
-        torch._foreach_copy_(tensors, list(flat.split([t.numel() for t in tensors])))
+        parts = flat.split([t.numel() for t in tensors])
+        torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(parts, tensors)])
 
 
 def _acc(total: Optional[Tensor], value: Tensor) -> Tensor:
