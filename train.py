@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                    '(default: --rho, constant)')
     g.add_argument('--looksam-alpha', type=float, default=None, help='looksam*: weight of the kept g_v on the '
                    'updates between the SAM ones (>= 0; default 0.7; k is --sam-interval)')
+    g.add_argument('--esam-beta', type=float, default=None, help='esam*: fraction of the perturbed tensors drawn each '
+                   'update (in (0, 1]; default 0.6)')
+    g.add_argument('--esam-gamma', type=float, default=None, help='esam*: fraction of each chunk in the descent, '
+                   'those whose loss rose most (in (0, 1]; default 0.5)')
     g.add_argument('--sam-epochs', type=str, default=None, metavar='START:END',
                    help='SAM step only in epochs [START, END) (either may be empty), the base optimizer\'s plain step '
                         'elsewhere, on the same state (paper Figure 5)')
@@ -384,7 +388,7 @@ LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_fra
                   'weight_decay': 'weight_decay', 'opt_eps': 'eps', 'opt_betas': 'betas', 'clip_grad': 'clip_grad'}
 SAM_ONLY = ('rho', 'sam_eta', 'sam_ascent_frac')   # ignored (with a warning) by other optimizers
 FAMILY_FLAGS = {'interval': '--sam-interval', 'gsam_alpha': '--gsam-alpha', 'rho_min': '--rho-min',
-                'looksam_alpha': '--looksam-alpha'}
+                'looksam_alpha': '--looksam-alpha', 'esam_beta': '--esam-beta', 'esam_gamma': '--esam-gamma'}
 _PROB = (0, 1, False, False)
 # the ranges of train.py's own numeric options: option -> (low, high, low excluded, high excluded).
 # Every float option is also checked to be finite, whether it is listed here or not.
@@ -466,7 +470,8 @@ def validate_args(args) -> None:
         if args.is_sam:   # an eta that the variant has no use for (plain SAM: T = 1)
             check_eta_used(parse_sam_name(args.opt)[1], args.sam_eta, '--sam-eta', f'--opt {args.opt}')
         check_family_args(sam_family(args.opt) if args.is_sam else 'sam', args.sam_interval, args.gsam_alpha,
-                          args.rho_min, args.rho, FAMILY_FLAGS, f'--opt {args.opt}', args.looksam_alpha)
+                          args.rho_min, args.rho, FAMILY_FLAGS, f'--opt {args.opt}', args.looksam_alpha,
+                          args.esam_beta, args.esam_gamma)
         if not args.is_sam and args.sam_interval != 1:
             raise ValueError(f'--sam-interval {args.sam_interval} needs a SAM --opt (e.g. sam, sam-on), got {args.opt}')
     except ValueError as e:
@@ -1328,6 +1333,8 @@ def create_optimizer(args, model):
             opt_kwargs.update(gsam_alpha=args.gsam_alpha, rho_min=args.rho_min, lr_max=args.lr, lr_min=args.min_lr)
         if sam_family(args.opt) == 'looksam':
             opt_kwargs.update(looksam_alpha=args.looksam_alpha)
+        if sam_family(args.opt) == 'esam':   # the tensor draws from the run's seed: the same on every rank
+            opt_kwargs.update(esam_beta=args.esam_beta, esam_gamma=args.esam_gamma, esam_seed=args.seed)
     if args.sparse:   # the mask is drawn from the run's seed: the same on every rank
         opt_kwargs.update(sparsity=args.sam_sparsity, mask_seed=args.seed, mask_update_epochs=args.sam_mask_update,
                           fisher_samples=args.ssam_fisher_samples, drop_rate=args.ssam_drop_rate)

@@ -12,6 +12,11 @@
   the SAM updates (every ``interval`` K) a full SAM step that also keeps g_v = g_s - (g . g_s / ||g||^2) g,
   the part of the SAM gradient g_s orthogonal to g (over P); on the others one pass and
   g_s = g + alpha (||g|| / ||g_v||) g_v (over P) instead of the plain step.
+- ``esam`` (Du et al., ICLR 2022, "Efficient Sharpness-aware Minimization for Improved Training of Neural
+  Networks"): stochastic weight perturbation (each update a random subset of P's tensors, each kept with
+  probability beta; eps = (rho / beta) g_S / ||g_S|| on the subset S, 0 elsewhere; the ascent computes only
+  S's gradients) and sharpness-sensitive data selection (the descent at w + eps uses the top gamma
+  fraction of the chunk by L_i(w + eps) - L_i(w)). Needs ``train_step`` (per-sample losses).
 - interval SAM (any SAM name, ``interval`` K > 1; MosaicML Composer's ``SAMOptimizer(interval=K)``): the
   SAM update on updates 0, K, 2K, ... of the optimizer's own counter, the base optimizer's plain step on
   the others. The counter is part of the optimizer state, so a resumed run keeps the same phase.
@@ -26,7 +31,7 @@ from torch import Tensor
 from .checks import check_number
 
 __all__ = ['FAMILIES', 'MOMENTUM_KEYS', 'check_family_args', 'momentum_buffers', 'gsam_rho', 'gsam_descent',
-           'looksam_direction', 'looksam_reuse']
+           'looksam_direction', 'looksam_reuse', 'esam_selection']
 
 # family -> what it is (the registry's descriptions)
 FAMILIES: Dict[str, str] = {
@@ -34,6 +39,8 @@ FAMILIES: Dict[str, str] = {
     'msam': 'Momentum-SAM: eps = -rho m / ||m|| from the base optimizer\'s momentum, no ascent pass',
     'gsam': 'GSAM: descent gradient g_p - alpha g_orth, rho following the lr from rho to rho_min',
     'looksam': 'LookSAM: every interval-th update SAM keeping g_v, between g + alpha ||g|| / ||g_v|| g_v',
+    'esam': 'ESAM: a random beta of P perturbed by rho / beta, the descent on the gamma of the samples whose loss '
+            'rose most',
 }
 
 # the state keys under which timm / torch base optimizers keep their first moment
@@ -42,7 +49,7 @@ MOMENTUM_KEYS = ('momentum_buffer', 'exp_avg')
 
 def check_family_args(family: str, interval=1, gsam_alpha=None, rho_min=None, rho=None,
                       names: Optional[Dict[str, str]] = None, what: Optional[str] = None,
-                      looksam_alpha=None) -> None:
+                      looksam_alpha=None, esam_beta=None, esam_gamma=None) -> None:
     """The family's own arguments: ``interval`` a positive integer; ``gsam_alpha`` (>= 0) and ``rho_min``
     (in [0, rho]) only for GSAM, ``looksam_alpha`` (>= 0) only for LookSAM (elsewhere they would do nothing:
     refused). ValueError, one line; ``names``: how the caller calls them (train.py: its flags), ``what``: how
@@ -55,12 +62,16 @@ def check_family_args(family: str, interval=1, gsam_alpha=None, rho_min=None, rh
     if isinstance(interval, bool) or not isinstance(interval, numbers.Integral) or interval < 1:
         raise ValueError(f'{n_int} must be a positive integer (1: SAM on every update), got {interval}')
     for key, value, owner in (('gsam_alpha', gsam_alpha, 'gsam'), ('rho_min', rho_min, 'gsam'),
-                              ('looksam_alpha', looksam_alpha, 'looksam')):
+                              ('looksam_alpha', looksam_alpha, 'looksam'), ('esam_beta', esam_beta, 'esam'),
+                              ('esam_gamma', esam_gamma, 'esam')):
         if value is not None and family != owner:
             raise ValueError(f"{names.get(key, key)} {value} has no effect with {what}: it is an option of "
                              f"{owner}, {owner}-on, {owner}-nonorm")
     if looksam_alpha is not None:
         check_number(looksam_alpha, names.get('looksam_alpha', 'looksam_alpha'), 0)
+    for key, value in (('esam_beta', esam_beta), ('esam_gamma', esam_gamma)):
+        if value is not None:   # a fraction: 0 would perturb (or descend on) nothing
+            check_number(value, names.get(key, key), 0, 1, True, False)
     if gsam_alpha is not None:
         check_number(gsam_alpha, names.get('gsam_alpha', 'gsam_alpha'), 0)
     if rho_min is not None:
@@ -129,3 +140,13 @@ def looksam_reuse(grads: List[Tensor], g_v: List[Tensor], alpha: float) -> None:
     scale = alpha * ratio
     for g, v in zip(grads, g_v):
         g.add_(v.to(g.dtype) * scale.to(g.dtype))
+
+
+def esam_selection(after: Tensor, before: Tensor, gamma: float) -> Tensor:
+    """ESAM's sharpness-sensitive data selection: the indices (ascending) of the max(1, round(gamma n))
+    samples whose loss rose most from w to w + eps (``after - before``, per sample)."""
+    n = after.shape[0]
+    keep = max(1, int(round(gamma * n)))
+    if keep >= n:
+        return torch.arange(n, device=after.device)
+    return torch.topk((after - before).float(), keep).indices.sort().values

@@ -78,6 +78,8 @@ class SAM(torch.optim.Optimizer):
         gsam_alpha, rho_min: GSAM's alpha (default 0.0) and the rho at lr_min (default rho: constant rho);
             lr_max / lr_min: the schedule's ends (default: the first group's lr at construction, and 0).
         looksam_alpha: LookSAM's alpha (default 0.7); its k is ``interval``.
+        esam_beta, esam_gamma: ESAM's fractions (default 0.6 and 0.5): of P's tensors perturbed, of each chunk's
+            samples in the descent; esam_seed: the CPU generator of the tensor draws (the same on every rank).
     """
 
     def __init__(
@@ -101,13 +103,17 @@ class SAM(torch.optim.Optimizer):
             lr_max: Optional[float] = None,
             lr_min: Optional[float] = None,
             looksam_alpha: Optional[float] = None,
+            esam_beta: Optional[float] = None,
+            esam_gamma: Optional[float] = None,
+            esam_seed: int = 0,
             **base_kwargs,
     ) -> None:
         check_variant(variant)
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
         check_arg('rho', rho)
-        check_family_args(family, interval, gsam_alpha, rho_min, rho, looksam_alpha=looksam_alpha)
+        check_family_args(family, interval, gsam_alpha, rho_min, rho, looksam_alpha=looksam_alpha,
+                          esam_beta=esam_beta, esam_gamma=esam_gamma)
         if family != 'sam' and variant != 'sam':
             raise ValueError(f"'{family}' perturbs with T = 1 only; variant '{variant}' is an option of the sam names")
         check_eta_used(variant, eta)
@@ -161,6 +167,10 @@ class SAM(torch.optim.Optimizer):
         self.looksam_alpha = 0.7 if looksam_alpha is None else float(looksam_alpha)
         self.looksam_gv: Optional[List[Tensor]] = None     # LookSAM's kept g_v over P (part of the state)
         self._reuse_pending = False   # LookSAM: the coming base step is a reuse step (g + alpha ... g_v)
+        self.esam_beta = 0.6 if esam_beta is None else float(esam_beta)
+        self.esam_gamma = 0.5 if esam_gamma is None else float(esam_gamma)
+        self.esam_generator = torch.Generator().manual_seed(esam_seed) if family == 'esam' else None
+        self.swp: Optional[List[bool]] = None   # ESAM: the tensors of P this update perturbs (draw_swp)
         if family == 'msam':
             momentum_ok = self.base_optimizer.defaults.get('momentum', 0) or 'betas' in self.base_optimizer.defaults
             if not momentum_ok:
@@ -239,6 +249,12 @@ class SAM(torch.optim.Optimizer):
             raise ValueError(f'{self.name}: got {len(grads)} gradients for {len(params)} perturbed tensors')
         if self.family == 'msam':
             grads, found_inf, grads_writable = self._momentum_direction(), None, True
+        rho = self.current_rho()
+        if self.family == 'esam':   # SWP: only the drawn tensors, eps scaled by 1 / beta
+            if self.swp is None or len(self.swp) != len(params):
+                self.draw_swp()
+            grads = [g if s else None for g, s in zip(grads, self.swp)]
+            rho = rho / self.esam_beta
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         # GSAM / LookSAM keep g; before compute_eps, which may write into writable grads
         if (self.family == 'gsam' and self.gsam_alpha != 0) or self.family == 'looksam':
@@ -255,7 +271,7 @@ class SAM(torch.optim.Optimizer):
             self._layout_key, self._backup = key, None
             self._flat = FlatSet(params) if flat_ok(params) else None
         eps, eps_norm, skipped = compute_eps(
-            self.variant, params, grads, self.current_rho(), self.eta, self.is_bias, found_inf=found_inf,
+            self.variant, params, grads, rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable, flat=self._flat)
         if self.mask is not None:
             eps_norm = self.mask.apply(eps)
@@ -270,6 +286,13 @@ class SAM(torch.optim.Optimizer):
         if self.family != 'gsam':
             return self.rho
         return gsam_rho(self.rho, self.rho_min, float(self.param_groups[0]['lr']), self.lr_max, self.lr_min)
+
+    def draw_swp(self) -> List[bool]:
+        """ESAM: draw this update's subset of P (each tensor kept with probability beta) from the optimizer's
+        CPU generator, so every rank draws the same; kept in ``swp`` until the next draw."""
+        u = torch.rand(len(self.perturbed), generator=self.esam_generator)
+        self.swp = (u < self.esam_beta).tolist()
+        return self.swp
 
     def is_sam_update(self) -> bool:
         """Whether the coming update is a SAM update (always, unless ``interval`` > 1: updates 0, K, 2K, ...).
@@ -366,6 +389,8 @@ class SAM(torch.optim.Optimizer):
         grads = found_inf = None
         writable = False
         self.adopt_new_groups()
+        if self.family == 'esam':   # a new subset of P for every update
+            self.draw_swp()
         if torch_grad_scaler(scaler) is not None:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.perturbed]
             found_inf, writable = unscale_grads(grads, scaler), True
@@ -432,7 +457,7 @@ class SAM(torch.optim.Optimizer):
             with self.perturbed_weights(zero_grad=True):
                 loss = closure()
         else:
-            loss = closure()
+            loss = closure()   # esam: a closure gives no per-sample losses, SWP only (docs/design.md, 8)
             with self.perturbed_weights(zero_grad=True):
                 closure()
         self._restore_and_descend()   # not self.step(): step hooks fire once per SAM step
@@ -472,6 +497,8 @@ class SAM(torch.optim.Optimizer):
         self._refuse_while_perturbed('state_dict()')
         state = self.base_optimizer.state_dict()
         state['sam_updates'] = self.updates
+        if self.esam_generator is not None:
+            state['sam_esam_rng'] = self.esam_generator.get_state()
         if self.looksam_gv is not None:
             state['sam_looksam_gv'] = [v.detach().clone() for v in self.looksam_gv]
         if self.mask is not None:
@@ -490,8 +517,11 @@ class SAM(torch.optim.Optimizer):
         if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
             raise ValueError(f"'{self.name}': the optimizer state's update count is not a count: {updates!r}")
         load_optimizer_state(self.base_optimizer, {k: v for k, v in state_dict.items()
-                                                   if k not in ('sam_mask', 'sam_updates', 'sam_looksam_gv')})
+                                                   if k not in ('sam_mask', 'sam_updates', 'sam_looksam_gv',
+                                                                'sam_esam_rng')})
         self.updates = updates
+        if self.esam_generator is not None and state_dict.get('sam_esam_rng') is not None:
+            self.esam_generator.set_state(state_dict['sam_esam_rng'])
         g_v = state_dict.get('sam_looksam_gv')
         self.looksam_gv = None if g_v is None else [v.to(device=p.device, dtype=p.dtype).clone()
                                                     for v, p in zip(g_v, self.perturbed)]

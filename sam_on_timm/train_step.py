@@ -238,6 +238,8 @@ def _sam_reason(sam: SAM) -> Optional[str]:
     norms. That is the sequential update exactly when ``perturb`` / ``restore`` are SAM's own (a subclass
     that changes them perturbs otherwise) and the variant is one of Table 10's.
     """
+    if sam.family == 'esam':
+        return "esam selects each chunk's own samples for its descent"
     for method in ('perturb', 'perturbation', 'restore'):
         if getattr(type(sam), method) is not getattr(SAM, method):
             return f'{type(sam).__name__} has its own {method}(), which the batched path would not run'
@@ -363,6 +365,11 @@ def train_step(
     if path == 'sequential' and chunk_path == 'batched':
         raise ValueError(f'the chunks cannot share one pass: {reason}')
     run = _batched_chunks if path == 'batched' else _sequential_chunks
+    if sam is not None and sam.family == 'esam':
+        if ascent_frac != 1.0 or any(not isinstance(x, Tensor) for x, _ in chunks):
+            raise ValueError(f'{sam.name} selects samples by their loss at w and w + eps: it needs the whole chunk '
+                             f'in the ascent (ascent_frac 1) and tensor batches (not NaFlex dicts)')
+        run = _esam_chunks
     if moment:   # one eps for the whole update (the momentum does not change within it), then plain passes
         try:
             eps_norm = sam.perturb([None] * len(sam.perturbed))
@@ -457,6 +464,54 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
                 sam.restore()
         if sam is not None and check:
             _check_ascent_reach(sam, missing)
+        loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
+    return loss_sum, ascent_sum, eps_sum, skipped
+
+
+def _esam_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
+                 trainable, per_pass, weights, mean_w):
+    """ESAM (docs/design.md, section 8), each chunk in turn: the ascent over the update's SWP subset S of P
+    (the other tensors' gradients not computed), per-sample losses L_i(w); eps on S; a forward at w + eps
+    without gradients (running statistics untouched) for L_i(w + eps); the descent at w + eps on the gamma
+    of the chunk with the largest L_i(w + eps) - L_i(w), its mean loss weighted as the chunk's."""
+    from .family import esam_selection
+    k = len(chunks)
+    sel = sam.draw_swp()
+    subset = [p for p, s in zip(sam.perturbed, sel) if s and p.requires_grad]
+    left_out = [p for p in sam.perturbed if not any(p is q for q in subset)]
+    loss_sum = ascent_sum = eps_sum = skipped = None
+    for i, (x, y) in enumerate(chunks):
+        last = i == k - 1
+        n = batch_rows(x)
+        try:
+            with _no_sync(model, True), requires_grad_off(list(others) + left_out):
+                with amp_autocast():
+                    out = model(x)
+                    before = torch.stack([loss_fn(out[j:j + 1], y[j:j + 1]) for j in range(n)])
+                ascent_loss = before.mean()
+                scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
+                got = {}
+                if scaled.requires_grad and subset:
+                    got = dict(zip(map(id, subset), torch.autograd.grad(scaled, subset, allow_unused=True)))
+                grads = [got.get(id(p)) for p in sam.perturbed]
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
+            found_inf = unscale_grads(grads, scaler)
+            eps_norm = sam.perturb(grads, found_inf, grads_writable=True,
+                                   weight=1.0 / k if weights is None else weights[i])
+            with torch.no_grad(), frozen_bn_stats(model), amp_autocast():
+                out = model(x)
+                after = torch.stack([loss_fn(out[j:j + 1], y[j:j + 1]) for j in range(n)])
+            idx = esam_selection(after.detach(), before.detach(), sam.esam_gamma)
+            with _no_sync(model, not last), frozen_bn_stats(model, bn_update == 'ascent'):
+                with amp_autocast():
+                    loss = loss_fn(model(x[idx]), y[idx])
+                descent = _descent_loss(loss, i, k, weights)
+                (scaler.scale(descent) if scaler is not None else descent).backward()
+        finally:
+            sam.restore()
+        ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
+        eps_sum = _acc(eps_sum, eps_norm)
+        skipped = _acc(skipped, sam.last_skipped)
         loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
 

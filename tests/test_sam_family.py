@@ -89,7 +89,8 @@ def _suffix(mode):
 
 # -- registration ----------------------------------------------------------------------------------------------
 def test_the_family_names_are_registered_in_timm_in_three_modes():
-    assert sorted(FAMILY_OPTIMIZERS) == sorted(f + _suffix(m) for f in ('msam', 'gsam', 'looksam') for m in MODES)
+    assert sorted(FAMILY_OPTIMIZERS) == sorted(f + _suffix(m) for f in ('msam', 'gsam', 'looksam', 'esam')
+                                               for m in MODES)
     for name in FAMILY_OPTIMIZERS:
         assert name in list_optimizers() and is_sam_name(name) and is_sam_name('lookahead_' + name)
         opt = create_optimizer_v2(_model(), name, lr=0.1)
@@ -329,6 +330,84 @@ def test_looksam_closure_step_matches_the_reference():
     assert calls == [0, 0, 1, 2, 2, 3]   # two passes on the SAM updates, one on the reuse updates
 
 
+# -- ESAM --------------------------------------------------------------------------------------------------
+BETA, GAMMA = 0.5, 0.5
+
+
+def _per_sample(model, w, x, y):
+    out = functional_call(model, w, (x,))
+    return nn.functional.cross_entropy(out, y, reduction='none')
+
+
+def _esam_reference(mode, subsets, chunks=1, steps=3):
+    """Du et al. 2022, Alg. 1 (over P): S the update's tensors (``subsets``, drawn by the optimizer: an input
+    here); g = grad L(w) on S; eps = (rho / beta) g / ||g||_S on S, 0 elsewhere; per sample
+    s_i = L_i(w + eps) - L_i(w); the descent gradient is grad of the mean loss at w + eps over the
+    round(gamma n) samples with the largest s_i. Chunks: each its own eps and selection, the mean of their
+    descent gradients."""
+    model = _model()
+    w = {k: p.detach().clone() for k, p in model.named_parameters()}
+    sgd = RefSGD()
+    for step in range(steps):
+        x, y = _data(step)
+        s_set = subsets[step]
+        m = len(x) // chunks
+        g_d = {k: torch.zeros_like(v) for k, v in w.items()}
+        for c in range(chunks):
+            xc, yc = x[c * m:(c + 1) * m], y[c * m:(c + 1) * m]
+            g = {k: v for k, v in _grad(model, w, xc, yc).items() if k in s_set}
+            n = _norm(g)
+            wt = {k: w[k] + (RHO / BETA * g[k] / n if k in g else 0) for k in w}
+            sharp = _per_sample(model, wt, xc, yc) - _per_sample(model, w, xc, yc)
+            keep = int(round(GAMMA * m))
+            order = sorted(range(m), key=lambda i: -sharp[i].item())[:keep]
+            idx = torch.tensor(sorted(order))
+            gc = _grad(model, wt, xc[idx], yc[idx])
+            g_d = {k: g_d[k] + gc[k] / chunks for k in g_d}
+        w = sgd.step(w, g_d, LR)
+    return w
+
+
+def _esam_run(mode, chunks=1, steps=3):
+    model = _model()
+    opt = create_optimizer_v2(model, 'esam' + _suffix(mode), lr=LR, momentum=MOM, weight_decay=WD, rho=RHO,
+                              esam_beta=BETA, esam_gamma=GAMMA, esam_seed=3)
+    subsets, name_of = [], {id(p): k for k, p in model.named_parameters()}
+    for step in range(steps):
+        x, y = _data(step)
+        train_step(model, opt, split_chunks(x, y, len(x) // chunks), nn.functional.cross_entropy)
+        assert len(opt.swp) == len(opt.perturbed)
+        subsets.append({name_of[id(p)] for p, keep in zip(opt.perturbed, opt.swp) if keep})
+    return model, subsets
+
+
+@pytest.mark.parametrize('mode', MODES)
+def test_esam_matches_the_float64_reference(mode):
+    model, subsets = _esam_run(mode)
+    n_p = sum(_in_p(k, mode) for k, _ in _model().named_parameters())
+    assert all(s for s in subsets)   # never empty (an empty one would be a plain step)
+    assert mode == 'on' or any(len(s) < n_p for s in subsets)   # a real subset (-on: 2 tensors, both drawn here)
+    _close(model, _esam_reference(mode, subsets))
+
+
+def test_esam_with_chunks_matches_the_reference():
+    model, subsets = _esam_run('all', chunks=2)
+    _close(model, _esam_reference('all', subsets, chunks=2))
+
+
+def test_esam_descends_on_the_selected_samples_only_and_refuses_what_it_cannot_do():
+    model = _model()
+    opt = create_optimizer_v2(model, 'esam-on', lr=LR, rho=RHO, esam_gamma=0.25)
+    seen = []
+    model.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    train_step(model, opt, [_data(0)], nn.functional.cross_entropy)
+    assert seen == [8, 8, 2]   # ascent, the no-grad pass at w + eps, the descent on 2 of 8
+    with pytest.raises(ValueError, match='cannot share one pass'):
+        train_step(model, opt, split_chunks(*_data(1), 4), nn.functional.cross_entropy, chunk_path='batched')
+    with pytest.raises(ValueError, match='ascent_frac'):
+        train_step(model, opt, [_data(1)], nn.functional.cross_entropy, ascent_frac=0.5)
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
@@ -353,7 +432,7 @@ def test_interval_sam_skips_the_ascent_between():
     assert len(calls) == 2 + 1 + 1 + 2   # updates 0 and 3 are SAM updates
 
 
-@pytest.mark.parametrize('name', ['sam-on', 'msam', 'gsam-on', 'looksam-on'])
+@pytest.mark.parametrize('name', ['sam-on', 'msam', 'gsam-on', 'looksam-on', 'esam'])
 def test_resume_mid_run_equals_the_uninterrupted_run(name):
     """The update counter (interval SAM's phase) and the momentum (Momentum-SAM's direction) come back from
     ``state_dict``: 4 updates, a new optimizer from the state, 3 more = 7 updates in one go."""
@@ -362,6 +441,8 @@ def test_resume_mid_run_equals_the_uninterrupted_run(name):
         kw.update(gsam_alpha=ALPHA, rho_min=RHO_MIN, lr_min=LR_MIN)
     if name.startswith('looksam'):
         kw.update(looksam_alpha=LOOK_ALPHA)
+    if name.startswith('esam'):
+        kw.update(esam_beta=BETA, esam_gamma=GAMMA)
     whole = _model()
     opt = create_optimizer_v2(whole, name, **kw)
     for step in range(7):
@@ -397,6 +478,10 @@ def test_resume_mid_run_equals_the_uninterrupted_run(name):
     ('looksam', {'looksam_alpha': float('nan')}, 'looksam_alpha'),
     ('looksam', {'looksam_alpha': -1.0}, 'looksam_alpha'),
     ('gsam', {'looksam_alpha': 0.5}, 'looksam'),
+    ('esam', {'esam_beta': 0.0}, 'esam_beta'),
+    ('esam', {'esam_beta': 1.5}, 'esam_beta'),
+    ('esam', {'esam_gamma': float('nan')}, 'esam_gamma'),
+    ('sam', {'esam_gamma': 0.5}, 'esam'),
 ])
 def test_bad_family_arguments_are_refused_in_one_line(name, kwargs, words):
     with pytest.raises(ValueError) as e:
@@ -426,6 +511,9 @@ def _train(image_folder, out, *extra):
     (['--opt', 'sgd', '--gsam-alpha', '0.1'], '--gsam-alpha'),
     (['--opt', 'looksam-on', '--looksam-alpha', 'inf'], '--looksam-alpha'),
     (['--opt', 'sam-on', '--looksam-alpha', '0.5'], '--looksam-alpha'),
+    (['--opt', 'esam', '--esam-beta', '0'], '--esam-beta'),
+    (['--opt', 'esam-on', '--esam-gamma', '1.5'], '--esam-gamma'),
+    (['--opt', 'gsam', '--esam-gamma', '0.5'], '--esam-gamma'),
 ])
 def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, capsys, extra, flag):
     assert _train(image_folder, tmp_path, *extra, '--experiment', 'bad') == 2
@@ -437,7 +525,8 @@ def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, caps
 def test_train_runs_the_family(image_folder, tmp_path):
     for i, extra in enumerate((['--opt', 'msam-on'], ['--opt', 'gsam-on', '--gsam-alpha', '0.2', '--rho-min', '0.01'],
                                ['--opt', 'sam-on', '--sam-interval', '2', '--sam-m', '2'],
-                               ['--opt', 'looksam-on', '--sam-interval', '2', '--looksam-alpha', '0.5'])):
+                               ['--opt', 'looksam-on', '--sam-interval', '2', '--looksam-alpha', '0.5'],
+                               ['--opt', 'esam', '--esam-beta', '0.5', '--esam-gamma', '0.5'])):
         assert _train(image_folder, tmp_path, *extra, '--experiment', f'run{i}') == 0
         assert (tmp_path / f'run{i}' / 'last.pth.tar').exists()
         with open(tmp_path / f'run{i}' / 'summary.csv') as f:
@@ -445,4 +534,4 @@ def test_train_runs_the_family(image_folder, tmp_path):
         # msam has no ascent pass: no ascent loss; interval SAM's is the mean over its SAM updates, and the
         # sharpness (descent minus ascent loss over the same updates) is left out
         assert (row['train_ascent_loss'] == '') == (i == 0), row
-        assert (row['train_sharpness'] == '') == (i not in (1,)), row
+        assert (row['train_sharpness'] == '') == (i not in (1, 4)), row
