@@ -472,6 +472,9 @@ def validate_args(args) -> None:
         check_family_args(sam_family(args.opt) if args.is_sam else 'sam', args.sam_interval, args.gsam_alpha,
                           args.rho_min, args.rho, FAMILY_FLAGS, f'--opt {args.opt}', args.looksam_alpha,
                           args.esam_beta, args.esam_gamma)
+        if args.is_sam and sam_family(args.opt) == 'esam' and (args.sam_ascent_frac != 1 or args.naflex_loader):
+            raise ValueError(f'--opt {args.opt} selects samples by their loss at w and w + eps: it needs the whole '
+                             f'chunk in the ascent (--sam-ascent-frac 1) and no --naflex-loader')
         if not args.is_sam and args.sam_interval != 1:
             raise ValueError(f'--sam-interval {args.sam_interval} needs a SAM --opt (e.g. sam, sam-on), got {args.opt}')
     except ValueError as e:

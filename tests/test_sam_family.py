@@ -514,6 +514,8 @@ def _train(image_folder, out, *extra):
     (['--opt', 'esam', '--esam-beta', '0'], '--esam-beta'),
     (['--opt', 'esam-on', '--esam-gamma', '1.5'], '--esam-gamma'),
     (['--opt', 'gsam', '--esam-gamma', '0.5'], '--esam-gamma'),
+    (['--opt', 'esam-on', '--sam-ascent-frac', '0.5'], '--sam-ascent-frac'),
+    (['--opt', 'esam-on', '--sam-m', '2', '--sam-chunks', 'batched'], '--sam-chunks'),
 ])
 def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, capsys, extra, flag):
     assert _train(image_folder, tmp_path, *extra, '--experiment', 'bad') == 2
