@@ -122,7 +122,7 @@ run_table() {
 
 run_family() {   # the SAM family (docs/design.md, section 8): interval SAM and LookSAM per period of K = 5
   "$py" "$here/step_cost.py" --device cuda --model resnet50 --img-size 224 --batch-size 256 --amp-dtype bfloat16 \
-      --channels-last --steps 10 --warmup 3 --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on \
+      --channels-last --steps 10 --warmup 3 --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on,esam,esam-on \
       --json "$out/step_cost_family_resnet50_b256.json"
 }
 

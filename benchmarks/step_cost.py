@@ -25,10 +25,11 @@ table (resnet18, 32 px, batch 128, one thread; targets <= 1.15x one chunk)::
 
 SAM family rows (``docs/design.md``, section 8): an entry ``NAME/kK`` runs with ``interval=K`` (interval SAM,
 LookSAM's k); one sample is then the mean update time over a whole period of K updates. The family's table
-(targets: interval SAM-ON with K = 5 <= 1.15x SGD, LookSAM-ON K = 5 <= 1.2x, Momentum-SAM-ON <= 1.05x)::
+(targets: interval SAM-ON with K = 5 <= 1.15x SGD, LookSAM-ON K = 5 <= 1.2x, Momentum-SAM-ON <= 1.05x,
+ESAM <= 0.8x SAM)::
 
     python benchmarks/step_cost.py --device cpu --batch-size 128 --threads 1 --rounds 3 --steps 10 \
-        --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on
+        --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on,esam,esam-on
 
 CPU table (this project's targets: resnet18, 32 px, batch 32, fp32; SAM-ON <= 0.80x SAM-all,
 SAM-all <= 2.20x SGD)::
