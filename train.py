@@ -162,6 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help='ssam-f: single-sample gradients in the empirical Fisher (per rank)')
     g.add_argument('--ssam-drop-rate', type=float, default=0.5, help='ssam-d: fraction of the mask redrawn at the '
                    'first update (decays with a cosine over the run)')
+    g.add_argument('--sam-interval', type=int, default=1, metavar='K',
+                   help='the SAM update every K updates, the base optimizer\'s plain step between (interval SAM)')
+    g.add_argument('--gsam-alpha', type=float, default=None, help='gsam*: weight of the orthogonal part of g (>= 0; '
+                   'default 0)')
+    g.add_argument('--rho-min', type=float, default=None, help='gsam*: rho at --min-lr, rho following the lr '
+                   '(default: --rho, constant)')
+    g.add_argument('--looksam-alpha', type=float, default=None, help='looksam*: weight of the kept g_v on the '
+                   'updates between the SAM ones (>= 0; default 0.7; k is --sam-interval)')
+    g.add_argument('--esam-beta', type=float, default=None, help='esam*: fraction of the perturbed tensors drawn each '
+                   'update (in (0, 1]; default 0.6)')
+    g.add_argument('--esam-gamma', type=float, default=None, help='esam*: fraction of each chunk in the descent, '
+                   'those whose loss rose most (in (0, 1]; default 0.5)')
     g.add_argument('--sam-epochs', type=str, default=None, metavar='START:END',
                    help='SAM step only in epochs [START, END) (either may be empty), the base optimizer\'s plain step '
                         'elsewhere, on the same state (paper Figure 5)')
@@ -375,6 +387,8 @@ LR_BASE_SCALES = ('linear', 'sqrt', '')   # how --lr follows the global batch ('
 LIBRARY_RANGES = {'rho': 'rho', 'sam_eta': 'eta', 'sam_ascent_frac': 'ascent_frac', 'lr': 'lr', 'momentum': 'momentum',
                   'weight_decay': 'weight_decay', 'opt_eps': 'eps', 'opt_betas': 'betas', 'clip_grad': 'clip_grad'}
 SAM_ONLY = ('rho', 'sam_eta', 'sam_ascent_frac')   # ignored (with a warning) by other optimizers
+FAMILY_FLAGS = {'interval': '--sam-interval', 'gsam_alpha': '--gsam-alpha', 'rho_min': '--rho-min',
+                'looksam_alpha': '--looksam-alpha', 'esam_beta': '--esam-beta', 'esam_gamma': '--esam-gamma'}
 _PROB = (0, 1, False, False)
 # the ranges of train.py's own numeric options: option -> (low, high, low excluded, high excluded).
 # Every float option is also checked to be finite, whether it is listed here or not.
@@ -433,7 +447,8 @@ def check_numbers(args) -> None:
 def validate_args(args) -> None:
     import sam_on_timm  # noqa: F401  (registers the SAM optimizer names with timm)
     from sam_on_timm.checks import check_base_opt, check_eta_used, check_sam_m
-    from sam_on_timm.registry import parse_sam_name, split_opt_name
+    from sam_on_timm.family import check_family_args
+    from sam_on_timm.registry import parse_sam_name, sam_family, split_opt_name
     from timm.optim import list_optimizers
     try:
         opt_name = split_opt_name(args.opt)[1]
@@ -454,6 +469,14 @@ def validate_args(args) -> None:
         check_numbers(args)
         if args.is_sam:   # an eta that the variant has no use for (plain SAM: T = 1)
             check_eta_used(parse_sam_name(args.opt)[1], args.sam_eta, '--sam-eta', f'--opt {args.opt}')
+        check_family_args(sam_family(args.opt) if args.is_sam else 'sam', args.sam_interval, args.gsam_alpha,
+                          args.rho_min, args.rho, FAMILY_FLAGS, f'--opt {args.opt}', args.looksam_alpha,
+                          args.esam_beta, args.esam_gamma)
+        if args.is_sam and sam_family(args.opt) == 'esam' and (args.sam_ascent_frac != 1 or args.naflex_loader):
+            raise ValueError(f'--opt {args.opt} selects samples by their loss at w and w + eps: it needs the whole '
+                             f'chunk in the ascent (--sam-ascent-frac 1) and no --naflex-loader')
+        if not args.is_sam and args.sam_interval != 1:
+            raise ValueError(f'--sam-interval {args.sam_interval} needs a SAM --opt (e.g. sam, sam-on), got {args.opt}')
     except ValueError as e:
         raise UsageError(str(e)) from None
     args.sparse = args.is_sam and split_opt_name(args.opt)[1] in sam_on_timm.SPARSE_OPTIMIZERS
@@ -854,7 +877,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             synchronize_step(device)
         zero = torch.zeros((), device=stats.loss.device)
         row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
-                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1])
+                                                 (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1,
+                           zero + (stats.ascent_loss is not None)])   # updates with an ascent (interval SAM, msam)
         sums = row if sums is None else sums + row
         # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
         first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
@@ -871,7 +895,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                 msg = (f'Train: {epoch} [{batch_idx + 1:>4d}/{len(loader)} ({done:>3.0f}%)]  '
                        f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
                 if args.is_sam and sam_step:
-                    msg += f'  ascent-loss {s[1]:.4f}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
+                    ascent = f'{shown[1].item() / shown[5].item():.4f}' if shown[5].item() else '-'
+                    msg += f'  ascent-loss {ascent}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
                 _logger.info(msg)
                 if args.save_images and output_dir:
                     import torchvision.utils
@@ -888,8 +913,9 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     n = sums[4]
     metrics = OrderedDict(loss=sums[0] / n)
     if args.is_sam:   # an epoch outside --sam-epochs has no ascent: no ascent loss, no sharpness (empty cells)
-        metrics.update(ascent_loss=sums[1] / n if sam_step else None, descent_loss=sums[0] / n,
-                       sharpness=(sums[0] - sums[1]) / n if sam_step else None,
+        n_asc = sums[5]   # the updates with an ascent pass: none for msam, one in K for --sam-interval K
+        metrics.update(ascent_loss=sums[1] / n_asc if sam_step and n_asc else None, descent_loss=sums[0] / n,
+                       sharpness=(sums[0] - sums[1]) / n if sam_step and n_asc == n else None,
                        eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
 
@@ -1291,6 +1317,7 @@ def place_model(args, model, device):
 def create_optimizer(args, model):
     """timm's optimizer factory (SAM names included); the lr from --lr-base and the global batch if not given;
     the --sam-m chunk path (--sam-chunks), logged once."""
+    from sam_on_timm.registry import sam_family
     from sam_on_timm.train_step import choose_chunk_path, find_sam
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     global_batch = batch_size_reference(args) * args.world_size * args.grad_accum_steps
@@ -1304,7 +1331,13 @@ def create_optimizer(args, model):
 
     opt_kwargs = optimizer_kwargs(cfg=args)
     if args.is_sam:
-        opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base)
+        opt_kwargs.update(rho=args.rho, eta=args.sam_eta, base_opt=args.sam_base, interval=args.sam_interval)
+        if sam_family(args.opt) == 'gsam':   # rho_t from --rho to --rho-min as the lr goes from --lr to --min-lr
+            opt_kwargs.update(gsam_alpha=args.gsam_alpha, rho_min=args.rho_min, lr_max=args.lr, lr_min=args.min_lr)
+        if sam_family(args.opt) == 'looksam':
+            opt_kwargs.update(looksam_alpha=args.looksam_alpha)
+        if sam_family(args.opt) == 'esam':   # the tensor draws from the run's seed: the same on every rank
+            opt_kwargs.update(esam_beta=args.esam_beta, esam_gamma=args.esam_gamma, esam_seed=args.seed)
     if args.sparse:   # the mask is drawn from the run's seed: the same on every rank
         opt_kwargs.update(sparsity=args.sam_sparsity, mask_seed=args.seed, mask_update_epochs=args.sam_mask_update,
                           fisher_samples=args.ssam_fisher_samples, drop_rate=args.ssam_drop_rate)

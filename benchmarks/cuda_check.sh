@@ -120,6 +120,12 @@ run_table() {
   PYTHON="$py" bash "$here/gpu_table.sh" "$out/step_cost"
 }
 
+run_family() {   # the SAM family (docs/design.md, section 8): interval SAM and LookSAM per period of K = 5
+  "$py" "$here/step_cost.py" --device cuda --model resnet50 --img-size 224 --batch-size 256 --amp-dtype bfloat16 \
+      --channels-last --steps 10 --warmup 3 --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on,esam,esam-on \
+      --json "$out/step_cost_family_resnet50_b256.json"
+}
+
 run_compile() {
   "$py" "$here/step_cost.py" --device cuda --model resnet50 --img-size 224 --batch-size 256 --amp-dtype bfloat16 \
       --channels-last --compile --steps 20 --warmup 5 --opts sgd,sam,sam-on --json "$out/step_cost_compile_resnet50_b256.json"
@@ -131,6 +137,7 @@ part train 150 run_train
 part tests 150 run_tests
 part perturb 90 run_perturb
 part guards 60 run_guards
+part family 150 run_family
 if [ "${COMPILE:-0}" = 1 ]; then part compile 240 run_compile; fi
 echo "=== summary ($out/SUMMARY)"
 cat "$summary"

@@ -23,6 +23,14 @@ table (resnet18, 32 px, batch 128, one thread; targets <= 1.15x one chunk)::
     python benchmarks/step_cost.py --device cpu --batch-size 128 --threads 1 --rounds 3 --steps 10 \
         --opts sgd,sgd@m16:sequential,sgd@m16:batched,sam-on,sam-on@m16:sequential,sam-on@m16:batched
 
+SAM family rows (``docs/design.md``, section 8): an entry ``NAME/kK`` runs with ``interval=K`` (interval SAM,
+LookSAM's k); one sample is then the mean update time over a whole period of K updates. The family's table
+(targets: interval SAM-ON with K = 5 <= 1.15x SGD, LookSAM-ON K = 5 <= 1.2x, Momentum-SAM-ON <= 1.05x,
+ESAM <= 0.8x SAM)::
+
+    python benchmarks/step_cost.py --device cpu --batch-size 128 --threads 1 --rounds 3 --steps 10 \
+        --opts sgd,sam,sam-on,sam-on/k5,looksam-on/k5,msam-on,gsam-on,esam,esam-on
+
 CPU table (this project's targets: resnet18, 32 px, batch 32, fp32; SAM-ON <= 0.80x SAM-all,
 SAM-all <= 2.20x SGD)::
 
@@ -150,17 +158,21 @@ def parse_args(argv=None):
 
 
 def parse_entry(entry, args):
-    """``NAME[@mM][:PATH]`` -> (optimizer name, chunk size or None, chunk path)."""
+    """``NAME[@mM][/kK][:PATH]`` -> (optimizer name, chunk size or None, chunk path, interval K)."""
     name, _, path = entry.partition(':')
+    name, _, k = name.partition('/')
     name, _, m = name.partition('@')
+    if k and not (k.startswith('k') and k[1:].isdigit() and int(k[1:]) > 0):
+        raise ValueError(f"--opts entry '{entry}': '/{k}' must be /kK with K a positive interval")
+    k = int(k[1:]) if k else 1
     path = path or args.chunk_path
     if path not in ('auto', 'batched', 'sequential'):
         raise ValueError(f"--opts entry '{entry}': the chunk path must be auto, batched or sequential")
     if m:
         if not (m.startswith('m') and m[1:].isdigit() and int(m[1:]) > 0 and args.batch_size % int(m[1:]) == 0):
             raise ValueError(f"--opts entry '{entry}': '@{m}' must be @mM with M a divisor of --batch-size")
-        return name, int(m[1:]), path
-    return name, args.sam_m, path
+        return name, int(m[1:]), path, k
+    return name, args.sam_m, path, k
 
 
 class Runner:
@@ -172,7 +184,7 @@ class Runner:
         from sam_on_timm import is_sam_name
         from sam_on_timm.train_step import find_sam, split_chunks
         self.args, self.name, self.device = args, opt_name, device
-        opt_name, sam_m, self.chunk_path = parse_entry(opt_name, args)
+        opt_name, sam_m, self.chunk_path, self.interval = parse_entry(opt_name, args)
         self.cuda = device.type == 'cuda'
 
         torch.manual_seed(args.seed)
@@ -184,6 +196,8 @@ class Runner:
         kwargs = dict(lr=args.lr, weight_decay=args.weight_decay, momentum=0.9)
         if is_sam_name(opt_name):
             kwargs['rho'] = args.rho
+            if self.interval > 1:   # interval SAM / LookSAM's k
+                kwargs['interval'] = self.interval
         self.optimizer = create_optimizer_v2(model, opt=opt_name, **kwargs)
         self.sam = find_sam(self.optimizer)
         self.model = torch.compile(model) if args.compile else model
@@ -205,12 +219,13 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        stats = train_step(self.model, self.optimizer, self.chunks, self.loss_fn, amp_autocast=self.amp_autocast,
-                           loss_scaler=self.scaler, bn_update=a.sam_bn_update, ascent_frac=a.sam_ascent_frac,
-                           chunk_path=self.chunk_path)
+        for _ in range(self.interval):   # /kK rows: one sample is one whole period of K updates
+            stats = train_step(self.model, self.optimizer, self.chunks, self.loss_fn, amp_autocast=self.amp_autocast,
+                               loss_scaler=self.scaler, bn_update=a.sam_bn_update, ascent_frac=a.sam_ascent_frac,
+                               chunk_path=self.chunk_path)
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        ms = (time.perf_counter() - t0) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3 / self.interval
         self.last_loss = stats.loss
         return ms
 
@@ -354,7 +369,7 @@ def make_rows(args, samples, losses, peaks, busy=None):
     rows = []
     for o in args.opt_list:
         s = samples[o]
-        _, sam_m, path = parse_entry(o, args)
+        _, sam_m, path, _ = parse_entry(o, args)
         rows.append(dict(opt=o, ms_median=statistics.median(s), ms_min=min(s), ms_max=max(s),
                          peak_mem_mb=peaks.get(o), ratio_sgd=None, ratio_sgd_min=None, ratio_sam=None,
                          ratio_one_chunk=None, n_samples=len(s),

@@ -13,12 +13,13 @@ from typing import Dict, List, Tuple
 
 from torch import nn
 
+from .family import FAMILIES
 from .perturbations import VARIANTS
 from .sam import MODES, SAM
 from .sparse import MASK_ARGS, SPARSE_NAMES, SparseMask
 
 __all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'parse_sam_name', 'is_sam_name',
-           'register_sam_optimizers', 'SPARSE_OPTIMIZERS']
+           'register_sam_optimizers', 'SPARSE_OPTIMIZERS', 'FAMILY_OPTIMIZERS', 'sam_family']
 
 # the prefixes timm's factory understands before an optimizer name ('lookahead_sgd')
 OPT_PREFIXES = ('lookahead',)
@@ -42,6 +43,11 @@ SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MO
 SPARSE_OPTIMIZERS: Dict[str, str] = {name: kind for kind, name in SPARSE_NAMES.items()}
 
 
+# the SAM family (family.py): name -> (family, mode); ``msam[-MODE]``, ``gsam[-MODE]``, plain T = 1 perturbation
+FAMILY_OPTIMIZERS: Dict[str, Tuple[str, str]] = {
+    f + ('' if m == 'all' else f'-{m}'): (f, m) for f in FAMILIES if f != 'sam' for m in MODES}
+
+
 def split_opt_name(opt: str) -> Tuple[str, str]:
     """``(prefix, name)`` of an optimizer name as timm's factory reads it: lower case, the part after the
     last '_' names the optimizer, the rest is a prefix ('' or 'lookahead'). timm itself ignores any
@@ -61,9 +67,19 @@ def parse_sam_name(opt: str) -> Tuple[str, str]:
     name = split_opt_name(opt)[1]
     if name in SPARSE_OPTIMIZERS:
         return 'all', 'sam'
+    if name in FAMILY_OPTIMIZERS:
+        return FAMILY_OPTIMIZERS[name][1], 'sam'
     if name not in SAM_OPTIMIZERS:
-        raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(SAM_OPTIMIZERS)}")
+        valid = list(SAM_OPTIMIZERS) + list(SPARSE_OPTIMIZERS) + list(FAMILY_OPTIMIZERS)
+        raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(valid)}")
     return SAM_OPTIMIZERS[name]
+
+
+def sam_family(opt: str) -> str:
+    """The family of a SAM name ('sam' for the sam-* and sparse names, else 'msam', 'gsam'); ValueError
+    for a name that is not a SAM name."""
+    parse_sam_name(opt)
+    return FAMILY_OPTIMIZERS.get(split_opt_name(opt)[1], ('sam',))[0]
 
 
 def is_sam_name(opt: str) -> bool:
@@ -115,6 +131,16 @@ def register_sam_optimizers() -> List[str]:
             description=f'SAM with {masks[kind]} mask on the perturbation',
             defaults={'variant': 'sam', 'mode': 'all', 'mask': SparseMask(kind)},
         ))
+    for name, (family, mode) in FAMILY_OPTIMIZERS.items():
+        if name in registered:
+            continue
+        what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters',
+                'nonorm': 'all but normalization-layer parameters'}[mode]
+        default_registry.register(OptimInfo(
+            name=name, opt_class=SAM, **SIGNATURE_FLAGS,
+            description=f'{FAMILIES[family]}; perturbs {what}',
+            defaults={'variant': 'sam', 'mode': mode, 'family': family},
+        ))
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
         original = default_registry.create_optimizer
 
@@ -133,4 +159,4 @@ def register_sam_optimizers() -> List[str]:
 
         create_optimizer._sam_on_timm = True
         default_registry.create_optimizer = create_optimizer
-    return list(SAM_OPTIMIZERS) + list(SPARSE_OPTIMIZERS)
+    return list(SAM_OPTIMIZERS) + list(SPARSE_OPTIMIZERS) + list(FAMILY_OPTIMIZERS)

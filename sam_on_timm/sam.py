@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
+from .family import check_family_args, gsam_descent, gsam_rho, looksam_direction, looksam_reuse, momentum_buffers
 from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
 from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
@@ -70,6 +71,15 @@ class SAM(torch.optim.Optimizer):
         momentum, **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer
             through timm's factory, which keeps what the base takes and drops the rest (as for any timm name).
         base_args: the same as a dict; how ``create_optimizer_v2`` hands on ``eps`` / ``betas`` (registry.py).
+        family: 'sam', or a method of the SAM family (``family.FAMILIES``: 'msam', 'gsam'; docs/design.md,
+            section 8), with the plain T = 1 perturbation only.
+        interval: the SAM update on every ``interval``-th update (0, K, 2K, ... of the optimizer's counter),
+            the base optimizer's plain step between (interval SAM; 1: every update).
+        gsam_alpha, rho_min: GSAM's alpha (default 0.0) and the rho at lr_min (default rho: constant rho);
+            lr_max / lr_min: the schedule's ends (default: the first group's lr at construction, and 0).
+        looksam_alpha: LookSAM's alpha (default 0.7); its k is ``interval``.
+        esam_beta, esam_gamma: ESAM's fractions (default 0.6 and 0.5): of P's tensors perturbed, of each chunk's
+            samples in the descent; esam_seed: the CPU generator of the tensor draws (the same on every rank).
     """
 
     def __init__(
@@ -86,12 +96,26 @@ class SAM(torch.optim.Optimizer):
             momentum: float = 0.9,
             mask: Optional[Any] = None,
             base_args: Optional[Dict[str, Any]] = None,
+            family: str = 'sam',
+            interval: int = 1,
+            gsam_alpha: Optional[float] = None,
+            rho_min: Optional[float] = None,
+            lr_max: Optional[float] = None,
+            lr_min: Optional[float] = None,
+            looksam_alpha: Optional[float] = None,
+            esam_beta: Optional[float] = None,
+            esam_gamma: Optional[float] = None,
+            esam_seed: int = 0,
             **base_kwargs,
     ) -> None:
         check_variant(variant)
         if mode not in MODES:
             raise ValueError(f"unknown SAM mode '{mode}'; valid: {', '.join(MODES)}")
         check_arg('rho', rho)
+        check_family_args(family, interval, gsam_alpha, rho_min, rho, looksam_alpha=looksam_alpha,
+                          esam_beta=esam_beta, esam_gamma=esam_gamma)
+        if family != 'sam' and variant != 'sam':
+            raise ValueError(f"'{family}' perturbs with T = 1 only; variant '{variant}' is an option of the sam names")
         check_eta_used(variant, eta)
         eta = VARIANTS[variant].default_eta if eta is None else eta
         check_arg('eta', eta)
@@ -103,7 +127,7 @@ class SAM(torch.optim.Optimizer):
         if model is not None:
             norm_params = norm_parameters(model) if norm_params is None else norm_params
             bias_params = bias_parameters(model) if bias_params is None else bias_params
-        name = f"sam{'' if mode == 'all' else '-' + mode}{'' if variant == 'sam' else '-' + variant}"
+        name = f"{family}{'' if mode == 'all' else '-' + mode}{'' if variant == 'sam' else '-' + variant}"
         if mode != 'all':
             if norm_params is None:
                 raise ValueError(
@@ -129,6 +153,30 @@ class SAM(torch.optim.Optimizer):
         self.state = self.base_optimizer.state
 
         self.name, self.variant, self.mode, self.rho, self.eta, self.base_opt = name, variant, mode, rho, eta, base_opt
+        self.family, self.interval = family, interval
+        self.updates = 0   # base steps taken (interval SAM's phase; part of the state)
+        self.gsam_alpha = 0.0 if gsam_alpha is None else float(gsam_alpha)
+        self.rho_min = rho if rho_min is None else float(rho_min)
+        if family == 'gsam':
+            lr_max = float(self.param_groups[0]['lr']) if lr_max is None else float(lr_max)
+            lr_min = 0.0 if lr_min is None else float(lr_min)
+            check_optimizer_args({'lr': lr_max}, {'lr': 'lr_max'})
+            check_optimizer_args({'lr': lr_min}, {'lr': 'lr_min'})
+        self.lr_max, self.lr_min = lr_max, lr_min
+        self._ascent_grad: Optional[List[Tensor]] = None   # GSAM, LookSAM: g at w over P, until the descent
+        self.looksam_alpha = 0.7 if looksam_alpha is None else float(looksam_alpha)
+        self.looksam_gv: Optional[List[Tensor]] = None     # LookSAM's kept g_v over P (part of the state)
+        self._reuse_pending = False   # LookSAM: the coming base step is a reuse step (g + alpha ... g_v)
+        self.esam_beta = 0.6 if esam_beta is None else float(esam_beta)
+        self.esam_gamma = 0.5 if esam_gamma is None else float(esam_gamma)
+        self.esam_generator = torch.Generator().manual_seed(esam_seed) if family == 'esam' else None
+        self.swp: Optional[List[bool]] = None   # ESAM: the tensors of P this update perturbs (draw_swp)
+        if family == 'msam':
+            momentum_ok = self.base_optimizer.defaults.get('momentum', 0) or 'betas' in self.base_optimizer.defaults
+            if not momentum_ok:
+                raise ValueError(f"'{name}' perturbs along the base optimizer's momentum: base '{base_opt}' has "
+                                 f"none (momentum {self.base_optimizer.defaults.get('momentum')}); use momentum > 0 "
+                                 f"or an Adam-style base")
         self._norm_set, self._bias_set = norm_params, bias_set   # kept for groups added later
         self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
         self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (flat.flat_ok)
@@ -180,7 +228,7 @@ class SAM(torch.optim.Optimizer):
     # -- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
     def perturbation(self, grads: Sequence[Optional[Tensor]], found_inf: Optional[Tensor] = None,
-                     grads_writable: bool = False) -> Tuple[List[Tensor], Tensor, Tensor]:
+                     grads_writable: bool = False, weight: float = 1.0) -> Tuple[List[Tensor], Tensor, Tensor]:
         """eps of P from the ascent gradient ``grads`` (one per tensor of ``self.perturbed``; None: zero),
         with everything a perturbation involves: the variant's formula (``compute_eps``), the sparse
         mask (eps <- mask * eps; ssam-d's pending mask update first), and the counters
@@ -191,11 +239,30 @@ class SAM(torch.optim.Optimizer):
         call it, so a path cannot drop a mask or miss a count. Returns ``(eps, ||eps||, skipped)``;
         ``found_inf`` non-zero (fp16 overflow) skips the perturbation. On the flat (CUDA) path eps is a
         view of a buffer reused by the next call.
+
+        The family (docs/design.md, section 8): ``msam`` ignores ``grads`` and perturbs along the base
+        optimizer's momentum, eps = -rho m / ||m||; ``gsam`` keeps ``weight * grads`` (summed over the
+        chunks of an update: g at w, for the descent gradient) and perturbs with rho_t (``current_rho``).
         """
         params = self.perturbed
         if len(grads) != len(params):   # e.g. read before a group was added: call adopt_new_groups() first
             raise ValueError(f'{self.name}: got {len(grads)} gradients for {len(params)} perturbed tensors')
+        if self.family == 'msam':
+            grads, found_inf, grads_writable = self._momentum_direction(), None, True
+        rho = self.current_rho()
+        if self.family == 'esam':   # SWP: only the drawn tensors, eps scaled by 1 / beta
+            if self.swp is None or len(self.swp) != len(params):
+                self.draw_swp()
+            grads = [g if s else None for g, s in zip(grads, self.swp)]
+            rho = rho / self.esam_beta
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        # GSAM / LookSAM keep g; before compute_eps, which may write into writable grads
+        if (self.family == 'gsam' and self.gsam_alpha != 0) or self.family == 'looksam':
+            kept = [g.detach().float() * weight if g.dtype != torch.float64 else g.detach() * weight for g in grads]
+            if self._ascent_grad is None or len(self._ascent_grad) != len(kept):
+                self._ascent_grad = kept
+            else:
+                torch._foreach_add_(self._ascent_grad, kept)
         if self.mask is not None:
             self.mask.before_perturb(grads)   # ssam-d: a requested mask update, scored by this gradient
         # model.to(dtype / device / memory_format) gives P new storage: renew the backup and flat buffers
@@ -204,7 +271,7 @@ class SAM(torch.optim.Optimizer):
             self._layout_key, self._backup = key, None
             self._flat = FlatSet(params) if flat_ok(params) else None
         eps, eps_norm, skipped = compute_eps(
-            self.variant, params, grads, self.rho, self.eta, self.is_bias, found_inf=found_inf,
+            self.variant, params, grads, rho, self.eta, self.is_bias, found_inf=found_inf,
             grads_writable=grads_writable, flat=self._flat)
         if self.mask is not None:
             eps_norm = self.mask.apply(eps)
@@ -214,19 +281,78 @@ class SAM(torch.optim.Optimizer):
         self.skipped_count = skipped.float() if self.skipped_count is None else self.skipped_count + skipped
         return eps, eps_norm, skipped
 
+    def current_rho(self) -> float:
+        """The rho of this update: ``rho``, or GSAM's rho_t from the first group's lr (``family.gsam_rho``)."""
+        if self.family != 'gsam':
+            return self.rho
+        return gsam_rho(self.rho, self.rho_min, float(self.param_groups[0]['lr']), self.lr_max, self.lr_min)
+
+    def draw_swp(self) -> List[bool]:
+        """ESAM: draw this update's subset of P (each tensor kept with probability beta) from the optimizer's
+        CPU generator, so every rank draws the same; kept in ``swp`` until the next draw."""
+        u = torch.rand(len(self.perturbed), generator=self.esam_generator)
+        self.swp = (u < self.esam_beta).tolist()
+        return self.swp
+
+    def is_sam_update(self) -> bool:
+        """Whether the coming update is a SAM update (always, unless ``interval`` > 1: updates 0, K, 2K, ...).
+        ``train_step`` and ``step(closure)`` take the base optimizer's plain step otherwise; a user's own
+        first_step / second_step loop asks this itself."""
+        return self.updates % self.interval == 0
+
+    @property
+    def needs_ascent(self) -> bool:
+        """Whether eps needs an ascent pass (a gradient at w): not for Momentum-SAM."""
+        return self.family != 'msam'
+
+    def _momentum_direction(self) -> List[Optional[Tensor]]:
+        """-m over P (the ascent direction of Momentum-SAM), new tensors; None where no buffer exists yet."""
+        bufs = momentum_buffers(self.state, self.perturbed)
+        if all(b is None for b in bufs) and any(self.state.get(p) for p in self.perturbed):
+            raise RuntimeError(f"{self.name}: the base optimizer '{self.base_opt}' keeps no momentum buffer "
+                               f"(state keys momentum_buffer / exp_avg) to perturb along")
+        return [None if b is None else torch.neg(b.detach()).to(p.dtype) for b, p in zip(bufs, self.perturbed)]
+
+    @torch.no_grad()
+    def descent_gradient(self) -> None:
+        """GSAM: ``.grad`` of P (g_p, the true descent gradient) becomes g_p - alpha g_orth with the kept g
+        (``family.gsam_descent``); the kept g is dropped. A no-op for the others, or when nothing is kept.
+        ``train_step`` calls it before clipping; the base step calls it if it is still pending."""
+        kept, self._ascent_grad = self._ascent_grad, None
+        reuse, self._reuse_pending = self._reuse_pending, False
+        if self.family == 'looksam':
+            grads = [p.grad for p in self.perturbed]
+            if any(g is None for g in grads):   # a tensor of P the loss did not reach: zero gradient
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.perturbed, grads)]
+            if kept is not None:
+                g_v = looksam_direction(grads, [g.to(d.dtype) for g, d in zip(kept, grads)])
+                if g_v is not None:
+                    self.looksam_gv = g_v
+            elif reuse and self.looksam_gv is not None:
+                looksam_reuse([p.grad for p in self.perturbed if p.grad is not None],
+                              [v for p, v in zip(self.perturbed, self.looksam_gv) if p.grad is not None],
+                              self.looksam_alpha)
+            return
+        if kept is None or self.gsam_alpha == 0:
+            return
+        pairs = [(p.grad, g) for p, g in zip(self.perturbed, kept) if p.grad is not None]
+        if pairs:
+            gsam_descent([d for d, _ in pairs], [g.to(d.dtype) for d, g in pairs], self.gsam_alpha)
+
     @torch.no_grad()
     def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None,
-                grads_writable: bool = False) -> Tensor:
+                grads_writable: bool = False, weight: float = 1.0) -> Tensor:
         """w_P <- w_P + eps, eps from ``perturbation(grads)``; ``grads`` default to ``.grad``.
 
         Returns ||eps|| (0-dim tensor). The originals of P are saved first; ``restore()`` puts them back.
+        ``weight``: GSAM's share of this gradient in the update's g (the chunk's descent weight).
         """
         if self.is_perturbed:
             raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
         if grads is None:
             self.adopt_new_groups()
             grads = [p.grad for p in self.perturbed]
-        eps, eps_norm, _ = self.perturbation(grads, found_inf, grads_writable)
+        eps, eps_norm, _ = self.perturbation(grads, found_inf, grads_writable, weight)
         params = self.perturbed
         if self._backup is None:
             # once: later steps copy into these buffers. A plain clone, not torch._foreach_clone (absent
@@ -263,6 +389,8 @@ class SAM(torch.optim.Optimizer):
         grads = found_inf = None
         writable = False
         self.adopt_new_groups()
+        if self.family == 'esam':   # a new subset of P for every update
+            self.draw_swp()
         if torch_grad_scaler(scaler) is not None:
             grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in self.perturbed]
             found_inf, writable = unscale_grads(grads, scaler), True
@@ -321,23 +449,34 @@ class SAM(torch.optim.Optimizer):
             self._restore_and_descend()
             return None
         closure = torch.enable_grad()(closure)
-        loss = closure()
-        with self.perturbed_weights(zero_grad=True):
-            closure()
+        if not self.is_sam_update():   # interval SAM: a plain base step (LookSAM: its reuse step)
+            self._ascent_grad = None
+            self._reuse_pending = self.family == 'looksam'
+            loss = closure()
+        elif not self.needs_ascent:    # Momentum-SAM: one pass, at w + eps
+            with self.perturbed_weights(zero_grad=True):
+                loss = closure()
+        else:
+            loss = closure()   # esam: a closure gives no per-sample losses, SWP only (docs/design.md, 8)
+            with self.perturbed_weights(zero_grad=True):
+                closure()
         self._restore_and_descend()   # not self.step(): step hooks fire once per SAM step
         return loss
 
     def _restore_and_descend(self) -> None:
         self.restore()
+        self.updates += 1   # every update counts, a skipped one too (interval SAM's phase)
         found_inf = getattr(self, 'found_inf', None)   # set by GradScaler.step only
         if found_inf is not None:
             if found_inf.item():   # the same host sync GradScaler makes to skip a step
+                self._ascent_grad, self._reuse_pending = None, False
                 return
             if getattr(self, 'grad_scale', None) is not None:   # not unscaled yet: as GradScaler.unscale_
                 grads = [p.grad for g in self.param_groups for p in g['params'] if p.grad is not None]
                 inv_scale = self.grad_scale.double().reciprocal().float()
                 for device in {g.device for g in grads}:
                     torch._foreach_mul_([g for g in grads if g.device == device], inv_scale.to(device))
+        self.descent_gradient()   # GSAM, when train_step has not done it (a user's own loop)
         self.base_optimizer.step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -357,6 +496,11 @@ class SAM(torch.optim.Optimizer):
         """
         self._refuse_while_perturbed('state_dict()')
         state = self.base_optimizer.state_dict()
+        state['sam_updates'] = self.updates
+        if self.esam_generator is not None:
+            state['sam_esam_rng'] = self.esam_generator.get_state()
+        if self.looksam_gv is not None:
+            state['sam_looksam_gv'] = [v.detach().clone() for v in self.looksam_gv]
         if self.mask is not None:
             state['sam_mask'] = self.mask.state_dict()
         return state
@@ -369,7 +513,18 @@ class SAM(torch.optim.Optimizer):
             if 'sam_mask' not in state_dict:
                 raise ValueError(f"'{self.name}': the optimizer state holds no perturbation mask")
             self.mask.check_state(state_dict['sam_mask'])
-        load_optimizer_state(self.base_optimizer, {k: v for k, v in state_dict.items() if k != 'sam_mask'})
+        updates = state_dict.get('sam_updates', 0)
+        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
+            raise ValueError(f"'{self.name}': the optimizer state's update count is not a count: {updates!r}")
+        load_optimizer_state(self.base_optimizer, {k: v for k, v in state_dict.items()
+                                                   if k not in ('sam_mask', 'sam_updates', 'sam_looksam_gv',
+                                                                'sam_esam_rng')})
+        self.updates = updates
+        if self.esam_generator is not None and state_dict.get('sam_esam_rng') is not None:
+            self.esam_generator.set_state(state_dict['sam_esam_rng'])
+        g_v = state_dict.get('sam_looksam_gv')
+        self.looksam_gv = None if g_v is None else [v.to(device=p.device, dtype=p.dtype).clone()
+                                                    for v, p in zip(g_v, self.perturbed)]
         if self.mask is not None:
             self.mask.load_state_dict(state_dict['sam_mask'])
         self.param_groups = self.base_optimizer.param_groups

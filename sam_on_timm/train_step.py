@@ -238,6 +238,8 @@ def _sam_reason(sam: SAM) -> Optional[str]:
     norms. That is the sequential update exactly when ``perturb`` / ``restore`` are SAM's own (a subclass
     that changes them perturbs otherwise) and the variant is one of Table 10's.
     """
+    if sam.family == 'esam':
+        return "esam selects each chunk's own samples for its descent"
     for method in ('perturb', 'perturbation', 'restore'):
         if getattr(type(sam), method) is not getattr(SAM, method):
             return f'{type(sam).__name__} has its own {method}(), which the batched path would not run'
@@ -332,6 +334,14 @@ def train_step(
     if sam is not None and sam.is_perturbed:   # before anything: the user's w + eps is theirs to restore
         raise RuntimeError(f'{sam.name}: train_step() while the weights are perturbed (after first_step()); call '
                            f'second_step() or restore() first')
+    family = sam   # the optimizer whose descent gradient the family may change (also on a plain update)
+    if sam is not None:
+        sam._ascent_grad = None   # GSAM, LookSAM: nothing kept from an update that raised
+        sam._reuse_pending = False
+        if not sam.is_sam_update():   # interval SAM: the base optimizer's plain step (LookSAM: its reuse step)
+            sam._reuse_pending = sam.family == 'looksam'
+            sam = None
+    moment = sam is not None and not sam.needs_ascent   # Momentum-SAM: eps known before any pass
     scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
     sizes = [batch_rows(x) for x, _ in chunks]
@@ -350,19 +360,41 @@ def train_step(
         if not all(p.requires_grad for p in trainable):
             trainable = [p for p in trainable if p.requires_grad]
     per_pass = k if chunks_per_pass is None else chunks_per_pass
-    path, reason = choose_chunk_path(model, optimizer if sam_step else None, sizes,
+    path, reason = choose_chunk_path(model, optimizer if sam is not None and not moment else None, sizes,
                                      chunk_path, per_pass)   # a plain step chooses as a plain optimizer would
     if path == 'sequential' and chunk_path == 'batched':
         raise ValueError(f'the chunks cannot share one pass: {reason}')
     run = _batched_chunks if path == 'batched' else _sequential_chunks
-    loss_sum, ascent_sum, eps_sum, skipped = run(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update,
-                                                 ascent_frac, others, trainable, per_pass, weights, mean_w)
+    if sam is not None and sam.family == 'esam':
+        if ascent_frac != 1.0 or any(not isinstance(x, Tensor) for x, _ in chunks):
+            raise ValueError(f'{sam.name} selects samples by their loss at w and w + eps: it needs the whole chunk '
+                             f'in the ascent (ascent_frac 1) and tensor batches (not NaFlex dicts)')
+        run = _esam_chunks
+    if moment:   # one eps for the whole update (the momentum does not change within it), then plain passes
+        try:
+            eps_norm = sam.perturb([None] * len(sam.perturbed))
+            loss_sum, _, _, _ = run(model, None, chunks, loss_fn, amp_autocast, scaler, bn_update,
+                                    ascent_frac, others, trainable, per_pass, weights, mean_w)
+        finally:
+            sam.restore()
+        ascent_sum, eps_sum, skipped = None, eps_norm * k, sam.last_skipped
+    else:
+        loss_sum, ascent_sum, eps_sum, skipped = run(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update,
+                                                     ascent_frac, others, trainable, per_pass, weights, mean_w)
+    unscaled = False
+    if family is not None and family.family in ('gsam', 'looksam'):   # before clipping (docs/design.md, 8)
+        _all_reduce_mean(model, family._ascent_grad)
+        if scaler is not None and family.family == 'gsam':   # LookSAM's formulas are free of the loss scale
+            scaler.unscale_(optimizer)
+            unscaled = True
+        family.descent_gradient()
 
     if clip_parameters is None and clip_grad is not None:
         clip_parameters = [p for g in optimizer.param_groups for p in g['params']]
     if scaler is not None:
         if clip_grad is not None:
-            scaler.unscale_(optimizer)   # once per update, descent gradient only
+            if not unscaled:
+                scaler.unscale_(optimizer)   # once per update, descent gradient only
             _clip(clip_parameters, clip_grad, clip_mode)
         scaler.step(optimizer)           # a skipped step still leaves w restored (done above)
         scaler.update()
@@ -374,7 +406,8 @@ def train_step(
     mean = (lambda v: v / k) if mean_w is None else (lambda v: v)   # weighted sums are means already
     stats = StepStats(loss=mean(loss_sum))
     if sam is not None:
-        stats.ascent_loss, stats.eps_norm, stats.skipped = mean(ascent_sum), eps_sum / k, skipped
+        stats.ascent_loss = None if ascent_sum is None else mean(ascent_sum)
+        stats.eps_norm, stats.skipped = eps_sum / k, skipped
     return stats
 
 
@@ -415,7 +448,8 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
                         missing = [j for j, g in enumerate(grads) if g is None]
                         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
                 found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
-                eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
+                eps_norm = sam.perturb(grads, found_inf, grads_writable=True,   # autograd.grad's own buffers
+                                       weight=1.0 / k if weights is None else weights[i])
                 ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
                 eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
                 skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped
@@ -430,6 +464,54 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
                 sam.restore()
         if sam is not None and check:
             _check_ascent_reach(sam, missing)
+        loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
+    return loss_sum, ascent_sum, eps_sum, skipped
+
+
+def _esam_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, ascent_frac, others,
+                 trainable, per_pass, weights, mean_w):
+    """ESAM (docs/design.md, section 8), each chunk in turn: the ascent over the update's SWP subset S of P
+    (the other tensors' gradients not computed), per-sample losses L_i(w); eps on S; a forward at w + eps
+    without gradients (running statistics untouched) for L_i(w + eps); the descent at w + eps on the gamma
+    of the chunk with the largest L_i(w + eps) - L_i(w), its mean loss weighted as the chunk's."""
+    from .family import esam_selection
+    k = len(chunks)
+    sel = sam.draw_swp()
+    subset = [p for p, s in zip(sam.perturbed, sel) if s and p.requires_grad]
+    left_out = [p for p in sam.perturbed if not any(p is q for q in subset)]
+    loss_sum = ascent_sum = eps_sum = skipped = None
+    for i, (x, y) in enumerate(chunks):
+        last = i == k - 1
+        n = batch_rows(x)
+        try:
+            with _no_sync(model, True), requires_grad_off(list(others) + left_out):
+                with amp_autocast():
+                    out = model(x)
+                    before = torch.stack([loss_fn(out[j:j + 1], y[j:j + 1]) for j in range(n)])
+                ascent_loss = before.mean()
+                scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
+                got = {}
+                if scaled.requires_grad and subset:
+                    got = dict(zip(map(id, subset), torch.autograd.grad(scaled, subset, allow_unused=True)))
+                grads = [got.get(id(p)) for p in sam.perturbed]
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
+            found_inf = unscale_grads(grads, scaler)
+            eps_norm = sam.perturb(grads, found_inf, grads_writable=True,
+                                   weight=1.0 / k if weights is None else weights[i])
+            with torch.no_grad(), frozen_bn_stats(model), amp_autocast():
+                out = model(x)
+                after = torch.stack([loss_fn(out[j:j + 1], y[j:j + 1]) for j in range(n)])
+            idx = esam_selection(after.detach(), before.detach(), sam.esam_gamma)
+            with _no_sync(model, not last), frozen_bn_stats(model, bn_update == 'ascent'):
+                with amp_autocast():
+                    loss = loss_fn(model(x[idx]), y[idx])
+                descent = _descent_loss(loss, i, k, weights)
+                (scaler.scale(descent) if scaler is not None else descent).backward()
+        finally:
+            sam.restore()
+        ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
+        eps_sum = _acc(eps_sum, eps_norm)
+        skipped = _acc(skipped, sam.last_skipped)
         loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
 
@@ -478,7 +560,9 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
                     grads = [torch.zeros_like(p) if rows.get(p) is None else rows[p][c] for p in sam.perturbed]
                     found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
                     # the optimizer's one eps (mask, counters); on CUDA a view of its flat buffer: copied out
-                    eps, eps_norm, skip = sam.perturbation(grads, found_inf, grads_writable=True)
+                    eps, eps_norm, skip = sam.perturbation(
+                        grads, found_inf, grads_writable=True,
+                        weight=1.0 / k_all if weights is None else weights[start + c])
                     torch._foreach_copy_([e[c] for e in eps_rows], list(eps))
                     ascent_sum = _acc(ascent_sum, _logged(ascent_losses[c].detach(), start + c, mean_w))
                     eps_sum, skipped = _acc(eps_sum, eps_norm), _acc(skipped, skip)
@@ -500,6 +584,21 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
         for c, loss in enumerate(losses):
             loss_sum = _acc(loss_sum, _logged(loss.detach(), start + c, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
+
+
+def _all_reduce_mean(model: nn.Module, tensors: Optional[List[Tensor]]) -> None:
+    """GSAM under DDP: the kept gradient at w averaged over the ranks, as the descent gradient is, so that every
+    rank computes the same descent gradient (one all-reduce of P's size besides the descent's)."""
+    import torch.distributed as dist
+    if not tensors or not hasattr(model, 'no_sync') or not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    if world > 1:
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= world
+        parts = flat.split([t.numel() for t in tensors])
+        torch._foreach_copy_(tensors, [f.view_as(t) for f, t in zip(parts, tensors)])
 
 
 def _acc(total: Optional[Tensor], value: Tensor) -> Tensor:

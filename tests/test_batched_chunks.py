@@ -370,13 +370,18 @@ def _tiny_net(norm_only):
     return model
 
 
+# the family's own arguments, so that what they change is compared too (GSAM's decomposition, LookSAM's reuse step)
+FAMILY_ARGS = {'gsam': dict(gsam_alpha=0.3, rho_min=0.1, lr_min=0.01), 'looksam': dict(interval=2, looksam_alpha=0.5)}
+
+
 def _sam_run(name, norm_only, path, updates):
     """2 updates of ``name`` on a fresh tiny net through ``path``; the masks that change during training
     (ssam-f's Fisher mask, ssam-d's drop and regrow) set up as train.py's epoch start would, the same
     way for every path."""
     model = _tiny_net(norm_only)
     opt = create_optimizer_v2(model, name, lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.5,
-                              **({'sparsity': 0.5} if name in sam_on_timm.SPARSE_OPTIMIZERS else {}))
+                              **({'sparsity': 0.5} if name in sam_on_timm.SPARSE_OPTIMIZERS else {}),
+                              **FAMILY_ARGS.get(name.split('-')[0], {}))
     sam = find_sam(opt)
     if sam.mask is not None and sam.mask.kind == 'fisher':
         g = torch.Generator().manual_seed(1)
@@ -386,7 +391,9 @@ def _sam_run(name, norm_only, path, updates):
     logged = []
     for chunks in updates:
         s = train_step(model, opt, chunks, F.cross_entropy, chunk_path=path)
-        logged.append(torch.stack([s.loss, s.ascent_loss, s.eps_norm, s.skipped]).double())
+        # msam has no ascent pass, an update between LookSAM's SAM updates no perturbation: zeros
+        logged.append(torch.stack([torch.zeros_like(s.loss) if v is None else v
+                                   for v in (s.loss, s.ascent_loss, s.eps_norm, s.skipped)]).double())
     out = state_of(model, opt, logged)
     if sam.mask is not None:
         out['sam.mask'] = torch.cat([m.reshape(-1) for m in sam.mask.masks])
@@ -400,7 +407,8 @@ def test_every_registered_name_on_every_chunk_path_equals_sequential(norm_only, 
     (SAM.perturbation: formula, sparse mask, counters). With only the norm layers trainable the batched
     path must accept every name (sam-rand there was the silent unmasked update: ||eps|| = rho)."""
     names = _registered_sam_names()
-    assert len(names) == len(sam_on_timm.SAM_OPTIMIZERS) + len(sam_on_timm.SPARSE_OPTIMIZERS)
+    assert len(names) == (len(sam_on_timm.SAM_OPTIMIZERS) + len(sam_on_timm.SPARSE_OPTIMIZERS)
+                          + len(sam_on_timm.FAMILY_OPTIMIZERS))
     updates = batches(n_updates=2, n=8, m=4, img=6)
     compared = {}
     for name in names:
@@ -409,7 +417,8 @@ def test_every_registered_name_on_every_chunk_path_equals_sequential(norm_only, 
         except ValueError as e:   # sam-nonorm-* with only norm layers trainable: nothing to perturb
             assert norm_only and 'nonorm' in name and 'no parameter that requires grad' in str(e), (name, e)
             continue
-        assert float(seq['logged.0'][2]) > 0, name   # a perturbation took place (ssam-f: its mask is set)
+        # a perturbation took place (ssam-f: its mask is set; msam: from its second update, with momentum)
+        assert float(seq['logged.1' if name.startswith('msam') else 'logged.0'][2]) > 0, name
         accepted = ['auto']
         try:
             bat = _sam_run(name, norm_only, 'batched', updates)
@@ -420,8 +429,10 @@ def test_every_registered_name_on_every_chunk_path_equals_sequential(norm_only, 
             assert_same(bat, seq)
         assert_same(_sam_run(name, norm_only, 'auto', updates), seq)
         compared[name] = accepted
-    if norm_only:   # everything batchable: the batched path was compared for every name
-        assert all(v == ['auto', 'batched'] for v in compared.values()), compared
+    if norm_only:   # everything batchable (but ESAM's per-chunk sample selection): batched compared for every name
+        assert all(v == ['auto', 'batched'] for n, v in compared.items() if not n.startswith('esam')), compared
+        assert all(v == ['auto'] for n, v in compared.items() if n.startswith('esam')), compared
         assert len(compared) == len(names) - sum('nonorm' in n for n in names)
-    else:           # P only the norm layers' affine parameters: the sam-on names
-        assert sorted(n for n, v in compared.items() if 'batched' in v) == sorted(n for n in names if '-on' in n)
+    else:           # P only the norm layers' affine parameters: the -on names; msam's one eps per update any P
+        assert sorted(n for n, v in compared.items() if 'batched' in v) == sorted(
+            n for n in names if ('-on' in n or n.startswith('msam')) and not n.startswith('esam'))

@@ -30,8 +30,11 @@ IMG = 64                # BatchNorm over 2-sample chunks is ill-conditioned at 1
                         # there float32 rounding (order of the chunk sums) grows by x1e4 per update
 NUM_CLASSES = 5
 CHUNKS = (1, 1, 2, 2)   # chunks per rank in each update: 2 plain updates, then 2 with --grad-accum-steps-style chunks
-OPTS = ('sgd', 'sam', 'sam-on-layerl2')
-RHO = {'sam': 0.05, 'sam-on-layerl2': 0.5}
+OPTS = ('sgd', 'sam', 'sam-on-layerl2', 'msam', 'gsam-on', 'looksam', 'esam')
+RHO = {'sam': 0.05, 'sam-on-layerl2': 0.5, 'msam': 0.05, 'gsam-on': 0.5, 'looksam': 0.05, 'esam': 0.05}
+# the SAM family (docs/design.md, section 8): GSAM and LookSAM average their kept g over the ranks
+FAMILY = {'gsam-on': dict(gsam_alpha=0.3, rho_min=0.1, lr_min=0.01), 'looksam': dict(interval=2, looksam_alpha=0.5),
+          'esam': dict(esam_beta=0.5, esam_gamma=0.5)}
 BUCKET_MB = 100         # the whole test_resnet (1.5 MB) in one DDP bucket: one hook call per all-reduce
 
 
@@ -51,6 +54,7 @@ def _make_opt(model, name):
     kwargs = dict(lr=0.1, weight_decay=1e-4, momentum=0.9)
     if name in RHO:
         kwargs['rho'] = RHO[name]
+    kwargs.update(FAMILY.get(name, {}))
     return create_optimizer_v2(model, opt=name, **kwargs)
 
 
@@ -228,7 +232,7 @@ def test_perturbations_differ_across_ranks(ranks, name):
     assert not torch.equal(e0[-1]['eps'], e0[-2]['eps'])
 
 
-@pytest.mark.parametrize('name', ['sam', 'sam-on-layerl2'])
+@pytest.mark.parametrize('name', ['sam', 'sam-on-layerl2', 'msam', 'gsam-on', 'looksam', 'esam'])
 def test_two_ranks_match_one_rank_with_chunks(ranks, name):
     """2 ranks x batch 4 == 1 rank x batch 8 in chunks of 4; then 2 ranks x 2 chunks of 2 == 1 rank x 4 chunks of 2."""
     ref = ranks[0]['reference'][name]
@@ -249,8 +253,10 @@ def test_sgd_reference_matches_too(ranks):
 # ---------------------------------------------------------------------------------------------
 # communication: exactly what SGD does
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize('name', ['sam', 'sam-on-layerl2'])
+@pytest.mark.parametrize('name', ['sam', 'sam-on-layerl2', 'msam', 'gsam-on', 'looksam', 'esam'])
 def test_one_gradient_all_reduce_per_update(ranks, name):
+    """DDP's own gradient all-reduce, counted by its comm hook. (GSAM / LookSAM add one of their kept g, of
+    P's size, outside DDP: docs/design.md, section 8.)"""
     for r in range(WORLD):
         sgd, sam = ranks[r]['sgd'], ranks[r][name]
         assert sam['allreduce'] == sgd['allreduce'] == [1] * len(CHUNKS)    # one bucket, one all-reduce
