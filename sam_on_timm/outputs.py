@@ -9,6 +9,7 @@
 
 Each check raises ``ValueError`` with one line (train.py reports it as its own error).
 """
+import csv
 import errno
 import fcntl
 import os
@@ -16,7 +17,7 @@ import socket
 import tempfile
 from typing import Optional
 
-__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder']
+__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder', 'trim_summary']
 
 LOCK_NAME = 'train.lock'
 
@@ -120,3 +121,19 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the rows of epochs >= ``start_epoch`` from a resumed run's summary.csv (rewritten whole, then
+    renamed): an epoch whose checkpoint was never written (a full disk, a kill) is trained again, and
+    its row is written again, once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    with open(path + '.tmp', 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + '.tmp', path)
