@@ -44,6 +44,18 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, output: str, caption: str = '') -> None:
+    """Write the figure; ``caption`` (say, the date, machine and command that made it) goes under it, so a
+    figure copied elsewhere still says where it came from."""
+    if caption:
+        fig.text(0.005, 0.005, caption, fontsize=6.5, color='0.35', ha='left', va='bottom', wrap=True)
+        fig.tight_layout(rect=(0, 0.045 * (1 + caption.count('\n')), 1, 1))
+    else:
+        fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
 def _run_name(path: str) -> str:
     """The folder a run's files live in (the train.py run folder)."""
     full = os.path.abspath(path)
@@ -77,7 +89,7 @@ def read_summary(run_dir: str) -> Dict[str, List[float]]:
     return cols
 
 
-def plot_curves(run_dirs: Sequence[str], output: str) -> Dict[str, Dict[str, List[float]]]:
+def plot_curves(run_dirs: Sequence[str], output: str, caption: str = '') -> Dict[str, Dict[str, List[float]]]:
     """One figure, a panel per quantity of ``CURVES``, a line per run. Returns what was drawn."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
@@ -98,9 +110,7 @@ def plot_curves(run_dirs: Sequence[str], output: str) -> Dict[str, Dict[str, Lis
             ax.text(0.5, 0.5, 'no SAM run', ha='center', va='center', transform=ax.transAxes)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, output, caption)
     return drawn
 
 
@@ -186,7 +196,7 @@ def gamma_summary(values: np.ndarray) -> Dict[str, float]:
 
 
 def plot_norms(checkpoints: Sequence[str], output: str, bins: int = 40, model_name: str = '',
-               num_classes: Optional[int] = None) -> dict:
+               num_classes: Optional[int] = None, caption: str = '') -> dict:
     """Two figures: ``output`` with the gamma and beta histograms of the checkpoints overlaid (paper
     Figure 4), and ``<output stem>-layers.png`` with |w| per layer type on a log y-axis (Figure 8).
     Returns the histograms (edges and counts) and the gamma summaries."""
@@ -209,9 +219,7 @@ def plot_norms(checkpoints: Sequence[str], output: str, bins: int = 40, model_na
         ax.set_ylabel('count')
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, output, caption)
 
     per_type = {n: layer_type_values(m) for n, m in models.items()}
     types = list(OrderedDict.fromkeys(t for v in per_type.values() for t in v))
@@ -229,9 +237,7 @@ def plot_norms(checkpoints: Sequence[str], output: str, bins: int = 40, model_na
     for ax in list(axes.flat)[len(types):]:
         ax.axis('off')
     axes.flat[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(_layers_output(output), dpi=110)
-    plt.close(fig)
+    _save(plt, fig, _layers_output(output), caption)
     return result
 
 
@@ -243,7 +249,7 @@ def _layers_output(output: str) -> str:
 # ------------------------------------------------------------------------------------------------
 # sharpness
 # ------------------------------------------------------------------------------------------------
-def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
+def plot_sharpness(json_files: Sequence[str], output: str, caption: str = '') -> dict:
     """A panel per sharpness metric (a bar per run, grouped by --params) and one of the runs' top-1:
     held-out (the checkpoint's eval metric) and on the sharpness examples. Returns what was drawn."""
     plt = _pyplot()
@@ -311,9 +317,7 @@ def plot_sharpness(json_files: Sequence[str], output: str) -> dict:
     ax.legend(fontsize=8, loc='lower right')
     ax.grid(axis='y', alpha=0.3)
     fig.suptitle(ball, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, output, caption)
     return {'sharpness': table, 'top1': top1}
 
 
@@ -336,6 +340,8 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser('sharpness', help='sharpness results next to top-1')
     p.add_argument('results', nargs='+', metavar='JSON')
     p.add_argument('--output', default=None, help='default: sharpness.png beside the results (their common folder)')
+    for p in sub.choices.values():
+        p.add_argument('--caption', default='', help='a line under the figure (e.g. the date, machine and command)')
     return ap
 
 
@@ -373,16 +379,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         out_dir = os.path.dirname(os.path.abspath(args.output))
         os.makedirs(out_dir, exist_ok=True)
         if args.what == 'curves':
-            plot_curves(args.runs, args.output)
+            plot_curves(args.runs, args.output, args.caption)
             print(f'wrote {args.output}')
         elif args.what == 'norms':
             if args.bins < 1:
                 raise UsageError(f'--bins must be >= 1, got {args.bins}')
-            res = plot_norms(args.checkpoints, args.output, args.bins, args.model, args.num_classes)
+            res = plot_norms(args.checkpoints, args.output, args.bins, args.model, args.num_classes, args.caption)
             _print_gamma(res['gamma_summary'])
             print(f'wrote {args.output} and {_layers_output(args.output)}')
         else:
-            plot_sharpness(args.results, args.output)
+            plot_sharpness(args.results, args.output, args.caption)
             print(f'wrote {args.output}')
     except UsageError as e:
         print(f'plot: error: {e}', file=sys.stderr)

@@ -15,7 +15,7 @@ from torch import nn
 
 from .perturbations import VARIANTS
 from .sam import MODES, SAM
-from .sparse import SPARSE_NAMES
+from .sparse import MASK_ARGS, SPARSE_NAMES, SparseMask
 
 __all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'parse_sam_name', 'is_sam_name',
            'register_sam_optimizers', 'SPARSE_OPTIMIZERS']
@@ -75,6 +75,19 @@ def is_sam_name(opt: str) -> bool:
     return True
 
 
+def _inject_mask(name: str, kwargs: Dict) -> None:
+    """The mask arguments (``MASK_ARGS``: sparsity, mask_seed, ...) become the ``SparseMask`` handed to SAM
+    for a sparse name; for another SAM name a given one is refused (it would do nothing)."""
+    given = {k: kwargs.pop(k) for k in MASK_ARGS if k in kwargs}
+    given = {k: v for k, v in given.items() if v is not None}
+    if name in SPARSE_OPTIMIZERS:
+        if 'mask' not in kwargs:
+            kwargs['mask'] = SparseMask(SPARSE_OPTIMIZERS[name], **{MASK_ARGS[k]: v for k, v in given.items()})
+    elif given:
+        raise ValueError(f"'{name}': {', '.join(given)} is an option of the sparse baselines "
+                         f"({', '.join(SPARSE_OPTIMIZERS)})")
+
+
 def register_sam_optimizers() -> List[str]:
     """Register the SAM names in timm's default registry (idempotent)."""
     from timm.optim import OptimInfo, list_optimizers
@@ -100,7 +113,7 @@ def register_sam_optimizers() -> List[str]:
         default_registry.register(OptimInfo(
             name=name, opt_class=SAM, **SIGNATURE_FLAGS,
             description=f'SAM with {masks[kind]} mask on the perturbation',
-            defaults={'variant': 'sam', 'mode': 'all', 'sparse': kind},
+            defaults={'variant': 'sam', 'mode': 'all', 'mask': SparseMask(kind)},
         ))
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):
         original = default_registry.create_optimizer
@@ -108,6 +121,7 @@ def register_sam_optimizers() -> List[str]:
         @functools.wraps(original)
         def create_optimizer(model_or_params, opt, *args, **kwargs):
             if is_sam_name(opt):
+                _inject_mask(split_opt_name(opt)[1], kwargs)
                 if isinstance(model_or_params, nn.Module):
                     kwargs.setdefault('model', model_or_params)
                 # the factory drops eps / betas for a class whose info lacks them (SIGNATURE_FLAGS): hand them

@@ -12,15 +12,16 @@ One SAM update:
     w_P    = saved originals           copy, bit-exact (never w - eps)
     w      = base_step(w, g')          weight decay / momentum live only here
 """
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+import contextlib
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_optimizer_state
 from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
 from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
+from .optim_state import load_optimizer_state
 from .perturbations import VARIANTS, compute_eps
 
 __all__ = ['SAM', 'MODES', 'torch_grad_scaler', 'unscale_grads']
@@ -63,6 +64,9 @@ class SAM(torch.optim.Optimizer):
         mode: 'all' (every parameter), 'on' (norm-layer affine parameters only), 'nonorm' (the rest).
         model: the model, to find norm and bias parameters by module type. The timm factory passes it.
         norm_params / bias_params: the same sets given explicitly (instead of ``model``).
+        mask: a sparse baseline's mask, injected (``sparse.SparseMask``; the registry makes it for sam-rand,
+            ssam-f, ssam-d): an object with ``name`` and ``build(perturbed, norm_params)``, which SAM calls
+            once P is known; eps <- mask * eps in ``perturbation``. None: no mask.
         momentum, **base_kwargs: lr, weight_decay, momentum, betas, eps, ... forwarded to the base optimizer
             through timm's factory, which keeps what the base takes and drops the rest (as for any timm name).
         base_args: the same as a dict; how ``create_optimizer_v2`` hands on ``eps`` / ``betas`` (registry.py).
@@ -80,12 +84,7 @@ class SAM(torch.optim.Optimizer):
             norm_params: Optional[Iterable[Tensor]] = None,
             bias_params: Optional[Iterable[Tensor]] = None,
             momentum: float = 0.9,
-            sparse: Optional[str] = None,
-            sparsity: Optional[float] = None,
-            mask_seed: int = 0,
-            mask_update_epochs: int = 5,
-            fisher_samples: int = 1024,
-            drop_rate: float = 0.5,
+            mask: Optional[Any] = None,
             base_args: Optional[Dict[str, Any]] = None,
             **base_kwargs,
     ) -> None:
@@ -139,22 +138,10 @@ class SAM(torch.optim.Optimizer):
         if not self.perturbed:
             raise ValueError(f"'{name}': no parameter that requires grad is in the perturbed set")
         self.is_bias: Optional[List[bool]] = None if bias_set is None else [p in bias_set for p in self.perturbed]
-        self.mask = None   # sparse baselines (sparse.py): eps <- mask * eps
-        if sparse is None and sparsity is not None:
-            raise ValueError(f"'{name}': sparsity is an option of the sparse baselines (sam-rand, ssam-f, ssam-d)")
-        if sparse is not None:
-            from .sparse import SPARSE_NAMES, PerturbationMask
-            if sparse not in SPARSE_NAMES:
-                raise ValueError(f"unknown sparse mask '{sparse}'; valid: {', '.join(SPARSE_NAMES)}")
-            self.name = name = SPARSE_NAMES[sparse]
-            if sparsity is None and sparse == 'rand':   # the sparsity SAM-ON has on this model
-                if norm_params is None:
-                    raise ValueError(f"'{name}' needs sparsity=..., or the model to take SAM-ON's sparsity from it")
-                norm = set(norm_params)
-                n_norm = sum(p.numel() for p in self.perturbed if p in norm)
-                sparsity = 1.0 - n_norm / sum(p.numel() for p in self.perturbed)
-            self.mask = PerturbationMask(sparse, self.perturbed, 0.5 if sparsity is None else sparsity, mask_seed,
-                                         mask_update_epochs, fisher_samples, drop_rate)
+        self.mask = None   # sparse baselines: built over P by the injected spec (sparse.SparseMask)
+        if mask is not None:
+            self.name = name = mask.name
+            self.mask = mask.build(self.perturbed, norm_params)
         self._n_groups = len(self.param_groups)
         self.is_perturbed = False
         self.last_eps_norm: Optional[Tensor] = None
@@ -192,21 +179,22 @@ class SAM(torch.optim.Optimizer):
 
     # -- the algorithm ------------------------------------------------------------------------
     @torch.no_grad()
-    def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None,
-                grads_writable: bool = False) -> Tensor:
-        """w_P <- w_P + eps(g). ``grads`` (one per tensor of ``self.perturbed``) default to ``.grad``.
+    def perturbation(self, grads: Sequence[Optional[Tensor]], found_inf: Optional[Tensor] = None,
+                     grads_writable: bool = False) -> Tuple[List[Tensor], Tensor, Tensor]:
+        """eps of P from the ascent gradient ``grads`` (one per tensor of ``self.perturbed``; None: zero),
+        with everything a perturbation involves: the variant's formula (``compute_eps``), the sparse
+        mask (eps <- mask * eps; ssam-d's pending mask update first), and the counters
+        (``last_eps_norm``, ``last_skipped``, ``skipped_count``). The weights are not touched.
 
-        Returns ||eps|| (0-dim tensor). ``found_inf`` non-zero skips the perturbation (fp16 overflow).
+        The one place eps is made: ``perturb`` (sequential chunks, ``first_step``, ``step(closure)``) and
+        the batched chunk path of ``train_step`` (which adds eps per chunk inside its ghost norms) both
+        call it, so a path cannot drop a mask or miss a count. Returns ``(eps, ||eps||, skipped)``;
+        ``found_inf`` non-zero (fp16 overflow) skips the perturbation. On the flat (CUDA) path eps is a
+        view of a buffer reused by the next call.
         """
-        if self.is_perturbed:
-            raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
         params = self.perturbed
-        if grads is None:
-            self.adopt_new_groups()
-            params = self.perturbed
-            grads = [p.grad for p in params]
-        elif len(grads) != len(params):   # e.g. read before a group was added: call adopt_new_groups() first
-            raise ValueError(f'{self.name}: perturb() got {len(grads)} gradients for {len(params)} perturbed tensors')
+        if len(grads) != len(params):   # e.g. read before a group was added: call adopt_new_groups() first
+            raise ValueError(f'{self.name}: got {len(grads)} gradients for {len(params)} perturbed tensors')
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
         if self.mask is not None:
             self.mask.before_perturb(grads)   # ssam-d: a requested mask update, scored by this gradient
@@ -221,17 +209,37 @@ class SAM(torch.optim.Optimizer):
         if self.mask is not None:
             eps_norm = self.mask.apply(eps)
             skipped = torch.maximum(skipped, (eps_norm == 0).to(skipped.dtype))
+        self.last_eps_norm, self.last_skipped = eps_norm, skipped
+        # float32 whatever P's dtype (a bfloat16 count would stop at 256)
+        self.skipped_count = skipped.float() if self.skipped_count is None else self.skipped_count + skipped
+        return eps, eps_norm, skipped
+
+    @torch.no_grad()
+    def perturb(self, grads: Optional[Sequence[Optional[Tensor]]] = None, found_inf: Optional[Tensor] = None,
+                grads_writable: bool = False) -> Tensor:
+        """w_P <- w_P + eps, eps from ``perturbation(grads)``; ``grads`` default to ``.grad``.
+
+        Returns ||eps|| (0-dim tensor). The originals of P are saved first; ``restore()`` puts them back.
+        """
+        if self.is_perturbed:
+            raise RuntimeError(f"{self.name}: perturb() called twice without restore()")
+        if grads is None:
+            self.adopt_new_groups()
+            grads = [p.grad for p in self.perturbed]
+        eps, eps_norm, _ = self.perturbation(grads, found_inf, grads_writable)
+        params = self.perturbed
         if self._backup is None:
             # once: later steps copy into these buffers. A plain clone, not torch._foreach_clone (absent
             # from torch 2.11) nor x * 1.0 (not bit-exact when denormals are flushed)
             self._backup = [p.detach().clone() for p in params]
         else:
             torch._foreach_copy_(self._backup, params)
-        torch._foreach_add_(params, eps if self._flat is not None else match_layout(eps, params))
-        self.is_perturbed = True
-        self.last_eps_norm, self.last_skipped = eps_norm, skipped
-        # float32 whatever P's dtype (a bfloat16 count would stop at 256)
-        self.skipped_count = skipped.float() if self.skipped_count is None else self.skipped_count + skipped
+        self.is_perturbed = True   # from here on restore() puts w back, also if the add below raises
+        try:
+            torch._foreach_add_(params, eps if self._flat is not None else match_layout(eps, params))
+        except BaseException:
+            self.restore()
+            raise
         return eps_norm
 
     def unperturbed(self) -> List[Tensor]:
@@ -260,7 +268,29 @@ class SAM(torch.optim.Optimizer):
             found_inf, writable = unscale_grads(grads, scaler), True
         self.perturb(grads, found_inf, grads_writable=writable)
         if zero_grad:
-            self.zero_grad()
+            try:
+                self.zero_grad()
+            except BaseException:
+                self.restore()
+                raise
+
+    @contextlib.contextmanager
+    def perturbed_weights(self, zero_grad: bool = False,
+                          scaler: Optional['torch.amp.GradScaler'] = None) -> Iterator['SAM']:
+        """``first_step(zero_grad, scaler)`` on entry, ``restore()`` on exit, also when the block raises:
+        the second pass of a user's own loop runs inside, the weights are w again after it, whatever
+        happens (an out-of-memory error caught and retried with a smaller batch finds w, not w + eps).
+
+            loss_fn(model(x), y).backward()
+            with opt.perturbed_weights(zero_grad=True):
+                loss_fn(model(x), y).backward()     # at w + eps
+            opt.second_step(zero_grad=True)          # base step at w with the gradient at w + eps
+        """
+        self.first_step(zero_grad=zero_grad, scaler=scaler)
+        try:
+            yield self
+        finally:
+            self.restore()
 
     def second_step(self, zero_grad: bool = False, scaler: Optional['torch.amp.GradScaler'] = None) -> None:
         """Restore the unperturbed weights, then take the base step with the gradient at w + eps.
@@ -269,6 +299,7 @@ class SAM(torch.optim.Optimizer):
         ``scaler.step`` (unscale, skip on overflow); a skipped step leaves the weights unperturbed too.
         Without a scaler this is ``step()``, so torch LR schedulers see the step.
         """
+        self.restore()   # first: w is back even if the scaler or the base step raises
         scaler = torch_grad_scaler(scaler)
         if scaler is not None:
             scaler.step(self)
@@ -284,14 +315,15 @@ class SAM(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
         """With a closure (forward + backward, returning the loss): a full SAM step.
         Without: restore if perturbed, then the base step; what ``GradScaler.step(opt)`` calls, with
-        ``found_inf`` set: an fp16 overflow skips the base step, the weights are restored all the same."""
+        ``found_inf`` set: an fp16 overflow skips the base step, the weights are restored all the same.
+        If the closure raises, the weights are restored before the exception goes on."""
         if closure is None:
             self._restore_and_descend()
             return None
         closure = torch.enable_grad()(closure)
         loss = closure()
-        self.first_step(zero_grad=True)
-        closure()
+        with self.perturbed_weights(zero_grad=True):
+            closure()
         self._restore_and_descend()   # not self.step(): step hooks fire once per SAM step
         return loss
 
@@ -312,8 +344,18 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     # -- state --------------------------------------------------------------------------------
+    def _refuse_while_perturbed(self, what: str) -> None:
+        if self.is_perturbed:
+            raise RuntimeError(f'{self.name}: {what} while the weights are perturbed (w + eps, between first_step() '
+                               f'and second_step()); call it after second_step() or restore()')
+
     def state_dict(self) -> Dict:
-        """The base optimizer's state (momentum buffers, step counts, param groups); a sparse mask under 'sam_mask'."""
+        """The base optimizer's state (momentum buffers, step counts, param groups); a sparse mask under 'sam_mask'.
+
+        Refused (RuntimeError) while the weights are perturbed: a checkpoint taken then would pair this
+        state with ``model.state_dict()`` at w + eps (docs/robustness.md, "Exceptions in the two-pass step").
+        """
+        self._refuse_while_perturbed('state_dict()')
         state = self.base_optimizer.state_dict()
         if self.mask is not None:
             state['sam_mask'] = self.mask.state_dict()
@@ -321,7 +363,8 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: Dict) -> None:
         """The base optimizer's state; one saved by another kind of optimizer is refused (ValueError).
-        A sparse baseline's mask comes from 'sam_mask'."""
+        A sparse baseline's mask comes from 'sam_mask'. Refused while the weights are perturbed."""
+        self._refuse_while_perturbed('load_state_dict()')
         if self.mask is not None:   # checked before anything is loaded: a refused state changes nothing
             if 'sam_mask' not in state_dict:
                 raise ValueError(f"'{self.name}': the optimizer state holds no perturbation mask")

@@ -28,6 +28,7 @@ holds the same mask. The mask and its random generator are part of the optimizer
 run continues with the same mask and the same draws.
 """
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -35,10 +36,16 @@ from torch import Tensor, nn
 
 from .checks import check_number
 
-__all__ = ['SPARSE_KINDS', 'SPARSE_NAMES', 'PerturbationMask', 'live_count', 'fisher_diagonal']
+__all__ = ['SPARSE_KINDS', 'SPARSE_NAMES', 'MASK_ARGS', 'SparseMask', 'PerturbationMask', 'live_count',
+           'fisher_diagonal']
 
 SPARSE_KINDS = ('rand', 'fisher', 'dynamic')
 SPARSE_NAMES = {'rand': 'sam-rand', 'fisher': 'ssam-f', 'dynamic': 'ssam-d'}   # kind -> optimizer name
+
+
+# the optimizer arguments of the sparse baselines (create_optimizer_v2 / train.py) -> SparseMask field
+MASK_ARGS = {'sparsity': 'sparsity', 'mask_seed': 'seed', 'mask_update_epochs': 'update_epochs',
+             'fisher_samples': 'fisher_samples', 'drop_rate': 'drop_rate'}
 
 
 def live_count(numel: int, sparsity: float) -> int:
@@ -51,6 +58,43 @@ def _all_reduce_sum(tensors: List[Tensor]) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         for t in tensors:
             dist.all_reduce(t)
+
+
+@dataclass(frozen=True)
+class SparseMask:
+    """A sparse baseline's mask as the optimizer is to build it: ``SAM(..., mask=SparseMask('rand'))``.
+
+    Injected into SAM (the registry makes one per sparse name from the optimizer arguments, ``MASK_ARGS``),
+    so that the optimizer knows no mask kind: it calls ``build`` over its perturbed set once P is known.
+    ``sparsity`` None: SAM-ON's sparsity on the model for ``rand``, 0.5 for the others.
+    """
+    kind: str
+    sparsity: Optional[float] = None
+    seed: int = 0
+    update_epochs: int = 5
+    fisher_samples: int = 1024
+    drop_rate: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in SPARSE_KINDS:
+            raise ValueError(f"unknown sparse mask '{self.kind}'; valid: {', '.join(SPARSE_KINDS)}")
+
+    @property
+    def name(self) -> str:
+        """The optimizer name of this baseline (sam-rand, ssam-f, ssam-d)."""
+        return SPARSE_NAMES[self.kind]
+
+    def build(self, params: Sequence[Tensor], norm_params: Optional[Iterable[Tensor]]) -> 'PerturbationMask':
+        """The mask over ``params`` (SAM's perturbed set); ``norm_params``, the model's normalization
+        parameters, give sam-rand's default sparsity: the fraction of P that SAM-ON leaves out."""
+        sparsity = self.sparsity
+        if sparsity is None and self.kind == 'rand':
+            if norm_params is None:
+                raise ValueError(f"'{self.name}' needs sparsity=..., or the model to take SAM-ON's sparsity from it")
+            norm = set(norm_params)
+            sparsity = 1.0 - sum(p.numel() for p in params if p in norm) / sum(p.numel() for p in params)
+        return PerturbationMask(self.kind, params, 0.5 if sparsity is None else sparsity, self.seed,
+                                self.update_epochs, self.fisher_samples, self.drop_rate)
 
 
 class PerturbationMask:

@@ -43,8 +43,7 @@ from torch import Tensor, nn
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
 from .norms import is_norm_module
-from .flat import FlatSet, flat_ok
-from .perturbations import VARIANTS, compute_eps
+from .perturbations import VARIANTS
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'batch_rows', 'take_rows', 'split_chunks', 'ascent_samples', 'frozen_bn_stats',
@@ -222,13 +221,29 @@ def choose_chunk_path(model: nn.Module, optimizer: torch.optim.Optimizer, chunk_
         reason = 'one chunk per pass'
     elif len(chunk_sizes) % per_pass or len(set(chunk_sizes)) > 1:
         reason = 'the chunks differ in size'
-    elif sam is not None and sam.variant not in VARIANTS:
-        reason = f"unknown variant '{sam.variant}'"
+    elif sam is not None and _sam_reason(sam) is not None:
+        reason = _sam_reason(sam)
     else:
         reason = _model_reason(model, sam.perturbed if sam is not None else ())
     if reason is None:
         return 'batched', f'{per_pass} chunks of {chunk_sizes[0]} per pass (ghost normalization)'
     return 'sequential', reason
+
+
+def _sam_reason(sam: SAM) -> Optional[str]:
+    """Why the batched path cannot reproduce this SAM optimizer's sequential update (None: it can).
+
+    The batched path never calls ``perturb``: it takes eps of each chunk from ``SAM.perturbation``, which
+    holds everything a perturbation involves (formula, sparse mask, counters), and adds it in the ghost
+    norms. That is the sequential update exactly when ``perturb`` / ``restore`` are SAM's own (a subclass
+    that changes them perturbs otherwise) and the variant is one of Table 10's.
+    """
+    for method in ('perturb', 'perturbation', 'restore'):
+        if getattr(type(sam), method) is not getattr(SAM, method):
+            return f'{type(sam).__name__} has its own {method}(), which the batched path would not run'
+    if sam.variant not in VARIANTS:
+        return f"unknown variant '{sam.variant}'"
+    return None
 
 
 # model -> (perturbed list, its requires_grad flags, unbatchable_reason): train_step asks every update, and
@@ -314,6 +329,9 @@ def train_step(
         raise ValueError('DistributedDataParallel(static_graph=True) cannot run the SAM step: its ascent is an extra '
                          'backward under no_sync(), which a static graph does not allow; wrap the model without '
                          'static_graph')
+    if sam is not None and sam.is_perturbed:   # before anything: the user's w + eps is theirs to restore
+        raise RuntimeError(f'{sam.name}: train_step() while the weights are perturbed (after first_step()); call '
+                           f'second_step() or restore() first')
     scaler = torch_grad_scaler(loss_scaler)
     k = len(chunks)
     sizes = [batch_rows(x) for x, _ in chunks]
@@ -377,39 +395,41 @@ def _sequential_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_upd
     loss_sum = ascent_sum = eps_sum = skipped = None
     for i, (x, y) in enumerate(chunks):
         last = i == k - 1
-        if sam is not None:
-            n = ascent_samples(batch_rows(x), ascent_frac)
-            with _no_sync(model, True), requires_grad_off(others):
-                with amp_autocast():
-                    ascent_loss = loss_fn(model(take_rows(x, slice(0, n))), y[:n])
-                scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
-                check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
-                if scaled.requires_grad and trainable is sam.perturbed:
-                    grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
-                                                     materialize_grads=not check))
-                elif scaled.requires_grad and trainable:   # some of P frozen after the optimizer was built: eps 0 there
-                    it = iter(torch.autograd.grad(scaled, trainable, allow_unused=True))
-                    grads = [next(it) if p.requires_grad else None for p in sam.perturbed]
-                else:   # no trainable perturbed parameter reaches the loss: zero gradient, perturbation skipped
-                    grads = [None] * len(sam.perturbed)
-                if check or not scaled.requires_grad or trainable is not sam.perturbed:
-                    missing = [j for j, g in enumerate(grads) if g is None]
-                    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
-            found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
-            eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
-            ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
-            eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
-            skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped
+        try:   # whatever raises after the perturbation, the weights are w again (restore in finally)
+            if sam is not None:
+                n = ascent_samples(batch_rows(x), ascent_frac)
+                with _no_sync(model, True), requires_grad_off(others):
+                    with amp_autocast():
+                        ascent_loss = loss_fn(model(take_rows(x, slice(0, n))), y[:n])
+                    scaled = scaler.scale(ascent_loss) if scaler is not None else ascent_loss
+                    check = i == 0 and sam not in _ascent_reach_checked   # first update of this optimizer only
+                    if scaled.requires_grad and trainable is sam.perturbed:
+                        grads = list(torch.autograd.grad(scaled, sam.perturbed, allow_unused=True,
+                                                         materialize_grads=not check))
+                    elif scaled.requires_grad and trainable:   # some of P frozen after the optimizer was built: eps 0
+                        it = iter(torch.autograd.grad(scaled, trainable, allow_unused=True))
+                        grads = [next(it) if p.requires_grad else None for p in sam.perturbed]
+                    else:   # no trainable perturbed parameter reaches the loss: zero gradient, perturbation skipped
+                        grads = [None] * len(sam.perturbed)
+                    if check or not scaled.requires_grad or trainable is not sam.perturbed:
+                        missing = [j for j, g in enumerate(grads) if g is None]
+                        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
+                found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
+                eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # autograd.grad's own buffers
+                ascent_sum = _acc(ascent_sum, _logged(ascent_loss.detach(), i, mean_w))
+                eps_sum = eps_norm if eps_sum is None else eps_sum + eps_norm
+                skipped = sam.last_skipped if skipped is None else skipped + sam.last_skipped
 
-        with _no_sync(model, not last), frozen_bn_stats(model, sam is not None and bn_update == 'ascent'):
-            with amp_autocast():
-                loss = loss_fn(model(x), y)
-            descent = _descent_loss(loss, i, k, weights)
-            (scaler.scale(descent) if scaler is not None else descent).backward()
-        if sam is not None:
-            sam.restore()
-            if check:
-                _check_ascent_reach(sam, missing)
+            with _no_sync(model, not last), frozen_bn_stats(model, sam is not None and bn_update == 'ascent'):
+                with amp_autocast():
+                    loss = loss_fn(model(x), y)
+                descent = _descent_loss(loss, i, k, weights)
+                (scaler.scale(descent) if scaler is not None else descent).backward()
+        finally:
+            if sam is not None:
+                sam.restore()
+        if sam is not None and check:
+            _check_ascent_reach(sam, missing)
         loss_sum = _acc(loss_sum, _logged(loss.detach(), i, mean_w))
     return loss_sum, ascent_sum, eps_sum, skipped
 
@@ -419,16 +439,14 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
     """The same update, ``per_pass`` chunks at a time in one ascent and one descent pass.
 
     Chunk c's ascent gradient is the gradient w.r.t. row c of a zero addend ``E_p`` of shape
-    ``(k, *p.shape)`` to every p in P (``sam_on_timm.batched``); its eps is ``compute_eps`` of that
-    row alone, exactly as the sequential path computes it; the descent runs with ``p + eps_c`` for
-    chunk c and backpropagates ``sum_c L_c / K`` (K chunks in the update; ``sum_c w_c L_c`` with chunk
-    weights). P itself is never written. NaFlex dict chunks are interleaved key by key (``interleave``).
+    ``(k, *p.shape)`` to every p in P (``sam_on_timm.batched``); its eps is ``SAM.perturbation`` of that
+    row alone, the method the sequential path's ``perturb`` calls (mask and counters included); the
+    descent runs with ``p + eps_c`` for chunk c and backpropagates ``sum_c L_c / K`` (K chunks in the
+    update; ``sum_c w_c L_c`` with chunk weights). P itself is never written. NaFlex dict chunks are
+    interleaved key by key (``interleave``).
     """
     k_all = len(chunks)
     loss_sum = ascent_sum = eps_sum = skipped = None
-    flat = None
-    if sam is not None and flat_ok(sam.perturbed):   # CUDA: eps in one working buffer, copied out per chunk
-        flat = FlatSet(sam.perturbed)
     for start in range(0, k_all, per_pass):
         group = chunks[start:start + per_pass]
         k, m = len(group), batch_rows(group[0][0])
@@ -459,10 +477,9 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
                 for c in range(k):
                     grads = [torch.zeros_like(p) if rows.get(p) is None else rows[p][c] for p in sam.perturbed]
                     found_inf = unscale_grads(grads, scaler)   # fp16: true gradient for eps, overflow skips it
-                    eps, eps_norm, skip = compute_eps(sam.variant, sam.perturbed, grads, sam.rho, sam.eta,
-                                                      sam.is_bias, found_inf=found_inf, grads_writable=True, flat=flat)
+                    # the optimizer's one eps (mask, counters); on CUDA a view of its flat buffer: copied out
+                    eps, eps_norm, skip = sam.perturbation(grads, found_inf, grads_writable=True)
                     torch._foreach_copy_([e[c] for e in eps_rows], list(eps))
-                    _count_perturbation(sam, eps_norm, skip)
                     ascent_sum = _acc(ascent_sum, _logged(ascent_losses[c].detach(), start + c, mean_w))
                     eps_sum, skipped = _acc(eps_sum, eps_norm), _acc(skipped, skip)
             addends = dict(zip(sam.perturbed, eps_rows))
@@ -487,12 +504,6 @@ def _batched_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update
 
 def _acc(total: Optional[Tensor], value: Tensor) -> Tensor:
     return value if total is None else total + value
-
-
-def _count_perturbation(sam: SAM, eps_norm: Tensor, skip: Tensor) -> None:
-    """What ``SAM.perturb`` records of a perturbation: the last ||eps||, skipped flag and the running count."""
-    sam.last_eps_norm, sam.last_skipped = eps_norm, skip
-    sam.skipped_count = skip.float() if sam.skipped_count is None else sam.skipped_count + skip
 
 
 def _check_ascent_reach(sam: SAM, missing: List[int]) -> None:

@@ -1,6 +1,7 @@
 """The batched chunk path (all m-sharpness chunks of a pass in one forward and backward, ghost
-normalization) against the sequential one: float64 equality after 3 updates, the automatic choice,
-the lean ascent, bf16 / fp16 autocast, and 2 gloo ranks."""
+normalization) against the sequential one: float64 equality after 3 updates, every registered SAM name
+through every chunk path it accepts, the automatic choice, the lean ascent, bf16 / fp16 autocast, and
+2 gloo ranks."""
 import copy
 import datetime
 import os
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-import sam_on_timm  # noqa: F401  (registers the names)
+import sam_on_timm  # registers the names
 import timm
 from sam_on_timm.batched import ghost_norms
 from sam_on_timm.train_step import choose_chunk_path, find_sam, split_chunks, train_step
@@ -344,3 +345,83 @@ def test_train_script_flag_logs_the_choice_and_both_paths_train_alike(image_fold
     assert err[-1].endswith('--sam-chunks batched: the chunks cannot share one pass: 17 perturbed tensors are not '
                             'affine parameters of a normalization layer (SAM-ON perturbs only those); use '
                             '--sam-chunks auto')
+
+
+# ---------------------------------------------------------------------------------------------
+# every registered SAM name through every chunk path it accepts
+# ---------------------------------------------------------------------------------------------
+def _registered_sam_names():
+    from timm.optim import get_optimizer_info, list_optimizers
+    from sam_on_timm.sam import SAM
+    return [n for n in list_optimizers(with_description=False) if get_optimizer_info(n).opt_class is SAM]
+
+
+def _tiny_net(norm_only):
+    """BatchNorm, GroupNorm and LayerNorm with conv / linear weights and biases around them, float64;
+    ``norm_only``: everything but the norm layers frozen (train.py's --train-only-norm)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, NUM_CLASSES)).double().train()
+    if norm_only:
+        for mod in model:
+            if not isinstance(mod, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)):
+                mod.requires_grad_(False)
+    return model
+
+
+def _sam_run(name, norm_only, path, updates):
+    """2 updates of ``name`` on a fresh tiny net through ``path``; the masks that change during training
+    (ssam-f's Fisher mask, ssam-d's drop and regrow) set up as train.py's epoch start would, the same
+    way for every path."""
+    model = _tiny_net(norm_only)
+    opt = create_optimizer_v2(model, name, lr=0.1, momentum=0.9, weight_decay=1e-2, rho=0.5,
+                              **({'sparsity': 0.5} if name in sam_on_timm.SPARSE_OPTIMIZERS else {}))
+    sam = find_sam(opt)
+    if sam.mask is not None and sam.mask.kind == 'fisher':
+        g = torch.Generator().manual_seed(1)
+        sam.mask.set_fisher_mask([torch.rand(p.shape, generator=g, dtype=p.dtype) for p in sam.perturbed])
+    elif sam.mask is not None and sam.mask.kind == 'dynamic':
+        sam.mask.epoch_start(0, 10)   # a drop-and-regrow scored by the first ascent gradient
+    logged = []
+    for chunks in updates:
+        s = train_step(model, opt, chunks, F.cross_entropy, chunk_path=path)
+        logged.append(torch.stack([s.loss, s.ascent_loss, s.eps_norm, s.skipped]).double())
+    out = state_of(model, opt, logged)
+    if sam.mask is not None:
+        out['sam.mask'] = torch.cat([m.reshape(-1) for m in sam.mask.masks])
+    return out
+
+
+@pytest.mark.parametrize('norm_only', [False, True], ids=['all-trainable', 'norm-only'])
+def test_every_registered_name_on_every_chunk_path_equals_sequential(norm_only, fused):
+    """Every SAM name in timm's registry, through each chunk path train_step accepts for it, gives the
+    sequential update (float64, 1e-12): the perturbation of every path is made in one place
+    (SAM.perturbation: formula, sparse mask, counters). With only the norm layers trainable the batched
+    path must accept every name (sam-rand there was the silent unmasked update: ||eps|| = rho)."""
+    names = _registered_sam_names()
+    assert len(names) == len(sam_on_timm.SAM_OPTIMIZERS) + len(sam_on_timm.SPARSE_OPTIMIZERS)
+    updates = batches(n_updates=2, n=8, m=4, img=6)
+    compared = {}
+    for name in names:
+        try:
+            seq = _sam_run(name, norm_only, 'sequential', updates)
+        except ValueError as e:   # sam-nonorm-* with only norm layers trainable: nothing to perturb
+            assert norm_only and 'nonorm' in name and 'no parameter that requires grad' in str(e), (name, e)
+            continue
+        assert float(seq['logged.0'][2]) > 0, name   # a perturbation took place (ssam-f: its mask is set)
+        accepted = ['auto']
+        try:
+            bat = _sam_run(name, norm_only, 'batched', updates)
+        except ValueError as e:
+            assert 'cannot share one pass' in str(e), (name, e)
+        else:
+            accepted.append('batched')
+            assert_same(bat, seq)
+        assert_same(_sam_run(name, norm_only, 'auto', updates), seq)
+        compared[name] = accepted
+    if norm_only:   # everything batchable: the batched path was compared for every name
+        assert all(v == ['auto', 'batched'] for v in compared.values()), compared
+        assert len(compared) == len(names) - sum('nonorm' in n for n in names)
+    else:           # P only the norm layers' affine parameters: the sam-on names
+        assert sorted(n for n, v in compared.items() if 'batched' in v) == sorted(n for n in names if '-on' in n)

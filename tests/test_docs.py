@@ -52,3 +52,30 @@ def test_norm_params_tool_prints_the_readme_line(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == m.group(2).strip()
     assert r.stderr == '', r.stderr   # runpy's "found in sys.modules" RuntimeWarning among them
+
+
+def _block(text, name):
+    m = re.search(rf'<!-- demo:{name} -->\n(.*?)<!-- demo:{name} end -->', text, re.S)
+    assert m, f'the generated block demo:{name} is missing'
+    return m.group(1)
+
+
+def test_demo_numbers_have_one_source():
+    """The README's demo line and docs/analysis.md's table are the blocks docs/make_figures.py writes from
+    the same runs: the same top-1 per run, the same date and machine."""
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        readme = _block(f.read(), 'readme')
+    with open(os.path.join(ROOT, 'docs', 'analysis.md'), encoding='utf-8') as f:
+        analysis = f.read()
+    table = _block(analysis, 'table')
+    assert _block(analysis, 'gamma').count('\n') == 5   # header, rule, three runs
+    by_epoch = re.search(r'^\| held-out top-1 \(%\), by epoch \| (.+) \|$', table, re.M).group(1).split(' | ')
+    final = [float(cell.split(' / ')[-1]) for cell in by_epoch]
+    quoted = [float(v) for v in re.findall(r'`(?:sgd|sam|sam-on)` ([0-9.]+)% held-out top-1', readme)]
+    assert quoted == final and len(final) == 3
+    made = re.search(r'Made by `python docs/make_figures.py` on (\S+), (.+)\.\n', table)
+    assert made and f'{made.group(1)}, {made.group(2)}' in readme
+    # the README quotes no other demo accuracy outside the generated block
+    with open(os.path.join(ROOT, 'README.md'), encoding='utf-8') as f:
+        outside = f.read().replace(readme, '')
+    assert not re.search(r'\b9[0-9]\.[0-9]% held-out', outside)

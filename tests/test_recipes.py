@@ -269,8 +269,8 @@ def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread, monkeypat
 def test_demo_sam_on_learns(tmp_path, one_thread):
     """hparams/demo/sam-on.yaml, shortened: 1,000 training digits, 2 epochs (32 updates; ~15 s on one core).
 
-    Measured: 68.8% after the first epoch, 89.4% after the second (the full recipe: 98.2% after 3 epochs
-    on all 4,000 digits); 10 classes, so chance is 10%.
+    Measured: 68.8% after the first epoch, 89.4% after the second (the full recipe after 3 epochs
+    on all 4,000 digits: docs/analysis.md); 10 classes, so chance is 10%.
     """
     from sam_on_timm.demo_data import write_mnist5k
     data = tmp_path / 'mnist'

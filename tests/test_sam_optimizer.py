@@ -11,6 +11,7 @@ from torch import nn
 
 import sam_on_timm
 from sam_on_timm import SAM, SAM_OPTIMIZERS, norm_parameters
+from sam_on_timm.sparse import SparseMask
 from timm.optim import Lookahead, create_optimizer_v2, list_optimizers
 
 DEFAULT_ETA = {'sam': 0.0, 'eleml2': 0.0, 'eleml2orig': 0.01, 'elemlinf': 0.0, 'layerl2': 0.0, 'fisher': 1.0}
@@ -584,7 +585,7 @@ def test_frozen_tensors_never_join_the_perturbed_set():
     with pytest.raises(ValueError, match='no parameter that requires grad'):
         SAM(list(model.parameters()), mode='on', model=model, lr=0.1)
     model[1].bias.requires_grad_(True)   # 8 trainable norm elements among 4 * 8 + 8 + 8 + 8 * 3 + 3 = 75
-    opt = SAM(list(model.parameters()), sparse='rand', model=model, lr=0.1)
+    opt = SAM(list(model.parameters()), mask=SparseMask('rand'), model=model, lr=0.1)
     assert sum(int(m.sum()) for m in opt.mask.masks) == 8
 
 

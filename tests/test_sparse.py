@@ -14,7 +14,7 @@ from torch import nn
 
 import sam_on_timm
 import train
-from sam_on_timm.sparse import fisher_diagonal, live_count
+from sam_on_timm.sparse import SparseMask, fisher_diagonal, live_count
 from timm.optim import create_optimizer_v2
 
 
@@ -93,7 +93,11 @@ def test_bad_sparse_input():
     with pytest.raises(ValueError, match='sparsity is an option of the sparse baselines'):
         create_optimizer_v2(model, opt='sam', lr=0.1, sparsity=0.5)
     with pytest.raises(ValueError, match='SAM-ON'):   # bare parameters: no model to take SAM-ON's sparsity from
-        sam_on_timm.SAM(model.parameters(), sparse='rand')
+        sam_on_timm.SAM(model.parameters(), mask=SparseMask('rand'))
+    with pytest.raises(ValueError, match="unknown sparse mask 'random'; valid: rand, fisher, dynamic"):
+        SparseMask('random')
+    with pytest.raises(ValueError, match="'sam-on': mask_seed is an option of the sparse baselines"):
+        create_optimizer_v2(model, opt='sam-on', lr=0.1, mask_seed=3)
 
 
 # --- ssam-f ---------------------------------------------------------------------------------------------

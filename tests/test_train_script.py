@@ -90,8 +90,8 @@ def _spy_on_steps(monkeypatch):
         eps_args.append((variant, rho, eta, len(params)))
         return compute_eps(variant, params, grads, rho, eta, *args, **kwargs)
     monkeypatch.setattr(ts, 'train_step', spy_train_step)
-    monkeypatch.setattr(sam_module, 'compute_eps', spy_compute_eps)   # SAM.perturb (sequential chunks)
-    monkeypatch.setattr(ts, 'compute_eps', spy_compute_eps)           # the batched chunk path
+    # SAM.perturbation: the one place eps is made, for the sequential and the batched chunk path
+    monkeypatch.setattr(sam_module, 'compute_eps', spy_compute_eps)
     return steps, eps_args
 
 
