@@ -15,12 +15,13 @@ from timm.models import safe_model_name
 from timm.optim import list_optimizers
 
 from .ablations import parse_epoch_window
-from .checks import check_arg, check_base_opt, check_eta_used, check_number, check_sam_m
+from .checks import check_arg, check_number, check_sam_m
 from .cifar_data import CIFAR_AUGS
 from .demo_data import DEMO_DATASETS, check_demo_dir, default_demo_dir
 from .options import OPTIONS, SAM_ONLY, UsageError, first_line, flag_name, option_default
 from .outputs import check_experiment_name, lock_holder
-from .registry import SAM_OPTIMIZERS, SPARSE_OPTIMIZERS, is_sam_name, parse_sam_name, split_opt_name
+from .names import SAM_OPTIMIZERS, SPARSE_OPTIMIZERS, check_base_opt, is_sam_name, parse_sam_name, split_opt_name
+from .perturbations import check_eta_used
 
 __all__ = ['EVAL_METRICS', 'DIST_BN', 'LR_BASE_SCALES', 'MODEL_DTYPES', 'NAFLEX_OPTIONS', 'check_numbers',
            'validate_args', 'validate_timm_options', 'validate_naflex_options', 'check_output_writable',

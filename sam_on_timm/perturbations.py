@@ -13,15 +13,14 @@ tensors with ``torch._foreach_*`` ops; ``flat.Flat`` on one flat buffer holding 
 path (not needed to read the maths).
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .checks import check_variant
 from .flat import Flat, FlatSet, flat_ok, match_layout, writable_in_place
 
-__all__ = ['Variant', 'VARIANTS', 'scaling', 'compute_eps', 'Tensors']
+__all__ = ['Variant', 'VARIANTS', 'check_variant', 'check_eta_used', 'scaling', 'compute_eps', 'Tensors']
 
 
 @dataclass(frozen=True)
@@ -41,6 +40,22 @@ VARIANTS = {v.name: v for v in (   # paper Table 10
     Variant('layerl2', 2, 0.0, 'layerwise l2: T = ||W_layer||_2 + eta (one value per tensor)'),
     Variant('fisher', 2, 1.0, 'Fisher-SAM: T = (1 + eta g^2)^-1/2'),
 )}
+
+
+def check_variant(variant: Any, name: str = 'SAM variant') -> None:
+    """``variant`` names a perturbation of ``perturbations.VARIANTS``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown {name} '{variant}'; valid: {', '.join(VARIANTS)}")
+
+
+def check_eta_used(variant: str, eta: Any, name: str = 'eta', what: Optional[str] = None) -> None:
+    """An eta given to a variant whose T has no eta (plain SAM, T = 1) would change nothing: refused, so that a
+    run asked for eta is never silently plain SAM. ``eta`` None (the variant's default) passes. ``what``: how
+    the caller names the variant (train.py: its --opt)."""
+    if eta is not None and variant in VARIANTS and not VARIANTS[variant].has_eta:
+        with_eta = ', '.join(v.name for v in VARIANTS.values() if v.has_eta)
+        raise ValueError(f"{name} {eta} has no effect with {what or f'variant {variant!r}'} (T = 1 has no eta): "
+                         f"leave it unset, or choose a variant with an eta ({with_eta})")
 
 
 def scaling(variant: str, params: Sequence[Tensor], grads: Sequence[Tensor], eta: float,
