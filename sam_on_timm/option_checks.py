@@ -7,7 +7,6 @@ bases and m are the library's, reported under the flag's name.
 """
 import importlib
 import os
-import tempfile
 from datetime import datetime
 
 import torch
@@ -19,7 +18,7 @@ from .checks import check_arg, check_number, check_sam_m
 from .cifar_data import CIFAR_AUGS
 from .demo_data import DEMO_DATASETS, check_demo_dir, default_demo_dir
 from .options import OPTIONS, SAM_ONLY, UsageError, first_line, flag_name, option_default
-from .outputs import check_experiment_name, lock_holder
+from .outputs import check_experiment_name, lock_holder, probe_folder
 from .names import SAM_OPTIMIZERS, SPARSE_OPTIMIZERS, check_base_opt, is_sam_name, parse_sam_name, split_opt_name
 from .perturbations import check_eta_used
 
@@ -176,16 +175,13 @@ def check_output_writable(args) -> None:
     if int(os.environ.get('RANK', '0')) != 0:
         return
     target = os.path.abspath(os.path.join(args.output or './output/train', args.experiment or ''))
-    existing = target
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise UsageError(f"--output / --experiment: '{existing}' is a file, so '{target}' cannot be a folder")
-        existing = os.path.dirname(existing)
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        probe_folder(target)
+    except NotADirectoryError as e:
+        raise UsageError(f"--output / --experiment: '{e.filename}' is a file, so '{target}' cannot be a folder") \
+            from None
     except OSError as e:
-        raise UsageError(f"the output folder '{target}' cannot be written ('{existing}': {e.strerror or e}): "
+        raise UsageError(f"the output folder '{target}' cannot be written ('{e.filename}': {e.strerror}): "
                          f"pass a writable --output") from None
 
 

@@ -17,7 +17,8 @@ import socket
 import tempfile
 from typing import Optional
 
-__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder', 'trim_summary']
+__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder', 'trim_summary',
+           'probe_folder']
 
 LOCK_NAME = 'train.lock'
 
@@ -36,22 +37,35 @@ def check_experiment_name(name: str, flag: str = '--experiment') -> None:
                          f"none of them empty, '.' or '..', not an absolute path): put the location in --output")
 
 
+def probe_folder(target: str) -> str:
+    """The nearest existing folder on the way to the folder ``target`` (itself, if it exists) takes a temporary
+    file, removed at once; returns that folder. Nothing is created. NotADirectoryError: a component on the way is
+    a file (the error's filename); OSError: the folder cannot be written (filename: the folder)."""
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise NotADirectoryError(errno.ENOTDIR, 'a file on the way', existing)
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), existing) from None
+    return existing
+
+
 def check_output_file(path: str, flag: str = '--output') -> None:
     """``path`` can be written as a file: it is not a folder, no component on the way is a file, and the
     nearest existing folder takes a temporary file (removed at once). Nothing is created."""
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ValueError(f"{flag} '{path}' is a folder: pass a file name")
-    existing = os.path.dirname(target)
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise ValueError(f"{flag} '{path}': '{existing}' is a file, so it cannot hold '{target}'")
-        existing = os.path.dirname(existing)
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        probe_folder(os.path.dirname(target))
+    except NotADirectoryError as e:
+        raise ValueError(f"{flag} '{path}': '{e.filename}' is a file, so it cannot hold '{target}'") from None
     except OSError as e:
-        raise ValueError(f"{flag} '{path}' cannot be written ('{existing}': {e.strerror or e})") from None
+        raise ValueError(f"{flag} '{path}' cannot be written ('{e.filename}': {e.strerror})") from None
 
 
 def _describe(text: str) -> str:
