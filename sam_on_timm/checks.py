@@ -14,8 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-__all__ = ['RANGES', 'check_number', 'check_arg', 'check_sam_m', 'check_variant', 'check_eta_used', 'check_base_opt',
-           'check_optimizer_args']
+__all__ = ['RANGES', 'check_number', 'check_arg', 'check_sam_m', 'check_optimizer_args']
 
 # argument -> (low, high, low excluded, high excluded); None: unbounded on that side
 RANGES: Dict[str, Tuple[Optional[float], Optional[float], bool, bool]] = {
@@ -73,38 +72,6 @@ def check_sam_m(m: Any, batch: Optional[int], name: str = 'm', batch_name: str =
             raise ValueError(f'{name} {m} must be a positive integer')
     elif bad or batch % m:
         raise ValueError(f'{name} {m} must be a positive divisor of {batch_name} {batch}')
-
-
-def check_variant(variant: Any, name: str = 'SAM variant') -> None:
-    """``variant`` names a perturbation of ``perturbations.VARIANTS``."""
-    from .perturbations import VARIANTS   # late: perturbations imports this module
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown {name} '{variant}'; valid: {', '.join(VARIANTS)}")
-
-
-def check_eta_used(variant: str, eta: Any, name: str = 'eta', what: Optional[str] = None) -> None:
-    """An eta given to a variant whose T has no eta (plain SAM, T = 1) would change nothing: refused, so that a
-    run asked for eta is never silently plain SAM. ``eta`` None (the variant's default) passes. ``what``: how
-    the caller names the variant (train.py: its --opt)."""
-    from .perturbations import VARIANTS   # late: perturbations imports this module
-    if eta is not None and variant in VARIANTS and not VARIANTS[variant].has_eta:
-        with_eta = ', '.join(v.name for v in VARIANTS.values() if v.has_eta)
-        raise ValueError(f"{name} {eta} has no effect with {what or f'variant {variant!r}'} (T = 1 has no eta): "
-                         f"leave it unset, or choose a variant with an eta ({with_eta})")
-
-
-def check_base_opt(base_opt: Any, name: str = 'base_opt') -> None:
-    """The optimizer of SAM's descent step: a timm optimizer name (``lookahead_`` prefix allowed) that
-    is not itself a SAM name."""
-    from timm.optim import list_optimizers
-    from .registry import is_sam_name, split_opt_name   # late: registry imports sam, which imports this
-    try:
-        known = split_opt_name(base_opt)[1] in list_optimizers()
-    except ValueError:
-        known = False
-    if not known or is_sam_name(base_opt):
-        raise ValueError(f"unknown {name} '{base_opt}': a timm optimizer name that is not a SAM name "
-                         f"(e.g. sgd, momentum, adamw)")
 
 
 def check_optimizer_args(kwargs: Dict[str, Any], names: Optional[Dict[str, str]] = None) -> None:

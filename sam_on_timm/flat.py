@@ -4,8 +4,8 @@ CUDA runs a ``torch._foreach_*`` op as one fused kernel only if, at every index,
 shape and strides. A 0-dim operand (layerwise T, ASAM biases) or a per-tensor ``masked_fill_`` costs
 one launch per tensor: a per-parameter loop, which costs up to +40% of a ResNet-50 step at batch 64
 (docs/design.md, section 7). On CUDA the perturbation is therefore computed in one flat buffer
-(``FlatSet``): whole-buffer kernels, and views of it laid out like P for ``w + eps``. The formulas are
-those of ``perturbations.py``, applied to a one-element list.
+(``FlatSet``): whole-buffer kernels, and views of it laid out like P for ``w + eps``. The formula is
+``perturbations._eps``, run over the backend ``Flat`` here instead of the per-tensor ``perturbations.Tensors``.
 
 Measured (``benchmarks/perturb_cost.py``, ResNet-50's SAM-ON set of 106 tensors, NVIDIA H200, torch
 2.11, 2026-12-01): host time of perturb + restore 0.42 ms flat against 1.93 ms per tensor for
@@ -13,12 +13,12 @@ Measured (``benchmarks/perturb_cost.py``, ResNet-50's SAM-ON set of 106 tensors,
 ``sam-on-fisher``. On CPU a foreach op is a loop over tensors anyway and the flat copies only add
 traffic, so the per-tensor path is taken there.
 """
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ['FUSED_DEVICE_TYPES', 'FLAT_MAX_NUMEL', 'FlatSet', 'flat_ok', 'flat_norm', 'match_layout',
+__all__ = ['FUSED_DEVICE_TYPES', 'FLAT_MAX_NUMEL', 'FlatSet', 'Flat', 'flat_ok', 'flat_norm', 'match_layout',
            'writable_in_place']
 
 # The buffer holds a copy of the whole set: kept to sets of up to FLAT_MAX_NUMEL elements (every
@@ -121,8 +121,41 @@ def writable_in_place(tensors: Sequence[Tensor]) -> bool:
         st != 0 for t in tensors for st, n in zip(t.stride(), t.shape) if n > 1)
 
 
-
 def flat_norm(tensors: List[Tensor]) -> Tensor:
     """The same for one flat buffer, accumulated in float64 (one float32 reduction over millions of
     elements drifts by 1e-5 on CPU, where per-tensor norms do not)."""
     return torch.linalg.vector_norm(tensors[0], dtype=torch.float64).to(tensors[0].dtype)
+
+
+class Flat:
+    """The flat backend of ``perturbations._eps`` (the methods of ``perturbations.Tensors``) over a ``FlatSet``:
+    every value is the one-element list of a whole-set buffer, every op a single kernel in place, and eps is
+    returned as the FlatSet's views laid out like P (valid until its next use)."""
+
+    def __init__(self, flat: FlatSet):
+        self.flat, self.dtype = flat, flat.buf.dtype
+
+    def load(self, grads: Sequence[Tensor]) -> List[Tensor]:
+        return [self.flat.load(grads)]
+
+    def factor(self, t: Optional[Sequence[Tensor]]) -> Optional[List[Tensor]]:
+        return None if t is None else [self.flat.spread(t)]
+
+    def mul(self, x: List[Tensor], t: List[Tensor]) -> List[Tensor]:
+        torch._foreach_mul_(x, t)
+        return x
+
+    def sign(self, x: List[Tensor]) -> List[Tensor]:
+        torch._foreach_sign_(x)
+        return x
+
+    def scaled(self, x: List[Tensor], scale: Tensor, skip: Tensor) -> List[Tensor]:
+        torch._foreach_mul_(x, scale)
+        x[0].masked_fill_(skip, 0.0)
+        return x
+
+    def norm(self, x: List[Tensor]) -> Tensor:
+        return flat_norm(x)
+
+    def result(self, eps: List[Tensor]) -> List[Tensor]:
+        return self.flat.views

@@ -8,16 +8,17 @@ by nothing, so ``python -m`` runs it once (runpy warns when the package has alre
 module it is asked to run). Its names stay importable from here for code written against the old
 location.
 """
-import argparse
 from typing import Iterable, Optional
 
 from .norms import NORM_TYPES, bias_parameters, is_norm_module, named_norm_parameters, norm_parameters
+from .options import ArgumentParser
 
 __all__ = ['NORM_TYPES', 'is_norm_module', 'named_norm_parameters', 'norm_parameters', 'bias_parameters']
 
 
 def _main(argv: Optional[Iterable[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description='List the parameters SAM-ON perturbs in a timm model.')
+    parser = ArgumentParser(prog='python -m sam_on_timm.norm_params',
+                            description='List the parameters SAM-ON perturbs in a timm model.')
     parser.add_argument('model', help='timm model name, e.g. resnet50')
     args = parser.parse_args(argv)
     import timm

@@ -9,6 +9,7 @@
 
 Each check raises ``ValueError`` with one line (train.py reports it as its own error).
 """
+import csv
 import errno
 import fcntl
 import os
@@ -16,7 +17,8 @@ import socket
 import tempfile
 from typing import Optional
 
-__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder']
+__all__ = ['LOCK_NAME', 'check_experiment_name', 'check_output_file', 'RunLock', 'lock_holder', 'trim_summary',
+           'probe_folder']
 
 LOCK_NAME = 'train.lock'
 
@@ -35,22 +37,35 @@ def check_experiment_name(name: str, flag: str = '--experiment') -> None:
                          f"none of them empty, '.' or '..', not an absolute path): put the location in --output")
 
 
+def probe_folder(target: str) -> str:
+    """The nearest existing folder on the way to the folder ``target`` (itself, if it exists) takes a temporary
+    file, removed at once; returns that folder. Nothing is created. NotADirectoryError: a component on the way is
+    a file (the error's filename); OSError: the folder cannot be written (filename: the folder)."""
+    existing = target
+    while not os.path.isdir(existing):
+        if os.path.exists(existing):
+            raise NotADirectoryError(errno.ENOTDIR, 'a file on the way', existing)
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), existing) from None
+    return existing
+
+
 def check_output_file(path: str, flag: str = '--output') -> None:
     """``path`` can be written as a file: it is not a folder, no component on the way is a file, and the
     nearest existing folder takes a temporary file (removed at once). Nothing is created."""
     target = os.path.abspath(path)
     if os.path.isdir(target):
         raise ValueError(f"{flag} '{path}' is a folder: pass a file name")
-    existing = os.path.dirname(target)
-    while not os.path.isdir(existing):
-        if os.path.exists(existing):
-            raise ValueError(f"{flag} '{path}': '{existing}' is a file, so it cannot hold '{target}'")
-        existing = os.path.dirname(existing)
     try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
+        probe_folder(os.path.dirname(target))
+    except NotADirectoryError as e:
+        raise ValueError(f"{flag} '{path}': '{e.filename}' is a file, so it cannot hold '{target}'") from None
     except OSError as e:
-        raise ValueError(f"{flag} '{path}' cannot be written ('{existing}': {e.strerror or e})") from None
+        raise ValueError(f"{flag} '{path}' cannot be written ('{e.filename}': {e.strerror})") from None
 
 
 def _describe(text: str) -> str:
@@ -120,3 +135,19 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def trim_summary(path: str, start_epoch: int) -> None:
+    """Drop the rows of epochs >= ``start_epoch`` from a resumed run's summary.csv (rewritten whole, then
+    renamed): an epoch whose checkpoint was never written (a full disk, a kill) is trained again, and
+    its row is written again, once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < start_epoch]
+    if len(kept) == len(rows):
+        return
+    with open(path + '.tmp', 'w', newline='') as f:
+        csv.writer(f).writerows(kept)
+    os.replace(path + '.tmp', path)

@@ -3,21 +3,24 @@
     p = 2:   eps = rho * T^2 g / ||T g||_2        (norm over the perturbed set P only)
     p = inf: eps = rho * T sign(g)
 
-T is diagonal; outside P it is 0, which is why the functions here only ever see the tensors of P.
-Everything is written over lists of tensors with ``torch._foreach_*`` ops and never reads a value
-back to the host, so the step stays asynchronous on a GPU. On CUDA the same formulas run over one
-flat buffer holding the whole set (``flat.py``: the speed path, not needed to read the maths).
+T is diagonal; outside P it is 0, which is why the functions here only ever see the tensors of P. eps is 0
+(the step skipped) where ||T g|| is 0 or not finite, or the loss scaler saw an overflow. Table 10 is
+``VARIANTS`` and ``scaling`` (T), the formula is ``_eps``: both on the first screen of this file.
+
+The formula is written once, over a backend that holds the tensors and does the arithmetic without reading a
+value back to the host (the step stays asynchronous on a GPU): ``Tensors``, below, works on the list of P's
+tensors with ``torch._foreach_*`` ops; ``flat.Flat`` on one flat buffer holding the whole set, CUDA's speed
+path (not needed to read the maths).
 """
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .checks import check_variant
-from .flat import FlatSet, flat_norm, flat_ok, match_layout, writable_in_place
+from .flat import Flat, FlatSet, flat_ok, match_layout, writable_in_place
 
-__all__ = ['Variant', 'VARIANTS', 'scaling', 'compute_eps']
+__all__ = ['Variant', 'VARIANTS', 'check_variant', 'check_eta_used', 'scaling', 'compute_eps', 'Tensors']
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Variant:
     has_eta: bool = True  # whether T depends on eta (plain SAM's T = 1 does not)
 
 
-VARIANTS = {v.name: v for v in (
+VARIANTS = {v.name: v for v in (   # paper Table 10
     Variant('sam', 2, 0.0, 'SAM: T = 1', has_eta=False),
     Variant('eleml2', 2, 0.0, 'ASAM elementwise l2: T = |w| + eta'),
     Variant('eleml2orig', 2, 0.01, 'original ASAM: T = |w| + eta for weights, 1 + eta for biases'),
@@ -39,37 +42,43 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
-def scaling(
-        variant: str,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        eta: float,
-        is_bias: Optional[Sequence[bool]] = None,
-) -> Optional[List[Tensor]]:
-    """The diagonal of T for each tensor of P (None stands for T = 1).
+def check_variant(variant: Any, name: str = 'SAM variant') -> None:
+    """``variant`` names a perturbation of ``perturbations.VARIANTS``."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown {name} '{variant}'; valid: {', '.join(VARIANTS)}")
 
-    An entry may be a 0-dim tensor (one value for the whole tensor: layerl2, ASAM biases).
-    """
+
+def check_eta_used(variant: str, eta: Any, name: str = 'eta', what: Optional[str] = None) -> None:
+    """An eta given to a variant whose T has no eta (plain SAM, T = 1) would change nothing: refused, so that a
+    run asked for eta is never silently plain SAM. ``eta`` None (the variant's default) passes. ``what``: how
+    the caller names the variant (train.py: its --opt)."""
+    if eta is not None and variant in VARIANTS and not VARIANTS[variant].has_eta:
+        with_eta = ', '.join(v.name for v in VARIANTS.values() if v.has_eta)
+        raise ValueError(f"{name} {eta} has no effect with {what or f'variant {variant!r}'} (T = 1 has no eta): "
+                         f"leave it unset, or choose a variant with an eta ({with_eta})")
+
+
+def scaling(variant: str, params: Sequence[Tensor], grads: Sequence[Tensor], eta: float,
+            is_bias: Optional[Sequence[bool]] = None) -> Optional[List[Tensor]]:
+    """The diagonal of T for each tensor of P (None: T = 1); a 0-dim entry is one value for the whole tensor."""
     if variant == 'sam':
         return None
-    if variant in ('eleml2', 'elemlinf'):
+    if variant in ('eleml2', 'elemlinf'):   # T = |w| + eta
         t = torch._foreach_abs(params)
         torch._foreach_add_(t, eta)
         return t
-    if variant == 'eleml2orig':
+    if variant == 'eleml2orig':             # T = |w| + eta for weights, 1 + eta for biases (one shared 0-dim)
         if is_bias is None:
             raise ValueError("variant 'eleml2orig' needs to know which parameters are biases (bias_params)")
-        # weights: |w| + eta; biases: 1 + eta (a 0-dim tensor broadcasts over the bias)
         weights = [p for p, b in zip(params, is_bias) if not b]
         t_w = iter(torch._foreach_add(torch._foreach_abs(weights), eta) if weights else [])
-        t_b = params[0].new_full((), 1.0 + eta)   # one read-only 0-dim tensor shared by every bias
+        t_b = params[0].new_full((), 1.0 + eta)
         return [t_b if b else next(t_w) for b in is_bias]
-    if variant == 'layerl2':
+    if variant == 'layerl2':                # T = ||W||_2 + eta, one value per tensor
         t = list(torch._foreach_norm(params))
         torch._foreach_add_(t, eta)
         return t
-    if variant == 'fisher':
-        # squared minibatch gradient: must be the true (unscaled) gradient
+    if variant == 'fisher':                 # T = (1 + eta g^2)^-1/2, g the true (unscaled) gradient
         t = torch._foreach_mul(grads, grads)
         torch._foreach_mul_(t, eta)
         torch._foreach_add_(t, 1.0)
@@ -79,86 +88,95 @@ def scaling(
     raise NotImplementedError(f"variant '{variant}' has no scaling T")
 
 
-def compute_eps(
-        variant: str,
-        params: Sequence[Tensor],
-        grads: Sequence[Tensor],
-        rho: float,
-        eta: float,
-        is_bias: Optional[Sequence[bool]] = None,
-        found_inf: Optional[Tensor] = None,
-        grads_writable: bool = False,
-        flat: Optional[FlatSet] = None,
-) -> tuple:
-    """Perturbation of P from the ascent gradient.
+def _eps(p: float, B, g, t, rho: float, found_inf: Optional[Tensor]) -> tuple:
+    """Eq. 4 over the backend ``B``: (eps, ||eps||_2, skipped) from g and T (None: T = 1)."""
+    if p == 2:
+        tg = g if t is None else B.mul(g, t)                   # T g
+        norm = B.norm(tg)
+        ok = torch.isfinite(norm) & (norm > 0)
+        direction = tg if t is None else B.mul(tg, t)          # T^2 g
+        scale = rho / norm
+    else:
+        ok = torch.isfinite(B.norm(g))                         # not normalised; a non-finite g still skips
+        direction = B.mul(B.sign(g), t)                        # T sign(g)
+        scale = torch.full_like(ok, rho, dtype=B.dtype)
+    if found_inf is not None:
+        ok = ok & (found_inf.reshape(()) == 0)
+    skip = ~ok
+    eps = B.scaled(direction, torch.where(ok, scale, 0.0), skip)   # 0 where skipped (no inf * 0 = NaN)
+    eps_norm = B.norm(eps)
+    # counted as skipped: no perturbation at all (for l-inf too, where T g = 0 gives eps = 0)
+    return B.result(eps), eps_norm, (skip | (eps_norm == 0)).to(eps_norm.dtype)
 
-    Returns ``(eps, eps_norm, skipped)``: the list of eps tensors, ||eps||_2 (0-dim tensor) and a
-    0-dim float tensor that is 1.0 where the perturbation was skipped. The step is skipped (eps = 0)
-    when ||T g|| is 0 or not finite, or when ``found_inf`` (e.g. an fp16 overflow) is non-zero: no
-    division by zero, no NaN ever reaches eps.
-    ``flat``: a ``FlatSet`` of ``params`` to compute in (SAM keeps one); on CUDA, sets that ``flat_ok``
-    accepts get a fresh one otherwise. eps is then the FlatSet's views (valid until its next use).
-    """
+
+def compute_eps(variant: str, params: Sequence[Tensor], grads: Sequence[Tensor], rho: float, eta: float,
+                is_bias: Optional[Sequence[bool]] = None, found_inf: Optional[Tensor] = None,
+                grads_writable: bool = False, flat: Optional[FlatSet] = None) -> tuple:
+    """Perturbation of P from the ascent gradient: ``(eps, eps_norm, skipped)``, the list of eps tensors,
+    ||eps||_2 (0-dim) and a 0-dim float that is 1.0 where the perturbation was skipped (eps = 0): ||T g|| 0 or
+    not finite, or ``found_inf`` (e.g. an fp16 overflow) non-zero. No division by zero, no NaN reaches eps.
+
+    ``grads_writable``: the gradients' buffers may hold eps. ``flat``: a ``FlatSet`` of ``params`` to compute
+    in (SAM keeps one); on CUDA, sets that ``flat_ok`` accepts get a fresh one otherwise. eps is then the
+    FlatSet's views (valid until its next use)."""
     check_variant(variant)
     grads = list(grads)
     t = scaling(variant, params, grads, eta, is_bias)
     if flat is None and flat_ok(params):
         flat = FlatSet(params)
-    if flat is not None:   # the same formulas over one-element lists: the buffer, and T spread over it
-        g = flat.load(grads)
-        t = None if t is None else [flat.spread(t)]
-        _, eps_norm, skipped = _eps(VARIANTS[variant].p, [g], t, rho, found_inf, writable=True, norm=flat_norm)
-        return flat.views, eps_norm, skipped
-    writable = grads_writable and writable_in_place(grads)
-    return _eps(VARIANTS[variant].p, grads, match_layout(t, grads) if t is not None else None, rho, found_inf,
-                writable)
+    B = Flat(flat) if flat is not None else Tensors(grads, grads_writable and writable_in_place(grads))
+    return _eps(VARIANTS[variant].p, B, B.load(grads), B.factor(t), rho, found_inf)
 
 
-def _set_norm(tensors: List[Tensor]) -> Tensor:
-    """||all of tensors||_2 without concatenating them."""
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+class Tensors:
+    """The per-tensor backend: values are lists of tensors laid out like P, arithmetic by ``torch._foreach_*``
+    ops. A list this backend made (or the gradients, when writable) is a scratch buffer and is overwritten in
+    place: fresh allocations cost page faults on CPU. Factors get the strides of what they multiply where those
+    differ only in size-1 dims (``flat.match_layout``), so that CUDA's fused foreach kernels stay in use.
+    ``Flat`` (flat.py) has the same methods over one flat buffer."""
 
+    def __init__(self, grads: List[Tensor], writable: bool):
+        self.dtype = grads[0].dtype
+        self._scratch = [grads] if writable else []
 
-def _eps(p: float, grads: List[Tensor], t: Optional[List[Tensor]], rho: float, found_inf: Optional[Tensor],
-         writable: bool, norm: Callable[[List[Tensor]], Tensor] = _set_norm) -> tuple:
-    """eps from g and T (None: T = 1), in the buffers of ``grads`` where they are ``writable``."""
-    if p == 2:
-        if t is None:
-            tg = grads
-        elif writable:
-            torch._foreach_mul_(grads, t)
-            tg = grads
+    def load(self, grads: List[Tensor]) -> List[Tensor]:
+        return grads
+
+    def factor(self, t: Optional[List[Tensor]]) -> Optional[List[Tensor]]:
+        return t
+
+    def _mine(self, x: List[Tensor]) -> bool:
+        return any(x is s for s in self._scratch)
+
+    def _new(self, x: List[Tensor]) -> List[Tensor]:
+        self._scratch.append(x)
+        return x
+
+    def mul(self, x: List[Tensor], t: List[Tensor]) -> List[Tensor]:
+        t = match_layout(t, x)
+        if self._mine(x):
+            torch._foreach_mul_(x, t)
+            return x
+        return self._new(torch._foreach_mul(x, t))
+
+    def sign(self, x: List[Tensor]) -> List[Tensor]:
+        if self._mine(x):
+            torch._foreach_sign_(x)
+            return x
+        return self._new(torch._foreach_sign(x))
+
+    def scaled(self, x: List[Tensor], scale: Tensor, skip: Tensor) -> List[Tensor]:
+        if self._mine(x):
+            torch._foreach_mul_(x, scale)
         else:
-            tg = torch._foreach_mul(grads, t)
-        tg_norm = norm(tg)
-        ok = torch.isfinite(tg_norm) & (tg_norm > 0)
-        if t is not None:
-            torch._foreach_mul_(tg, match_layout(t, tg))   # T^2 g
-        eps, owned = tg, t is not None or writable
-        scale = rho / tg_norm
-    else:
-        # the l-inf step is not normalised; a non-finite gradient still skips it
-        ok = torch.isfinite(norm(grads))
-        if writable:
-            torch._foreach_sign_(grads)
-            eps = grads
-        else:
-            eps = torch._foreach_sign(grads)
-        torch._foreach_mul_(eps, match_layout(t, eps))   # T sign(g)
-        owned = True
-        scale = torch.full_like(ok, rho, dtype=grads[0].dtype)
-    if found_inf is not None:
-        ok = ok & (found_inf.reshape(()) == 0)
-    scale = torch.where(ok, scale, 0.0)
-    if owned:
-        torch._foreach_mul_(eps, scale)     # no new buffers: fresh allocations cost page faults on CPU
-    else:
-        eps = torch._foreach_mul(eps, scale)
-    # a non-finite gradient entry would still give inf * 0 = NaN: zero it (in place, no host sync;
-    # one launch per tensor unless the set is one flat buffer)
-    skip = ~ok
-    for e in eps:
-        e.masked_fill_(skip, 0.0)
-    eps_norm = norm(eps)
-    # counted as skipped: no perturbation at all (for l-inf too, where T g = 0 gives eps = 0)
-    return eps, eps_norm, (skip | (eps_norm == 0)).to(eps_norm.dtype)
+            x = self._new(torch._foreach_mul(x, scale))
+        for e in x:   # one launch per tensor unless the set is one flat buffer
+            e.masked_fill_(skip, 0.0)
+        return x
+
+    def norm(self, x: List[Tensor]) -> Tensor:
+        """||all of x||_2 without concatenating them."""
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(x)))
+
+    def result(self, eps: List[Tensor]) -> List[Tensor]:
+        return eps

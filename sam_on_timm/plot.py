@@ -6,7 +6,6 @@
 
 Legends name each run by its folder (a checkpoint's or a JSON's). docs/analysis.md shows examples.
 """
-import argparse
 import csv
 import json
 import os
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .norms import is_norm_module
+from .options import ArgumentParser
 
 __all__ = ['read_summary', 'load_checkpoint_model', 'norm_affine', 'layer_type_values', 'shared_histograms',
            'gamma_summary', 'plot_curves', 'plot_norms', 'plot_sharpness', 'main']
@@ -324,8 +324,8 @@ def plot_sharpness(json_files: Sequence[str], output: str, caption: str = '') ->
 # ------------------------------------------------------------------------------------------------
 # command line
 # ------------------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m sam_on_timm.plot', description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog='python -m sam_on_timm.plot', description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest='what', required=True)
     p = sub.add_parser('curves', help="runs' summary.csv side by side per epoch")
     p.add_argument('runs', nargs='+', metavar='RUN_DIR')

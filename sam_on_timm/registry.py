@@ -9,86 +9,25 @@ SAM-ON could not find the norm layers from them. On import we therefore wrap the
 passes through unchanged. It also hands ``eps`` / ``betas`` on to the base optimizer (SIGNATURE_FLAGS).
 """
 import functools
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from torch import nn
 
 from .family import FAMILIES
+from .names import FAMILY_OPTIMIZERS, OPT_PREFIXES, SAM_OPTIMIZERS, SPARSE_OPTIMIZERS, is_sam_name, parse_sam_name, \
+    sam_family, sam_name, split_opt_name
 from .perturbations import VARIANTS
-from .sam import MODES, SAM
-from .sparse import MASK_ARGS, SPARSE_NAMES, SparseMask
+from .sam import SAM
+from .sparse import MASK_ARGS, SparseMask
 
 __all__ = ['SAM_OPTIMIZERS', 'OPT_PREFIXES', 'sam_name', 'split_opt_name', 'parse_sam_name', 'is_sam_name',
            'register_sam_optimizers', 'SPARSE_OPTIMIZERS', 'FAMILY_OPTIMIZERS', 'sam_family']
-
-# the prefixes timm's factory understands before an optimizer name ('lookahead_sgd')
-OPT_PREFIXES = ('lookahead',)
 
 # OptimInfo flags of the SAM names. timm reads them as "the class takes this argument" (its optimizer tests check
 # them against the signature, and that the group then holds the value): SAM takes ``momentum`` (handed to its base,
 # SGD by default) but not ``eps`` / ``betas``, which belong to the base optimizer alone. The factory would drop
 # eps / betas on that account; the wrapper in ``register_sam_optimizers`` hands them on to the base instead.
 SIGNATURE_FLAGS = dict(has_eps=False, has_momentum=True, has_betas=False)
-
-
-def sam_name(mode: str, variant: str) -> str:
-    return 'sam' + ('' if mode == 'all' else f'-{mode}') + ('' if variant == 'sam' else f'-{variant}')
-
-
-# name -> (mode, variant)
-SAM_OPTIMIZERS: Dict[str, Tuple[str, str]] = {sam_name(m, v): (m, v) for m in MODES for v in VARIANTS}
-
-
-# sparse-perturbation baselines (sparse.py): name -> mask kind; plain SAM on every parameter, eps masked
-SPARSE_OPTIMIZERS: Dict[str, str] = {name: kind for kind, name in SPARSE_NAMES.items()}
-
-
-# the SAM family (family.py): name -> (family, mode); ``msam[-MODE]``, ``gsam[-MODE]``, plain T = 1 perturbation
-FAMILY_OPTIMIZERS: Dict[str, Tuple[str, str]] = {
-    f + ('' if m == 'all' else f'-{m}'): (f, m) for f in FAMILIES if f != 'sam' for m in MODES}
-
-
-def split_opt_name(opt: str) -> Tuple[str, str]:
-    """``(prefix, name)`` of an optimizer name as timm's factory reads it: lower case, the part after the
-    last '_' names the optimizer, the rest is a prefix ('' or 'lookahead'). timm itself ignores any
-    other prefix; this is refused here (ValueError), so that a typo such as 'lookahed_sgd' is not
-    silently plain SGD."""
-    if not isinstance(opt, str) or not opt:
-        raise ValueError(f'an optimizer name must be a non-empty string, got {opt!r}')
-    prefix, _, name = opt.lower().rpartition('_')
-    if prefix not in ('',) + OPT_PREFIXES:
-        raise ValueError(f"optimizer name '{opt}': unknown prefix '{prefix}_' (valid: {', '.join(OPT_PREFIXES)})")
-    return prefix, name
-
-
-def parse_sam_name(opt: str) -> Tuple[str, str]:
-    """(mode, variant) of a SAM optimizer name (a ``lookahead_`` prefix is allowed); ValueError for any
-    other name. The one definition of what counts as a SAM name."""
-    name = split_opt_name(opt)[1]
-    if name in SPARSE_OPTIMIZERS:
-        return 'all', 'sam'
-    if name in FAMILY_OPTIMIZERS:
-        return FAMILY_OPTIMIZERS[name][1], 'sam'
-    if name not in SAM_OPTIMIZERS:
-        valid = list(SAM_OPTIMIZERS) + list(SPARSE_OPTIMIZERS) + list(FAMILY_OPTIMIZERS)
-        raise ValueError(f"unknown SAM optimizer '{opt}'; valid: {', '.join(valid)}")
-    return SAM_OPTIMIZERS[name]
-
-
-def sam_family(opt: str) -> str:
-    """The family of a SAM name ('sam' for the sam-* and sparse names, else 'msam', 'gsam'); ValueError
-    for a name that is not a SAM name."""
-    parse_sam_name(opt)
-    return FAMILY_OPTIMIZERS.get(split_opt_name(opt)[1], ('sam',))[0]
-
-
-def is_sam_name(opt: str) -> bool:
-    """Whether ``parse_sam_name`` accepts ``opt``."""
-    try:
-        parse_sam_name(opt)
-    except ValueError:
-        return False
-    return True
 
 
 def _inject_mask(name: str, kwargs: Dict) -> None:

@@ -18,16 +18,16 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optio
 import torch
 from torch import Tensor, nn
 
+from .checks import check_arg, check_optimizer_args
 from .family import check_family_args, gsam_descent, gsam_rho, looksam_direction, looksam_reuse, momentum_buffers
-from .checks import check_arg, check_base_opt, check_eta_used, check_optimizer_args, check_variant
 from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
 from .optim_state import load_optimizer_state
-from .perturbations import VARIANTS, compute_eps
+from .names import MODES, check_base_opt
+from .perturbations import VARIANTS, check_eta_used, check_variant, compute_eps
 
 __all__ = ['SAM', 'MODES', 'torch_grad_scaler', 'unscale_grads']
 
-MODES = ('all', 'on', 'nonorm')
 
 
 def torch_grad_scaler(scaler) -> Optional['torch.amp.GradScaler']:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .norms import norm_parameters
+from .options import ArgumentParser
 from .perturbations import compute_eps
 from .sam import MODES
 
@@ -292,8 +293,8 @@ class UsageError(Exception):
     """Bad command-line input: one line for the user, no traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog='python -m sam_on_timm.sharpness',
+def build_parser() -> ArgumentParser:
+    ap = ArgumentParser(prog='python -m sam_on_timm.sharpness',
                                  description='Worst-case (Auto-PGD), 1-step and average-case m-sharpness of a timm '
                                              'model.')
     g = ap.add_argument_group('model')

@@ -34,13 +34,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
+from .batches import batch_rows, frozen_bn_stats, take_rows
 from .checks import check_number
+from .names import SPARSE_NAMES
 
 __all__ = ['SPARSE_KINDS', 'SPARSE_NAMES', 'MASK_ARGS', 'SparseMask', 'PerturbationMask', 'live_count',
            'fisher_diagonal']
 
 SPARSE_KINDS = ('rand', 'fisher', 'dynamic')
-SPARSE_NAMES = {'rand': 'sam-rand', 'fisher': 'ssam-f', 'dynamic': 'ssam-d'}   # kind -> optimizer name
 
 
 # the optimizer arguments of the sparse baselines (create_optimizer_v2 / train.py) -> SparseMask field
@@ -235,7 +236,6 @@ def fisher_diagonal(model: nn.Module, params: Sequence[Tensor], batches: Iterabl
     over the first ``num_samples`` samples of ``batches``, each passed through the model alone in training
     mode, as in Mi et al.'s code. Running statistics of norm layers are left as they are, and the model's
     mode is restored afterwards."""
-    from .train_step import frozen_bn_stats
     fisher = [torch.zeros_like(p) for p in params]
     was_training = model.training
     model.train()
@@ -251,7 +251,6 @@ def _accumulate_fisher(model: nn.Module, params: Sequence[Tensor], batches: Iter
                        loss_fn: Callable[[Tensor, Tensor], Tensor], num_samples: int, fisher: List[Tensor]) -> int:
     """fisher += g_n^2 for the first ``num_samples`` single samples of ``batches`` (image tensors or NaFlex dicts);
     returns how many it used."""
-    from .train_step import batch_rows, take_rows
     n = 0
     for x, y in batches:
         for i in range(batch_rows(x)):

@@ -35,22 +35,19 @@ but only equal chunks: an update with a smaller last chunk takes the sequential 
 import contextlib
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, ContextManager, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .batches import Batch, batch_rows, frozen_bn_stats, take_rows
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
-from .norms import is_norm_module
 from .perturbations import VARIANTS
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
 __all__ = ['StepStats', 'find_sam', 'batch_rows', 'take_rows', 'split_chunks', 'ascent_samples', 'frozen_bn_stats',
            'requires_grad_off', 'train_step', 'choose_chunk_path', 'BN_UPDATE_CHOICES', 'CHUNK_PATHS']
-
-# a batch of images: a tensor (images along dim 0), or a NaFlex dict of per-image tensors (module docstring)
-Batch = Union[Tensor, Mapping[str, Any]]
 
 BN_UPDATE_CHOICES = ('both', 'ascent')
 
@@ -74,36 +71,6 @@ def find_sam(optimizer: torch.optim.Optimizer) -> Optional[SAM]:
             return optimizer
         optimizer = getattr(optimizer, '_base_optimizer', None)
     return None
-
-
-def batch_rows(x: Batch) -> int:
-    """How many images a batch holds: a tensor's first dimension, a NaFlex dict's ``patches`` rows."""
-    if isinstance(x, Tensor):
-        return x.shape[0]
-    if isinstance(x, Mapping):
-        t = x.get('patches')
-        if not isinstance(t, Tensor):
-            t = next((v for v in x.values() if isinstance(v, Tensor) and v.dim() > 0), None)
-        if t is not None and t.dim() > 0:
-            return t.shape[0]
-    raise TypeError(f'a batch is a tensor or a dict of per-image tensors (NaFlex), got {type(x).__name__}')
-
-
-def take_rows(x: Batch, rows: slice) -> Batch:
-    """Images ``rows`` of a batch. A dict: every tensor with one row per image is cut the same way (an
-    image keeps its patches, ``patch_coord`` and ``patch_valid`` together); other values are kept."""
-    if isinstance(x, Tensor):
-        return x[rows]
-    n = batch_rows(x)
-    out = {}
-    for key, v in x.items():
-        if isinstance(v, Tensor) and v.dim() > 0:
-            if v.shape[0] != n:
-                raise ValueError(f"batch entry '{key}' has {v.shape[0]} rows, the batch {n} images: every tensor of "
-                                 f"a NaFlex batch has one row per image")
-            v = v[rows]
-        out[key] = v
-    return out
 
 
 def split_chunks(x: Batch, y: Tensor, m: Optional[int], splits: int = 1,
@@ -144,37 +111,6 @@ def split_chunks(x: Batch, y: Tensor, m: Optional[int], splits: int = 1,
 def ascent_samples(chunk: int, ascent_frac: float) -> int:
     """How many samples of a chunk of ``chunk`` the ascent pass uses (the first ones; at least 1)."""
     return chunk if ascent_frac == 1.0 else max(1, int(round(ascent_frac * chunk)))
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module, enabled: bool = True):
-    """Running statistics of the norm layers left exactly as they are inside the block, also when a
-    batch statistic is not finite (an fp16 overflow at w + eps).
-
-    BatchNorm (torch's, SyncBatchNorm, timm's BatchNormAct2d): ``track_running_stats`` off, so the
-    forward normalises with the batch statistics, as in training, and updates nothing (counter
-    included). Other layers with running statistics (timm's EvoNorm-B): their buffers are put back.
-    """
-    switched, saved = [], []
-    if enabled:
-        for mod in model.modules():
-            # running_var is None for a BatchNorm built with track_running_stats=False
-            if not is_norm_module(mod) or getattr(mod, 'running_var', None) is None:
-                continue
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-                if mod.track_running_stats:
-                    mod.track_running_stats = False
-                    switched.append(mod)
-            else:
-                saved.extend((b, b.clone()) for b in mod.buffers(recurse=False))
-    try:
-        yield
-    finally:
-        for mod in switched:
-            mod.track_running_stats = True
-        with torch.no_grad():
-            for buf, copy in saved:
-                buf.copy_(copy)
 
 
 @contextlib.contextmanager

@@ -377,14 +377,15 @@ def test_batched_passes_stay_inside_micro_batches(naflex_data, tmp_path, monkeyp
     laid over the first two micro-batches stacked 64 with 32 patches (a traceback). Passes of 2 chunks (the
     greatest common divisor) stay inside; the update equals the sequential path's (float32: measured 4e-9 apart,
     against a weight change of 2e-2)."""
+    import sam_on_timm.run_data as run_data
     import sam_on_timm.train_step as ts
     batches = [naflex_batch(8, 64, 0), naflex_batch(8, 32, 1), naflex_batch(16, 32, 2)]
-    real_loaders = train.create_naflex_loaders
+    real_loaders = run_data.create_naflex_loaders
 
     def loaders(*a, **kw):
         loader_train, loader_eval = real_loaders(*a, **kw)
         return _FixedLoader(batches, loader_train.dataset), loader_eval
-    monkeypatch.setattr(train, 'create_naflex_loaders', loaders)
+    monkeypatch.setattr(run_data, 'create_naflex_loaders', loaders)
     passes, real_interleave = [], ts.interleave
 
     def interleave(xs):

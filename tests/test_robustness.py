@@ -10,7 +10,7 @@ import timm
 import torch
 
 import train
-from sam_on_timm import SAM, checks, is_sam_name, parse_sam_name
+from sam_on_timm import SAM, is_sam_name, names, parse_sam_name
 from sam_on_timm.checkpoint import RngCheckpointSaver, load_optimizer_state, state_dict_mismatch
 from sam_on_timm.registry import split_opt_name
 
@@ -229,7 +229,7 @@ def test_optimizer_names_are_parsed_by_one_rule():
     with pytest.raises(ValueError, match="unknown SAM optimizer 'samfoo'"):
         parse_sam_name('samfoo')
     with pytest.raises(ValueError, match="unknown base_opt 'samfoo'"):   # not a timm name either
-        checks.check_base_opt('samfoo')
+        names.check_base_opt('samfoo')
 
 
 # ---------------------------------------------------------------------------------------------
