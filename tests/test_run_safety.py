@@ -365,7 +365,10 @@ def test_a_rank_killed_under_torchrun_is_named_by_the_survivor_in_one_line(tmp_p
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     log = r.stdout + r.stderr
     assert r.returncode != 0
-    pid = re.search(r'local_rank: 1 \(pid: (\d+)\)', log)
+    # torchrun names rank 1's pid either as the first failure or, when rank 0's exit reached it first, in
+    # its summary of failures ('rank : 1 (local_rank: 1)' then 'exitcode : -9 (pid: N)')
+    pid = (re.search(r'local_rank: 1 \(pid: (\d+)\)', log)
+           or re.search(r'rank\s*: 1 \(local_rank: 1\)\s*\n\s*exitcode\s*: -?\d+ \(pid: (\d+)\)', log))
     assert pid, log[-3000:]
     lines = [x for x in log.splitlines() if x.startswith('train.py: error:')]
     assert lines == [f'train.py: error: rank 1 (pid {pid.group(1)}) ended (killed or crashed: see its own output '

@@ -79,7 +79,8 @@ def test_bce_options_reach_the_training_loss(image_folder, tmp_path, monkeypatch
     computes equals the formula with those options on the logits and targets it was given (soft mixed
     targets with mixup, smoothed integer labels without)."""
     seen = []
-    real = train.create_losses
+    import sam_on_timm.run_data as run_data   # where create_data looks create_losses up
+    real = run_data.create_losses
 
     class Spy(torch.nn.Module):
         def __init__(self, fn):
@@ -91,7 +92,7 @@ def test_bce_options_reach_the_training_loss(image_folder, tmp_path, monkeypatch
             seen.append((x.detach().clone(), target.detach().clone(), float(out)))
             return out
 
-    monkeypatch.setattr(train, 'create_losses', lambda *a, **k: (lambda t, v: (Spy(t), v))(*real(*a, **k)))
+    monkeypatch.setattr(run_data, 'create_losses', lambda *a, **k: (lambda t, v: (Spy(t), v))(*real(*a, **k)))
     extra = ['--mixup', '0.8', '--smoothing', '0.1'] if mixup else ['--smoothing', '0.2']
     code = train.main(['--data-dir', image_folder, '--output', str(tmp_path), '--experiment', 'b', *BASE,
                        '--lr', '0.05', '--opt', 'sgd', '--bce-loss', '--bce-target-thresh', '0.3', '--bce-sum',
