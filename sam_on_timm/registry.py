@@ -43,6 +43,11 @@ def _inject_mask(name: str, kwargs: Dict) -> None:
                          f"({', '.join(SPARSE_OPTIMIZERS)})")
 
 
+# what each mode perturbs, in the registry's descriptions
+PERTURBS = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters (SAM-ON)',
+            'nonorm': 'all but normalization-layer parameters'}
+
+
 def register_sam_optimizers() -> List[str]:
     """Register the SAM names in timm's default registry (idempotent)."""
     from timm.optim import OptimInfo, list_optimizers
@@ -51,12 +56,10 @@ def register_sam_optimizers() -> List[str]:
     for name, (mode, variant) in SAM_OPTIMIZERS.items():
         if name in registered:
             continue
-        what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters (SAM-ON)',
-                'nonorm': 'all but normalization-layer parameters'}[mode]
         default_registry.register(OptimInfo(
             name=name,
             opt_class=SAM,
-            description=f'{VARIANTS[variant].description}; perturbs {what}; default eta '
+            description=f'{VARIANTS[variant].description}; perturbs {PERTURBS[mode]}; default eta '
                         f'{VARIANTS[variant].default_eta}',
             **SIGNATURE_FLAGS,
             defaults={'variant': variant, 'mode': mode},
@@ -73,11 +76,9 @@ def register_sam_optimizers() -> List[str]:
     for name, (family, mode) in FAMILY_OPTIMIZERS.items():
         if name in registered:
             continue
-        what = {'all': 'all parameters', 'on': 'only normalization-layer affine parameters',
-                'nonorm': 'all but normalization-layer parameters'}[mode]
         default_registry.register(OptimInfo(
             name=name, opt_class=SAM, **SIGNATURE_FLAGS,
-            description=f'{FAMILIES[family]}; perturbs {what}',
+            description=f'{FAMILIES[family]}; perturbs {PERTURBS[mode]}',
             defaults={'variant': 'sam', 'mode': mode, 'family': family},
         ))
     if not getattr(default_registry.create_optimizer, '_sam_on_timm', False):

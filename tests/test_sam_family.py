@@ -147,18 +147,30 @@ def test_msam_first_update_is_a_plain_step_and_needs_no_ascent_pass():
     assert len(calls) == 2 and opt.last_eps_norm.item() == pytest.approx(RHO)
 
 
-def test_msam_closure_step_matches_the_reference():
-    model = _model()
-    opt = create_optimizer_v2(model, 'msam-on', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
-    for step in range(3):
+def _closure_steps(model, opt, n, lrs=None):
+    """``n`` updates through ``opt.step(closure)`` on ``_data(step)``; ``lrs`` set per update. Returns the
+    update index of every closure call (how many passes each update took)."""
+    calls = []
+    for step in range(n):
+        if lrs is not None:
+            for group in opt.param_groups:
+                group['lr'] = lrs[step]
         x, y = _data(step)
 
         def closure():
+            calls.append(step)
             opt.zero_grad()
             loss = nn.functional.cross_entropy(model(x), y)
             loss.backward()
             return loss
         opt.step(closure)
+    return calls
+
+
+def test_msam_closure_step_matches_the_reference():
+    model = _model()
+    opt = create_optimizer_v2(model, 'msam-on', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO)
+    _closure_steps(model, opt, 3)
     _close(model, _msam_reference('on'))
 
 
@@ -235,17 +247,7 @@ def test_gsam_closure_step_matches_the_reference():
     model = _model()
     opt = create_optimizer_v2(model, 'gsam', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO, gsam_alpha=ALPHA,
                               rho_min=RHO_MIN, lr_min=LR_MIN)
-    for step in range(3):
-        for group in opt.param_groups:
-            group['lr'] = LRS[step]
-        x, y = _data(step)
-
-        def closure():
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    _closure_steps(model, opt, 3, lrs=LRS)
     _close(model, _gsam_reference('all'))
 
 
@@ -315,17 +317,7 @@ def test_looksam_closure_step_matches_the_reference():
     model = _model()
     opt = create_optimizer_v2(model, 'looksam-nonorm', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO, interval=2,
                               looksam_alpha=LOOK_ALPHA)
-    calls = []
-    for step in range(4):
-        x, y = _data(step)
-
-        def closure():
-            calls.append(step)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
+    calls = _closure_steps(model, opt, 4)
     _close(model, _looksam_reference('nonorm'))
     assert calls == [0, 0, 1, 2, 2, 3]   # two passes on the SAM updates, one on the reuse updates
 
