@@ -687,6 +687,9 @@ def train_loop(args, model, model_ema, optimizer, loss_scaler, amp_autocast, cli
         ranked = sorted(results, key=lambda r: r['metric'], reverse=decreasing)
         print(f'--result\n{json.dumps(ranked[-10:], indent=4, allow_nan=False)}')
     if args.distributed and not interrupted:
+        # every rank done with its collectives before any tears gloo down: a rank that destroys its group while a
+        # peer's last messages are in flight can abort the peer ('terminate called without an active exception')
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     if diverged:
         print(f'train.py: error: {diverged}', file=sys.stderr)
