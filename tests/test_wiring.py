@@ -89,7 +89,7 @@ def test_bce_options_reach_the_training_loss(image_folder, tmp_path, monkeypatch
 
         def forward(self, x, target):
             out = self.fn(x, target)
-            seen.append((x.detach().clone(), target.detach().clone(), float(out)))
+            seen.append((x.detach().clone(), target.detach().clone(), float(out.detach())))
             return out
 
     monkeypatch.setattr(run_data, 'create_losses', lambda *a, **k: (lambda t, v: (Spy(t), v))(*real(*a, **k)))
