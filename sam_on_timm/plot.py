@@ -19,6 +19,7 @@ from torch import nn
 
 from .norms import is_norm_module
 from .options import ArgumentParser
+from .outputs import check_output_file
 
 __all__ = ['read_summary', 'load_checkpoint_model', 'norm_affine', 'layer_type_values', 'shared_histograms',
            'gamma_summary', 'plot_curves', 'plot_norms', 'plot_sharpness', 'main']
@@ -369,7 +370,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   'sharpness': getattr(args, 'results', None)}[args.what]
         args.output = default_output(inputs, f'{args.what}.png')
     try:
-        from .outputs import check_output_file
         try:   # before any work (reading checkpoints, drawing), not when saving the figure
             check_output_file(args.output if os.path.splitext(args.output)[1] else args.output + '.png')
             if args.what == 'norms':

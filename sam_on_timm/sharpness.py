@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .norms import norm_parameters
 from .options import ArgumentParser
+from .outputs import check_output_file
 from .perturbations import compute_eps
 from .sam import MODES
 
@@ -378,7 +379,6 @@ def _check_args(args) -> None:
         raise UsageError(f"--metrics {args.metrics}: valid: {', '.join(METRICS)} (comma-separated)")
     args.metrics = metrics
     if int(os.environ.get('RANK', '0')) == 0:   # the one writer: before any work, not after it
-        from .outputs import check_output_file
         try:
             check_output_file(args.output or _default_output(args))
         except ValueError as e:

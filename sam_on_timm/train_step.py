@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .batches import Batch, batch_rows, frozen_bn_stats, take_rows
 from .batched import CHUNK_PATHS, apply_running_stats, chunk_rows, ghost_norms, interleave, unbatchable_reason
 from .checks import check_arg, check_sam_m
+from .family import esam_selection
 from .perturbations import VARIANTS
 from .sam import SAM, torch_grad_scaler, unscale_grads
 
@@ -410,7 +411,6 @@ def _esam_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, a
     (the other tensors' gradients not computed), per-sample losses L_i(w); eps on S; a forward at w + eps
     without gradients (running statistics untouched) for L_i(w + eps); the descent at w + eps on the gamma
     of the chunk with the largest L_i(w + eps) - L_i(w), its mean loss weighted as the chunk's."""
-    from .family import esam_selection
     k = len(chunks)
     sel = sam.draw_swp()
     subset = [p for p, s in zip(sam.perturbed, sel) if s and p.requires_grad]
