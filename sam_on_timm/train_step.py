@@ -158,8 +158,8 @@ def choose_chunk_path(model: nn.Module, optimizer: torch.optim.Optimizer, chunk_
         reason = 'one chunk per pass'
     elif len(chunk_sizes) % per_pass or len(set(chunk_sizes)) > 1:
         reason = 'the chunks differ in size'
-    elif sam is not None and _sam_reason(sam) is not None:
-        reason = _sam_reason(sam)
+    elif sam is not None and (why := _sam_reason(sam)) is not None:
+        reason = why
     else:
         reason = _model_reason(model, sam.perturbed if sam is not None else ())
     if reason is None:
