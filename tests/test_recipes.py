@@ -61,6 +61,16 @@ VIT_COMMON = dict(model='vit_small_patch16_224.augreg_in21k', lr=0.017, epochs=9
                   sam_m=None, smoothing=0.1, scale=[0.08, 1.0], color_jitter=0.4, hflip=0.5,
                   train_interpolation='random', aa=None, reprob=0.0, mixup=0.0, cutmix=0.0, no_aug=False,
                   pretrained=True, num_classes=1000)
+# the Table 2 rows run from their own papers' method hyper-parameters, under Table 9's shared protocol:
+# recipe -> (opt, rho, the method's own flags, paper top-1 in Table 2, words the header must cite)
+R50_FAMILY = {
+    'gsam': ('gsam', 0.04, dict(rho_min=0.02, gsam_alpha=0.01), '77.20',
+             ('Surrogate Gap Minimization Improves Sharpness-Aware Training', 'Table 4', 'rho_max 0.04',
+              'rho_min 0.02', 'alpha 0.01')),
+    'esam': ('esam', 0.05, dict(esam_beta=0.6, esam_gamma=0.5), '77.05',
+             ('Efficient Sharpness-aware Minimization for Improved Training of Neural Networks', 'rho 0.05',
+              'beta 0.6', 'gamma 0.5')),
+}
 DEMO = {'sgd': ('sgd', None), 'sam': ('sam', 0.05), 'sam-on': ('sam-on-layerl2', 0.05)}
 DEMO_COMMON = dict(demo_data='mnist5k', img_size=32, device='cpu', batch_size=64, smoothing=0.0, sam_m=None,
                    num_classes=10, output='./output/demo', experiment='')
@@ -70,6 +80,9 @@ for _name, (_opt, _rho) in R50_RHO.items():
     EXPECTED[f'resnet50/{_name}.yaml'] = dict(R50_COMMON, opt=_opt, rho=_rho, sam_base='sgd', gpus=8,
                                               global_batch=512, top1=R50_TOP1[_name],
                                               discarded=R50_DISCARDED.get(_name, []))
+for _name, (_opt, _rho, _own, _top1, _cites) in R50_FAMILY.items():
+    EXPECTED[f'resnet50/{_name}.yaml'] = dict(R50_COMMON, opt=_opt, rho=_rho, sam_base='sgd', gpus=8,
+                                              global_batch=512, top1=_top1, discarded=[], cites=_cites, **_own)
 for _name, (_opt, _rho) in VIT_RHO.items():
     EXPECTED[f'vit-s-ft/{_name}.yaml'] = dict(VIT_COMMON, opt=_opt, rho=_rho, sam_base='sgd', gpus=7,
                                               global_batch=896, top1=VIT_TOP1[_name],
@@ -117,7 +130,7 @@ def test_recipe_values(recipe, tmp_path):
     train.validate_args(args)
     want = EXPECTED[recipe]
     for key, value in want.items():
-        if key in ('rho', 'gpus', 'global_batch', 'top1', 'discarded'):
+        if key in ('rho', 'gpus', 'global_batch', 'top1', 'discarded', 'cites'):
             continue
         got = getattr(args, key)
         if isinstance(value, float):
@@ -144,7 +157,9 @@ def test_recipe_values(recipe, tmp_path):
         assert gpus * args.batch_size == want['global_batch']   # Table 9 batch size, m = per-GPU batch
         assert f'--nproc_per_node={gpus} ' in head
         assert '--grad-accum-steps' in head and '--sam-m' in head
-        if is_sam:
+        for words in want.get('cites', ()):   # the family's own paper and the values taken from it
+            assert words in ' '.join(head.replace('#', ' ').split()), words
+        if is_sam and 'cites' not in want:
             assert f'rho {raw["rho"]} (reported)' in head
             m = re.search(r'discarded: ([0-9.e, -]+)\.', head)
             got = [float(v) for v in m.group(1).split(',')] if m else []
@@ -258,7 +273,14 @@ def test_resnet50_recipe_runs(recipe, tiny_data, tmp_path, one_thread, monkeypat
         for c in SAM_COLUMNS:
             assert c in row, c
         assert float(row['train_eps_norm']) > 0.0          # a perturbation was applied
-        if sam.variant == 'sam':                            # plain SAM: ||eps|| = rho
+        if sam.variant == 'sam' and sam.family == 'esam':   # SWP: ||eps|| = rho / beta on the drawn tensors
+            assert sam.esam_beta == want['esam_beta'] and sam.esam_gamma == want['esam_gamma']
+            assert float(row['train_eps_norm']) == pytest.approx(want['rho'] / want['esam_beta'], rel=1e-6)
+        elif sam.variant == 'sam' and sam.family == 'gsam':   # lr at lr_max all through: rho_t = rho_max
+            assert sam.rho_min == want['rho_min'] and sam.gsam_alpha == want['gsam_alpha']
+            assert float(row['train_eps_norm']) == pytest.approx(want['rho'], rel=1e-5)   # not rho_min's 0.02
+        elif sam.variant == 'sam':                          # plain SAM: ||eps|| = rho
+            assert sam.family == 'sam'
             assert float(row['train_eps_norm']) == pytest.approx(want['rho'], rel=1e-6)
         assert int(float(row['train_skipped_perturbations'])) == 0
         assert float(row['train_ascent_loss']) > 0.0
