@@ -963,3 +963,38 @@ def test_eps_with_gradients_sharing_storage(variant, fused):
     for e, ref in zip(eps, want):
         torch.testing.assert_close(e.detach().clone(), ref, rtol=1e-12, atol=1e-15)
     assert torch.equal(buf, kept)
+
+
+@pytest.mark.parametrize('variant', ['sam', 'eleml2', 'eleml2orig', 'elemlinf', 'layerl2', 'fisher'])
+def test_one_perturbed_tensor_and_the_callers_gradients_left_alone(variant):
+    """P of a single tensor (a model whose P is one bias, say) against float64 Eq. 4, with the default
+    ``grads_writable`` False: the caller's gradient is not overwritten. The skipped flag is a float
+    like ||eps|| (a bool would add chunks' skips as a logical or)."""
+    from sam_on_timm.perturbations import VARIANTS, compute_eps
+    torch.manual_seed(3)
+    w, g = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    g_before, eta, rho = g.clone(), 0.01, 0.1
+    eps, norm, skipped = compute_eps(variant, [w], [g], rho, eta, is_bias=[True])
+    assert torch.equal(g, g_before)
+    one = torch.ones(5, dtype=torch.float64)
+    t = {'sam': one, 'eleml2': w.abs() + eta, 'eleml2orig': (1.0 + eta) * one,   # a bias: 1 + eta
+         'elemlinf': w.abs() + eta, 'layerl2': (w.norm() + eta).expand(5), 'fisher': (1 + eta * g * g).rsqrt()}
+    t = t[variant]
+    want = rho * t * g.sign() if VARIANTS[variant].p != 2 else rho * t * t * g / (t * g).norm()
+    torch.testing.assert_close(eps[0], want, rtol=1e-12, atol=0)
+    assert skipped.dtype == norm.dtype and float(skipped) == 0.0
+    _, _, skipped = compute_eps(variant, [w], [torch.zeros(5, dtype=torch.float64)], rho, eta, is_bias=[True])
+    assert skipped.dtype == torch.float64 and float(skipped) == 1.0
+
+
+def test_an_eta_on_plain_sam_is_refused_in_one_line_naming_it():
+    """eta only enters T: an eta given to plain SAM (T = 1) would silently be plain SAM. The message
+    names the argument and the variants that have an eta."""
+    from sam_on_timm.perturbations import check_eta_used
+    model = nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=r"^eta 0\.01 has no effect with variant 'sam' .*eleml2.*layerl2"):
+        SAM(model.parameters(), 'sgd', rho=0.05, eta=0.01, variant='sam', lr=0.1)
+    assert SAM(model.parameters(), 'sgd', rho=0.05, eta=0.01, variant='layerl2', lr=0.1).eta == 0.01
+    check_eta_used('sam', None)   # unset: the variant's default
+    with pytest.raises(ValueError, match=r'^--sam-eta 0\.0 has no effect with --opt sam-on '):
+        check_eta_used('sam', 0.0, '--sam-eta', '--opt sam-on')
