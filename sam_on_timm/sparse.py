@@ -101,8 +101,9 @@ class SparseMask:
 class PerturbationMask:
     """The 0/1 mask over the perturbed tensors of a ``SAM`` optimizer (one tensor each, their dtype)."""
 
-    def __init__(self, kind: str, params: Sequence[Tensor], sparsity: float, seed: int = 0,
-                 update_epochs: int = 5, fisher_samples: int = 1024, drop_rate: float = 0.5) -> None:
+    def __init__(self, kind: str, params: Sequence[Tensor], sparsity: float, seed: int,
+                 update_epochs: int, fisher_samples: int, drop_rate: float) -> None:
+        """Every setting is given (their defaults live in ``SparseMask``, the one place that has them)."""
         if kind not in SPARSE_KINDS:
             raise ValueError(f"unknown sparse mask '{kind}'; valid: {', '.join(SPARSE_KINDS)}")
         check_number(sparsity, 'sparsity', 0, 1, False, True)   # the fraction of elements not perturbed

@@ -297,3 +297,84 @@ def test_ssam_f_fisher_takes_the_batches_the_updates_take(image_folder, tmp_path
     x = seen[0]
     zeros = (x == 0).all(dim=1).flatten(1).sum(1)   # erased pixels (const mode: 0 in every channel) per image
     assert (zeros[:4] == 0).all() and (zeros[4:] > 0).all(), zeros
+
+
+# --- the mask's own rules -----------------------------------------------------------------------------
+def test_mask_settings_out_of_range_are_refused_and_the_edges_taken():
+    """One line naming the setting, for a sparse name's own arguments; the edge values themselves pass."""
+    model = mlp()
+    for kwargs, words in ((dict(fisher_samples=0), 'fisher_samples must be a positive integer, got 0'),
+                          (dict(fisher_samples=2.0), 'fisher_samples must be a positive integer, got 2.0'),
+                          (dict(drop_rate=-0.1), r'^drop_rate must be a finite number in \[0, 1\], got -0.1')):
+        with pytest.raises(ValueError, match=words):
+            create_optimizer_v2(model, opt='ssam-f', lr=0.1, **kwargs)
+    for kwargs in (dict(fisher_samples=1), dict(drop_rate=0.0), dict(drop_rate=1.0), dict(sparsity=0.0)):
+        assert create_optimizer_v2(model, opt='ssam-f', lr=0.1, **kwargs).mask is not None
+
+
+def test_live_count_keeps_at_least_one_element_and_no_more():
+    """N - round(N s), but never an empty mask; a sparsity that leaves one element leaves one."""
+    assert [live_count(10, s) for s in (0.0, 0.5, 0.94, 0.96, 0.99)] == [10, 5, 1, 1, 1]
+    opt = create_optimizer_v2(nn.Linear(3, 3), opt='sam-rand', lr=0.1, sparsity=0.95)   # 12 elements
+    assert sum(int(m.sum()) for m in opt.mask.masks) == 1 and opt.mask.density() == pytest.approx(1 / 12)
+
+
+def test_sam_rand_mask_never_changes_at_the_epoch_starts():
+    """sam-rand's mask is drawn once: no epoch start asks for a drop-and-regrow, and the perturbations of
+    the following updates leave it as it was."""
+    model = mlp()
+    opt = create_optimizer_v2(model, opt='sam-rand', lr=0.1, sparsity=0.5, mask_update_epochs=1, rho=0.1)
+    before = [m.clone() for m in opt.mask.masks]
+    assert opt.mask.density() == pytest.approx(0.5, abs=1 / opt.mask.numel)
+    for epoch in range(3):
+        assert opt.mask.epoch_start(epoch, 3) is False and opt.mask.pending_drop is None
+        grads_of(model, seed=epoch)
+        opt.first_step()
+        opt.restore()
+    assert all(torch.equal(a, b) for a, b in zip(before, opt.mask.masks))
+
+
+@pytest.mark.parametrize('name', ['sam-rand', 'ssam-d', 'ssam-f'])
+def test_tensors_added_later_join_the_mask_seeded_and_counted(name):
+    """A group added later: one-element tensors included, each joins the mask (sam-rand / ssam-d: drawn from the
+    mask's own generator, so the same whatever the global RNG; ssam-f: none of them perturbed until its next
+    Fisher mask, which then ranks all elements together). An empty group changes nothing."""
+    masks = []
+    for global_seed in (1, 2):
+        model = mlp()
+        extra = [nn.Parameter(torch.randn(1)), nn.Parameter(torch.randn(7))]
+        opt = create_optimizer_v2(model, opt=name, lr=0.1, sparsity=0.5, mask_seed=4)
+        live, numel = opt.mask.live, opt.mask.numel
+        torch.manual_seed(global_seed)
+        opt.add_param_group({'params': extra})
+        opt.adopt_new_groups()
+        assert len(opt.mask.masks) == len(opt.perturbed) == len(list(model.parameters())) + 2
+        assert opt.mask.numel == numel + 8
+        new = opt.mask.masks[-2:]
+        if name == 'ssam-f':
+            assert opt.mask.live == live_count(numel + 8, 0.5) and not any(m.any() for m in new)
+        else:
+            assert opt.mask.live == live + live_count(1, 0.5) + live_count(7, 0.5)
+            assert [int(m.sum()) for m in new] == [1, live_count(7, 0.5)]
+        before = opt.mask.live
+        opt.add_param_group({'params': []})
+        opt.adopt_new_groups()
+        assert opt.mask.live == before and opt.mask.numel == numel + 8
+        masks.append([m.clone() for m in opt.mask.masks])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+def test_fisher_of_a_tensor_the_loss_does_not_reach_is_zero():
+    """ssam-f over P with a tensor outside the graph (an unused head, say): its Fisher is 0, no error."""
+    model = mlp(torch.float64)
+    unused = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    params = list(model.parameters()) + [unused]
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    fisher, n = fisher_diagonal(model, params, [(x, y)], nn.functional.cross_entropy, 3)
+    assert n == 3 and torch.equal(fisher[-1], torch.zeros(3, dtype=torch.float64))
+    want = [torch.zeros_like(p) for p in params[:-1]]
+    for i in range(3):   # sum over the first three samples, each alone
+        g = torch.autograd.grad(nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params[:-1])
+        want = [w + gi * gi for w, gi in zip(want, g)]
+    for f, w in zip(fisher, want):
+        torch.testing.assert_close(f, w, rtol=1e-12, atol=0)
