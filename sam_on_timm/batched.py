@@ -27,7 +27,7 @@ running statistics, so deferring the updates changes nothing else.
 
 The forwards of the norm modules are swapped for the duration of a pass (``ghost_norms``, a
 context manager that puts the class forward back even when the pass raises). Only modules of the
-exact types in ``_FORWARDS`` are handled; a model with any other normalization layer (SyncBatchNorm,
+exact types in ``_forward_table()`` are handled; a model with any other normalization layer (SyncBatchNorm,
 EvoNorm, FilterResponseNorm, timm's fast-norm or fp32 variants, subclasses that override forward)
 is not batchable and keeps the sequential path (``unbatchable_reason``).
 """
@@ -186,12 +186,20 @@ def _forwards() -> Dict[type, object]:
     return table
 
 
-_FORWARDS = _forwards()
+_TABLE: Optional[Dict[type, object]] = None
+
+
+def _forward_table() -> Dict[type, object]:
+    """``_forwards()``, built on first use (not at import, so that what it holds is what the running code says)."""
+    global _TABLE
+    if _TABLE is None:
+        _TABLE = _forwards()
+    return _TABLE
 
 
 def _batchable(mod: nn.Module) -> bool:
     # timm's fast-norm kernels (APEX, other autocast casts) are left to the module's own forward
-    return type(mod) in _FORWARDS and not getattr(mod, '_fast_norm', False) and 'forward' not in mod.__dict__
+    return type(mod) in _forward_table() and not getattr(mod, '_fast_norm', False) and 'forward' not in mod.__dict__
 
 
 def unbatchable_reason(model: nn.Module, perturbed: Sequence[Tensor] = ()) -> Optional[str]:
@@ -250,7 +258,7 @@ def ghost_norms(model: nn.Module, k: int, n: int, addends: Dict[Tensor, Tensor],
     swapped = []
     try:
         for mod in model.modules():
-            fwd = _FORWARDS.get(type(mod))
+            fwd = _forward_table().get(type(mod))
             if fwd is not None and is_norm_module(mod):
                 mod._sam_ghost = state
                 mod.forward = types.MethodType(fwd, mod)
