@@ -139,11 +139,11 @@ def _loss_and_grad(loss_fn: Callable[[], Tensor], params: Sequence[Tensor], need
 def apgd_checkpoints(n_iters: int) -> List[int]:
     """Auto-PGD's checkpoints w_j = ceil(p_j N): p_0 = 0, p_1 = 0.22,
     p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)."""
-    p, w = [0.0, 0.22], [0, math.ceil(0.22 * n_iters)]
+    p, w = [0.0, 0.22], [math.ceil(0.22 * n_iters)]   # w_0 = 0 is the start, not a checkpoint
     while w[-1] < n_iters:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
         w.append(math.ceil(round(p[-1] * n_iters, 9)))   # 0.57 * 100 is 57.000000001 in floating point
-    return sorted(set(x for x in w[1:] if 0 < x <= n_iters))
+    return sorted(set(x for x in w if 0 < x <= n_iters))
 
 
 def apgd_max(loss_fn: Callable[[], Tensor], pert: _Perturbation, n_iters: int,

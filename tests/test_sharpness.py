@@ -715,3 +715,52 @@ def test_small_n_iters_checkpoints_ball_radius_and_unused_parameters():
     res = batch_sharpness(model, [model.w, unused], loss_fn, Ball(0.1, 2.0, False), metrics=['worst', 'one-step'],
                           n_iters=3)
     assert res['worst'] > 0 and all(float(u) == 2.0 for u in seen)
+
+
+# the tool's documented defaults (README / --help), written out independently of build_parser
+SHARPNESS_DEFAULTS = dict(checkpoint='', pretrained=False, model='', num_classes=None, ema=False, data_dir='',
+                          dataset=None, split='train', n_examples=2048, m=128, img_size=None, crop_pct=None,
+                          interpolation=None, workers=2, metrics='worst,one-step,average', params='all', rho=0.005,
+                          p='inf', adaptive=True, normalize_logits=True, n_iters=20, n_samples=10,
+                          bn_batch_stats=False, device='cpu', seed=0, output='', quiet=False)
+
+
+def test_sharpness_flags_defaults_and_types():
+    from sam_on_timm.sharpness import build_parser
+    ap = build_parser()
+    assert vars(ap.parse_args([])) == SHARPNESS_DEFAULTS
+    assert ap.format_usage().startswith('usage: python -m sam_on_timm.sharpness ')
+    argv = ['--checkpoint', 'c.pth', '--pretrained', '--model', 'resnet18', '--num-classes', '7', '--ema',
+            '--data-dir', 'd', '--dataset', 'torch/cifar10', '--split', 'val', '--n-examples', '64',
+            '--batch-size', '32', '--img-size', '96', '--crop-pct', '0.9', '--interpolation', 'bicubic',
+            '--workers', '0', '--metrics', 'worst', '--params', 'on', '--rho', '0.1', '--lp', '2', '--no-adaptive',
+            '--no-normalize-logits', '--n-iters', '5', '--n-samples', '3', '--bn-batch-stats', '--device', 'cuda',
+            '--seed', '4', '--output', 'o.json', '--quiet']
+    got = vars(ap.parse_args(argv))
+    want = dict(checkpoint='c.pth', pretrained=True, model='resnet18', num_classes=7, ema=True, data_dir='d',
+                dataset='torch/cifar10', split='val', n_examples=64, m=32, img_size=96, crop_pct=0.9,
+                interpolation='bicubic', workers=0, metrics='worst', params='on', rho=0.1, p='2', adaptive=False,
+                normalize_logits=False, n_iters=5, n_samples=3, bn_batch_stats=True, device='cuda', seed=4,
+                output='o.json', quiet=True)
+    assert got == want and all(type(got[k]) is type(v) for k, v in want.items())
+    assert ap.parse_args(['--m', '16', '--p', '2']).m == 16 and ap.parse_args(['--p', '2']).p == '2'
+
+
+def test_default_output_names_are_the_documented_pattern(tmp_path, monkeypatch):
+    """sharpness-<params>-l<p>[-adaptive]-rho<rho>-n<examples>-m<m>-it<steps>-seed<seed>[...].json, next to the
+    checkpoint (in the working folder without one): the names a user looks for, written out here."""
+    from sam_on_timm.sharpness import _default_output, build_parser
+    run = tmp_path / 'run'
+    monkeypatch.chdir(tmp_path)
+
+    def name(*extra, ckpt=True):
+        return _default_output(build_parser().parse_args((['--checkpoint', str(run / 'last.pth.tar')] if ckpt
+                                                          else ['--pretrained']) + list(extra)))
+    assert name() == str(run / 'sharpness-all-linf-adaptive-rho0.005-n2048-m128-it20-seed0-s10.json')
+    assert name('--metrics', 'worst,one-step') == str(
+        run / 'sharpness-all-linf-adaptive-rho0.005-n2048-m128-it20-seed0-worst+one-step.json')
+    assert name('--params', 'on', '--lp', '2', '--no-adaptive', '--rho', '0.05', '--n-examples', '64', '--m', '32',
+                '--n-iters', '5', '--seed', '3', '--n-samples', '2', '--split', os.path.join('val', 'a'), '--ema',
+                '--bn-batch-stats', '--no-normalize-logits') == str(
+        run / 'sharpness-on-l2-rho0.05-n64-m32-it5-seed3-s2-val_a-ema-bnbatch-rawlogits.json')
+    assert name(ckpt=False) == str(tmp_path / 'sharpness-all-linf-adaptive-rho0.005-n2048-m128-it20-seed0-s10.json')
