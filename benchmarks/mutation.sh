@@ -17,8 +17,8 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 case $module in
   perturbations) tests=(tests/test_sam_optimizer.py tests/test_sparse.py) ;;
   flat)          tests=(tests/test_sam_optimizer.py) ;;
-  sam)           tests=(tests/test_sam_optimizer.py tests/test_timm_optim_contract.py) ;;
-  train_step)    tests=(tests/test_train_step.py) ;;
+  sam)           tests=(tests/test_sam_optimizer.py tests/test_timm_optim_contract.py tests/test_sam_family.py) ;;
+  train_step)    tests=(tests/test_train_step.py tests/test_step_safety.py tests/test_sam_family.py) ;;
   batched)       tests=(tests/test_batched_chunks.py) ;;
   sparse)        tests=(tests/test_sparse.py) ;;
   checkpoint)    tests=(tests/test_checkpoint.py tests/test_robustness.py) ;;

@@ -49,6 +49,47 @@ class MixedNet(nn.Module):
         return self.head(self.features(x))
 
 
+class EdgeNormNet(nn.Module):
+    """The norm settings a model may carry besides the defaults: non-default eps everywhere (an eps the batched
+    forward dropped would fall back to 1e-5), a BatchNorm without affine, one without running statistics,
+    and a LayerNorm without bias (only its weight in P). Three BatchNorms are left in eval mode inside the
+    training model: with running statistics and affine, with running statistics and no affine, without
+    running statistics (batch statistics then, as torch computes them)."""
+
+    def __init__(self):
+        super().__init__()
+        conv = lambda: nn.Conv2d(8, 8, 3, padding=1)   # noqa: E731
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, eps=0.1), nn.ReLU(),
+            conv(), nn.BatchNorm2d(8, affine=False, eps=0.2), nn.ReLU(),
+            conv(), nn.BatchNorm2d(8, track_running_stats=False, eps=0.3), nn.ReLU(),
+            conv(), nn.GroupNorm(2, 8, eps=0.1), nn.ReLU(),
+            conv(), nn.BatchNorm2d(8, eps=0.4),                                           # [13]: eval mode
+            conv(), nn.BatchNorm2d(8, affine=False, eps=0.5),                             # [15]: eval mode
+            conv(), nn.BatchNorm2d(8, track_running_stats=False, eps=0.6),                # [17]: eval mode
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.LayerNorm(8, bias=False, eps=0.05), nn.Linear(8, NUM_CLASSES))
+        with torch.no_grad():   # running statistics away from (0, 1), so that using them or not shows
+            self.features[13].running_mean.uniform_(-0.5, 0.5)
+            self.features[13].running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def test_batched_equals_sequential_with_edge_norm_settings():
+    torch.manual_seed(0)
+    model = EdgeNormNet().double().train()
+    for i in (13, 15, 17):
+        model.features[i].eval()
+    seq, bat = compare(model, 'sam-on', batches(), RTOL_MIXED)
+    assert float(bat[2][-1][3]) == 0   # every update perturbed
+    ln = bat[0].head[0]
+    assert ln.bias is None and not torch.equal(ln.weight, model.head[0].weight)   # the weight alone is in P, moved
+    frozen = bat[0].features[13]
+    assert torch.equal(frozen.running_mean, model.features[13].running_mean)      # eval mode: statistics kept
+
+
 def make_model(name):
     torch.manual_seed(0)
     if name == 'resnet':      # BatchNorm ResNet
