@@ -456,6 +456,37 @@ def test_resume_mid_run_equals_the_uninterrupted_run(name):
         assert torch.equal(a, b)
 
 
+def test_looksam_direction_is_loaded_in_the_dtype_of_the_parameters():
+    """g_v saved from a float64 run and loaded into the same model in float32 comes back as float32 (as
+    torch casts the momentum buffers), with the saved values; the next reuse step then runs."""
+    _, opt = _run('looksam-on', 'on', steps=1, interval=2, looksam_alpha=LOOK_ALPHA)
+    state = copy.deepcopy(opt.state_dict())
+    assert all(v.dtype == torch.float64 for v in state['sam_looksam_gv'])
+    model = _model().float()
+    loaded = create_optimizer_v2(model, 'looksam-on', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO,
+                                 interval=2, looksam_alpha=LOOK_ALPHA)
+    loaded.load_state_dict(state)
+    assert [v.dtype for v in loaded.looksam_gv] == [torch.float32] * len(loaded.perturbed)
+    for v, s in zip(loaded.looksam_gv, state['sam_looksam_gv']):
+        torch.testing.assert_close(v, s.float())
+    x, y = _data(1)
+    train_step(model, loaded, [(x.float(), y)], nn.functional.cross_entropy)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_an_esam_state_loads_into_another_sam_name():
+    """Changing the optimizer name on resume (an ESAM run continued with SAM-ON) keeps the base optimizer's
+    state; ESAM's generator state in the file is not needed there."""
+    _, opt = _run('esam-on', 'on', steps=2, esam_beta=0.5, esam_gamma=0.5)
+    state = copy.deepcopy(opt.state_dict())
+    assert state.get('sam_esam_rng') is not None
+    _, other = _run('sam-on', 'on', steps=0)
+    other.load_state_dict(state)
+    assert other.updates == 2
+    for k, v in state['state'].items():
+        assert torch.equal(other.state_dict()['state'][k]['momentum_buffer'], v['momentum_buffer'])
+
+
 # -- arguments ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name, kwargs, words', [
     ('sam', {'interval': 0}, 'interval'),

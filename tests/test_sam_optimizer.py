@@ -926,6 +926,76 @@ def test_zero_grad_set_to_none_false_zeros_in_place():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_second_step_keeps_the_descent_gradient_unless_asked():
+    """After ``second_step()`` each .grad still holds the gradient at w + eps that the step used (a user's loop
+    may log or clip it); ``second_step(zero_grad=True)`` clears them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    for clear in (False, True):
+        opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.05)
+        model(x).square().sum().backward()
+        opt.first_step(zero_grad=True)
+        model(x).square().sum().backward()
+        at_eps = [p.grad.clone() for p in model.parameters()]
+        opt.second_step(zero_grad=True) if clear else opt.second_step()
+        if clear:
+            assert all(p.grad is None for p in model.parameters())
+        else:
+            assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), at_eps))
+
+
+def _stepped_sam_on(interval=1, steps=2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.05, interval=interval)
+    for _ in range(steps):
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.first_step(zero_grad=True)
+        model(torch.randn(5, 3)).square().sum().backward()
+        opt.second_step(zero_grad=True)
+    return model, opt
+
+
+def test_load_state_dict_while_perturbed_is_refused_and_names_the_call():
+    model, opt = _stepped_sam_on()
+    state = copy.deepcopy(opt.state_dict())
+    model(torch.randn(5, 3)).square().sum().backward()
+    opt.first_step()
+    with pytest.raises(RuntimeError) as e:
+        opt.load_state_dict(state)
+    assert str(e.value).startswith("sam-on: load_state_dict() while the weights are perturbed"), e.value
+    opt.restore()
+
+
+def test_a_state_without_an_update_count_starts_the_phase_at_zero():
+    """A state saved before the count was kept (no 'sam_updates') loads as update 0: interval SAM's next
+    update is a SAM update."""
+    _, saved = _stepped_sam_on(interval=3, steps=1)
+    state = copy.deepcopy(saved.state_dict())
+    assert state.pop('sam_updates') == 1
+    _, opt = _stepped_sam_on(interval=3, steps=2)
+    assert opt.updates == 2 and not opt.is_sam_update()
+    opt.load_state_dict(state)
+    assert opt.updates == 0 and opt.is_sam_update()
+
+
+@pytest.mark.parametrize('bad', [-1, 2.5, True, '3', None])
+def test_a_state_whose_update_count_is_not_a_count_is_refused_and_changes_nothing(bad):
+    _, saved = _stepped_sam_on(interval=3, steps=1)
+    state = copy.deepcopy(saved.state_dict())
+    state['sam_updates'] = bad
+    model, opt = _stepped_sam_on(interval=3, steps=2)
+    kept = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError) as e:
+        opt.load_state_dict(state)
+    assert '\n' not in str(e.value) and 'update count is not a count' in str(e.value), e.value
+    assert opt.updates == 2
+    after = opt.state_dict()
+    for k, v in kept['state'].items():
+        assert torch.equal(after['state'][k]['momentum_buffer'], v['momentum_buffer'])
+
+
 # ---------------------------------------------------------------------------------------------
 # gradients that share storage
 # ---------------------------------------------------------------------------------------------
