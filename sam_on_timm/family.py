@@ -21,6 +21,7 @@
   SAM update on updates 0, K, 2K, ... of the optimizer's own counter, the base optimizer's plain step on
   the others. The counter is part of the optimizer state, so a resumed run keeps the same phase.
 """
+import inspect
 import math
 import numbers
 from typing import Dict, List, Optional, Sequence
@@ -86,6 +87,25 @@ def momentum_buffers(state: Dict, params: Sequence[Tensor]) -> List[Optional[Ten
         s = state.get(p, {})
         out.append(next((s[k] for k in MOMENTUM_KEYS if isinstance(s.get(k), Tensor)), None))
     return out
+
+
+def keeps_momentum_buffer(optimizer: torch.optim.Optimizer) -> Optional[bool]:
+    """Whether an optimizer of ``optimizer``'s class and settings keeps a first moment under one of
+    ``MOMENTUM_KEYS`` (Momentum-SAM's direction), known before any real step: one step of a scratch copy
+    on a two-element tensor (on the device of its parameters) tells. None where such a copy cannot be
+    built or stepped (a wrapper taking another optimizer, a step that needs a closure)."""
+    first = next((p for g in optimizer.param_groups for p in g['params']), None)
+    scratch = torch.zeros(2, requires_grad=True, device=None if first is None else first.device)
+    try:
+        takes = inspect.signature(type(optimizer)).parameters
+        open_kw = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in takes.values())
+        kw = {k: v for k, v in optimizer.defaults.items() if open_kw or k in takes}   # AdamW: no decoupled_...
+        probe = type(optimizer)([scratch], **kw)
+        scratch.grad = torch.ones_like(scratch)
+        probe.step()
+    except Exception:   # noqa: BLE001  (any constructor or step that needs more than its defaults: unknown)
+        return None
+    return momentum_buffers(probe.state, [scratch])[0] is not None
 
 
 def gsam_rho(rho_max: float, rho_min: float, lr: float, lr_max: float, lr_min: float) -> float:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from .checks import check_arg, check_optimizer_args
-from .family import check_family_args, gsam_descent, gsam_rho, looksam_direction, looksam_reuse, momentum_buffers
+from .family import (MOMENTUM_KEYS, check_family_args, gsam_descent, gsam_rho, keeps_momentum_buffer, looksam_direction,
+                     looksam_reuse, momentum_buffers)
 from .norms import bias_parameters, norm_parameters
 from .flat import FlatSet, flat_ok, match_layout
 from .optim_state import load_optimizer_state
@@ -177,6 +178,10 @@ class SAM(torch.optim.Optimizer):
                 raise ValueError(f"'{name}' perturbs along the base optimizer's momentum: base '{base_opt}' has "
                                  f"none (momentum {self.base_optimizer.defaults.get('momentum')}); use momentum > 0 "
                                  f"or an Adam-style base")
+            if keeps_momentum_buffer(self.base_optimizer) is False:
+                raise ValueError(f"'{name}' perturbs along the base optimizer's momentum: base '{base_opt}' keeps "
+                                 f"none under the state keys {' / '.join(MOMENTUM_KEYS)}; use an SGD (momentum > 0) "
+                                 f"or Adam-style base")
         self._norm_set, self._bias_set = norm_params, bias_set   # kept for groups added later
         self._backup: Optional[List[Tensor]] = None   # originals of P only, reused every step
         self._flat: Optional[FlatSet] = None          # eps's working buffer on CUDA (flat.flat_ok)

@@ -487,6 +487,38 @@ def test_an_esam_state_loads_into_another_sam_name():
         assert torch.equal(other.state_dict()['state'][k]['momentum_buffer'], v['momentum_buffer'])
 
 
+@pytest.mark.parametrize('base', ['madgrad', 'sgdp'])
+def test_msam_refuses_a_base_whose_momentum_has_another_name_at_construction(base):
+    """madgrad and sgdp have momentum but keep it under other state keys: refused when the optimizer is made,
+    in one line, not at the first perturbation."""
+    with pytest.raises(ValueError) as e:
+        create_optimizer_v2(_model(), 'msam-on', lr=LR, rho=RHO, base_opt=base)
+    assert '\n' not in str(e.value) and f"base '{base}' keeps none" in str(e.value), e.value
+
+
+def test_momentum_probe_tells_the_bases_apart():
+    from sam_on_timm.family import keeps_momentum_buffer
+    from timm.optim import Lookahead
+    w = [nn.Parameter(torch.zeros(3))]
+    assert keeps_momentum_buffer(torch.optim.SGD(w, lr=0.1, momentum=0.9)) is True
+    assert keeps_momentum_buffer(torch.optim.SGD(w, lr=0.1)) is False
+    assert keeps_momentum_buffer(torch.optim.AdamW(w, lr=0.1)) is True
+    assert keeps_momentum_buffer(Lookahead(torch.optim.SGD(w, lr=0.1, momentum=0.9))) is None
+    assert torch.equal(w[0], torch.zeros(3)) and w[0].grad is None   # the probe steps a copy, not the model
+
+
+def test_msam_whose_base_keeps_no_buffer_fails_at_its_first_perturbation(monkeypatch):
+    """Where the probe cannot tell (None), the first perturbation after a base step finds no buffer and says so,
+    instead of going on with eps = 0 for ever."""
+    import sam_on_timm.sam as sam_module
+    monkeypatch.setattr(sam_module, 'keeps_momentum_buffer', lambda opt: None)
+    model = _model()
+    opt = create_optimizer_v2(model, 'msam-on', lr=LR, rho=RHO, base_opt='madgrad')
+    train_step(model, opt, [_data(0)], nn.functional.cross_entropy)   # no state yet: a plain step
+    with pytest.raises(RuntimeError, match="base optimizer 'madgrad' keeps no momentum buffer"):
+        train_step(model, opt, [_data(1)], nn.functional.cross_entropy)
+
+
 # -- arguments ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('name, kwargs, words', [
     ('sam', {'interval': 0}, 'interval'),
@@ -539,6 +571,7 @@ def _train(image_folder, out, *extra):
     (['--opt', 'gsam', '--esam-gamma', '0.5'], '--esam-gamma'),
     (['--opt', 'esam-on', '--sam-ascent-frac', '0.5'], '--sam-ascent-frac'),
     (['--opt', 'esam-on', '--sam-m', '2', '--sam-chunks', 'batched'], '--sam-chunks'),
+    (['--opt', 'msam-on', '--sam-base', 'madgrad'], 'madgrad'),
 ])
 def test_train_refuses_bad_family_flags_in_one_line(image_folder, tmp_path, capsys, extra, flag):
     assert _train(image_folder, tmp_path, *extra, '--experiment', 'bad') == 2

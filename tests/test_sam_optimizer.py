@@ -945,6 +945,19 @@ def test_second_step_keeps_the_descent_gradient_unless_asked():
             assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), at_eps))
 
 
+def test_a_scaler_that_has_not_scaled_yet_leaves_the_gradients_alone():
+    """A GradScaler before its first ``scale()`` has no scale: the gradients are not scaled, so there is
+    nothing to unscale (not an error)."""
+    from sam_on_timm.sam import unscale_grads
+    grads = [torch.tensor([2.0, -4.0]), torch.tensor([8.0])]
+    scaler = torch.amp.GradScaler('cpu')
+    assert unscale_grads(grads, scaler) is None
+    assert grads[0].tolist() == [2.0, -4.0] and grads[1].tolist() == [8.0]
+    scaler.scale(torch.ones(()))   # now the scale is set (2**16): the gradients are divided by it
+    found_inf = unscale_grads(grads, scaler)
+    assert float(found_inf) == 0.0 and grads[0].tolist() == [2.0 / 65536, -4.0 / 65536]
+
+
 def _stepped_sam_on(interval=1, steps=2):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
@@ -957,14 +970,15 @@ def _stepped_sam_on(interval=1, steps=2):
     return model, opt
 
 
-def test_load_state_dict_while_perturbed_is_refused_and_names_the_call():
+def test_state_dict_and_load_state_dict_while_perturbed_are_refused_naming_the_call():
     model, opt = _stepped_sam_on()
     state = copy.deepcopy(opt.state_dict())
     model(torch.randn(5, 3)).square().sum().backward()
     opt.first_step()
-    with pytest.raises(RuntimeError) as e:
-        opt.load_state_dict(state)
-    assert str(e.value).startswith("sam-on: load_state_dict() while the weights are perturbed"), e.value
+    for call, what in ((lambda: opt.load_state_dict(state), 'load_state_dict()'), (opt.state_dict, 'state_dict()')):
+        with pytest.raises(RuntimeError) as e:
+            call()
+        assert str(e.value).startswith(f"sam-on: {what} while the weights are perturbed"), e.value
     opt.restore()
 
 
