@@ -773,7 +773,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         zero = torch.zeros((), device=stats.loss.device)
         row = torch.stack([stats.loss.float(), *(zero if v is None else v.float() for v in
                                                  (stats.ascent_loss, stats.eps_norm, stats.skipped)), zero + 1,
-                           zero + (stats.ascent_loss is not None)])   # updates with an ascent (interval SAM, msam)
+                           zero + (stats.ascent_loss is not None),   # updates with an ascent (interval SAM, msam)
+                           zero + (stats.eps_norm is not None)])     # updates with an eps (not interval SAM's plain)
         sums = row if sums is None else sums + row
         # the first update of the epoch whose figures are not finite, kept on the device (no host sync)
         first_bad = torch.where(torch.isfinite(row).all() | (first_bad >= 0), first_bad, batch_idx + 1)
@@ -791,7 +792,8 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
                        f'loss {s[0]:.4f}  lr {lr:.3e}  {n_img * args.world_size / (time.time() - t0):.1f} img/s')
                 if args.is_sam and sam_step:
                     ascent = f'{shown[1].item() / shown[5].item():.4f}' if shown[5].item() else '-'
-                    msg += f'  ascent-loss {ascent}  |eps| {s[2]:.4g}  skipped {int(round(shown[3].item()))}'
+                    eps = f'{shown[2].item() / shown[6].item():.4g}' if shown[6].item() else '-'
+                    msg += f'  ascent-loss {ascent}  |eps| {eps}  skipped {int(round(shown[3].item()))}'
                 _logger.info(msg)
                 if args.save_images and output_dir:
                     import torchvision.utils
@@ -809,9 +811,10 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
     metrics = OrderedDict(loss=sums[0] / n)
     if args.is_sam:   # an epoch outside --sam-epochs has no ascent: no ascent loss, no sharpness (empty cells)
         n_asc = sums[5]   # the updates with an ascent pass: none for msam, one in K for --sam-interval K
+        n_eps = sums[6]   # the updates that perturbed: all but interval SAM's plain ones (msam's included)
         metrics.update(ascent_loss=sums[1] / n_asc if sam_step and n_asc else None, descent_loss=sums[0] / n,
                        sharpness=(sums[0] - sums[1]) / n if sam_step and n_asc == n else None,
-                       eps_norm=sums[2] / n, skipped_perturbations=int(round(sums[3])))
+                       eps_norm=sums[2] / n_eps if n_eps else None, skipped_perturbations=int(round(sums[3])))
     return metrics, num_updates
 
 

@@ -32,6 +32,7 @@ and not bad_numbers and not yaml and not split and not unwritable and not messag
 every_float and not non_finite_metric_never}
 case $module in   # the float64 Table-10 checks on test_resnet stand for the other three models there
   perturbations|flat|sam) select="$select and not test_vit and not test_efficientnet and not test_convnext" ;;
+  train_step) select="$select and not compiled" ;;   # torch.compile in each forked mutant: most of its time
 esac
 work=${MUTATION_DIR:-/tmp/sam-on-timm-mutation}/$module
 rm -rf "$work"

@@ -593,3 +593,5 @@ def test_train_runs_the_family(image_folder, tmp_path):
         # sharpness (descent minus ascent loss over the same updates) is left out
         assert (row['train_ascent_loss'] == '') == (i == 0), row
         assert (row['train_sharpness'] == '') == (i not in (1, 4)), row
+        if i in (2, 3):   # ||eps|| = rho on each SAM update (T = 1); the plain updates between do not count
+            assert float(row['train_eps_norm']) == pytest.approx(0.05, rel=1e-5), row
