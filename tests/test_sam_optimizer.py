@@ -374,6 +374,34 @@ def test_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone():
         torch.testing.assert_close(p.detach(), w - lr * (1 + mom) * ga, rtol=1e-10, atol=1e-13)
 
 
+def test_msam_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone():
+    """Momentum-SAM's one-pass ``step(closure)`` with a closure that does not zero the gradients (the
+    previous step's are still in ``.grad``): the second update's descent uses g(w_1 + eps) alone, with
+    eps = -rho m / ||m|| and m the first step's momentum buffer, checked against Nesterov SGD written out."""
+    lr, mom, rho = 0.5, 0.9, 0.05
+    model, x, y = _layernorm_problem()
+    ref = copy.deepcopy(model)
+    opt = create_optimizer_v2(model, 'msam', lr=lr, momentum=mom, weight_decay=0.0, rho=rho)
+
+    def closure():
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    opt.step(closure)
+    params = list(ref.parameters())
+    g0 = torch.autograd.grad(F.cross_entropy(ref(x), y), params)   # no buffer yet: eps = 0
+    w1 = [p.detach() - lr * (1 + mom) * g for p, g in zip(params, g0)]   # buf = g0, d = g0 + mom buf
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g0))
+    at = [(w - rho * g / norm).requires_grad_() for w, g in zip(w1, g0)]
+    out = torch.func.functional_call(ref, dict(zip([n for n, _ in ref.named_parameters()], at)), (x,))
+    g1 = torch.autograd.grad(F.cross_entropy(out, y), at)
+    for p, w, b, g in zip(model.parameters(), w1, g0, g1):
+        buf = mom * b + g
+        torch.testing.assert_close(p.detach(), w - lr * (g + mom * buf), rtol=1e-10, atol=1e-13)
+
+
 def test_state_dict_round_trip_keeps_lockstep():
     model_a, x, y = _toy_problem()
     opt_a = create_optimizer_v2(model_a, 'sam-on-layerl2', lr=0.05, weight_decay=1e-4, rho=0.05)
