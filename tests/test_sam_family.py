@@ -400,6 +400,23 @@ def test_esam_descends_on_the_selected_samples_only_and_refuses_what_it_cannot_d
         train_step(model, opt, [_data(1)], nn.functional.cross_entropy, ascent_frac=0.5)
 
 
+def test_esam_ascent_computes_the_gradients_of_its_subset_only():
+    """ESAM's saving: during the ascent only the tensors of this update's subset S require gradients (no
+    weight-gradient kernels for the rest of P, nor outside P); every flag is back afterwards."""
+    model = _model()
+    opt = create_optimizer_v2(model, 'esam', lr=LR, rho=RHO, esam_beta=0.5)
+    flags = []
+    model.register_forward_pre_hook(lambda mod, inp: flags.append([p.requires_grad for p in model.parameters()]))
+    proper = 0
+    for step in range(4):
+        flags.clear()
+        train_step(model, opt, [_data(step)], nn.functional.cross_entropy)
+        assert flags[0] == opt.swp, (step, flags[0], opt.swp)   # esam: P is every parameter, in order
+        assert all(flags[2]) and all(p.requires_grad for p in model.parameters())   # the descent: all
+        proper += 0 < sum(opt.swp) < len(opt.swp)
+    assert proper >= 2   # the draws left some tensors out (else the check above says nothing)
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):

@@ -986,6 +986,35 @@ def test_a_scaler_that_has_not_scaled_yet_leaves_the_gradients_alone():
     assert float(found_inf) == 0.0 and grads[0].tolist() == [2.0 / 65536, -4.0 / 65536]
 
 
+def test_first_step_with_a_scaler_unscales_skips_on_overflow_and_takes_unreached_tensors():
+    """``first_step(scaler=...)``: eps from the unscaled gradient (||eps|| = rho, .grad left scaled); a tensor of P
+    the loss did not reach (no .grad) has eps 0; an inf in the scaled gradient (the scaler's overflow)
+    skips the perturbation: w unchanged, counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2), nn.LayerNorm(2))
+    opt = create_optimizer_v2(model, 'sam-on', lr=0.1, rho=0.05)
+    scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)
+    x = torch.randn(5, 3)
+    for overflow in (False, True):
+        opt.zero_grad()
+        scaler.scale(model[:3](x).square().sum()).backward()   # the last LayerNorm is not reached
+        unreached = model[3].weight
+        assert unreached.grad is None
+        if overflow:
+            model[1].weight.grad[0] = float('inf')
+        scaled = [None if p.grad is None else p.grad.clone() for p in opt.perturbed]
+        before = [p.detach().clone() for p in opt.perturbed]
+        opt.first_step(scaler=scaler)
+        eps = [p.detach() - b for p, b in zip(opt.perturbed, before)]
+        assert all(g is None and p.grad is None or torch.equal(p.grad, g) for p, g in zip(opt.perturbed, scaled))
+        if overflow:
+            assert all(not e.any() for e in eps) and float(opt.last_skipped) == 1.0
+        else:
+            assert float(torch.sqrt(sum((e ** 2).sum() for e in eps))) == pytest.approx(0.05, rel=1e-5)
+            assert not eps[[p is unreached for p in opt.perturbed].index(True)].any() and float(opt.last_skipped) == 0.0
+        opt.restore()
+
+
 def _stepped_sam_on(interval=1, steps=2):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
