@@ -417,6 +417,27 @@ def test_esam_ascent_computes_the_gradients_of_its_subset_only():
     assert proper >= 2   # the draws left some tensors out (else the check above says nothing)
 
 
+@pytest.mark.parametrize('name', ['esam', 'esam-on'])
+def test_esam_under_a_grad_scaler_equals_the_unscaled_run(name):
+    """fp16's GradScaler (here on float32, scale 2^10: scaling is exact) changes nothing: the ascent's
+    scaled gradient is unscaled for eps, the selection reads the unscaled per-sample losses, the descent is
+    unscaled by the step; three updates equal those without a scaler."""
+    weights = []
+    for scaler in (None, torch.amp.GradScaler('cpu', init_scale=2.0 ** 10)):
+        model = _model().float()
+        opt = create_optimizer_v2(model, name, lr=LR, momentum=MOM, weight_decay=WD, rho=RHO, esam_beta=BETA,
+                                  esam_gamma=GAMMA)
+        for step in range(3):
+            x, y = _data(step)
+            stats = train_step(model, opt, [(x.float(), y)], nn.functional.cross_entropy, loss_scaler=scaler)
+            assert float(stats.skipped) == 0
+        if scaler is not None:
+            assert scaler.get_scale() == 2.0 ** 10   # no overflow: every step ran
+        weights.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*weights):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
