@@ -438,6 +438,35 @@ def test_esam_under_a_grad_scaler_equals_the_unscaled_run(name):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
 
 
+def test_esam_with_an_empty_subset_takes_a_plain_step_and_an_unreached_tensor_is_not_an_error():
+    """A draw that perturbs no tensor (beta 0.05 over esam-on's two LayerNorm tensors: most draws) is a
+    skipped perturbation: the update is the base step at w, counted in ``skipped``. A tensor of S that
+    the loss does not reach (beta 1: every tensor drawn) has a zero gradient, not an error."""
+    model = _model()
+    opt = create_optimizer_v2(model, 'esam-on', lr=LR, rho=RHO, esam_beta=0.05)
+    empty = 0
+    for step in range(6):
+        stats = train_step(model, opt, [_data(step)], nn.functional.cross_entropy)
+        if not any(opt.swp):
+            empty += 1
+            assert float(stats.skipped) == 1.0 and float(stats.eps_norm) == 0.0
+    assert empty >= 3
+
+    model = nn.Sequential(_model(), nn.LayerNorm(3)).double()   # the second LayerNorm's output is not used
+    model.forward = lambda x: model[0](x)
+    opt = create_optimizer_v2(model, 'esam-on', lr=LR, rho=RHO, esam_beta=1.0)
+    stats = train_step(model, opt, [_data(0)], nn.functional.cross_entropy)
+    assert all(opt.swp) and float(stats.skipped) == 0.0 and float(stats.eps_norm) == pytest.approx(RHO)
+    opt = create_optimizer_v2(model, 'esam-on', lr=LR, rho=RHO, esam_beta=0.5)
+    unreached_only = 0   # draws of the unused LayerNorm's tensors alone: a loss that needs no gradient at all
+    for step in range(12):
+        stats = train_step(model, opt, [_data(step)], nn.functional.cross_entropy)
+        if any(opt.swp) and not any(opt.swp[:2]):
+            unreached_only += 1
+            assert float(stats.skipped) == 1.0
+    assert unreached_only >= 1
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
