@@ -432,8 +432,7 @@ def _esam_chunks(model, sam, chunks, loss_fn, amp_autocast, scaler, bn_update, a
                 grads = [got.get(id(p)) for p in sam.perturbed]
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(sam.perturbed, grads)]
             found_inf = unscale_grads(grads, scaler)
-            eps_norm = sam.perturb(grads, found_inf, grads_writable=True,
-                                   weight=1.0 / k if weights is None else weights[i])
+            eps_norm = sam.perturb(grads, found_inf, grads_writable=True)   # (ESAM keeps no g: no weight)
             with torch.no_grad(), frozen_bn_stats(model), amp_autocast():
                 out = model(x)
                 after = torch.stack([loss_fn(out[j:j + 1], y[j:j + 1]) for j in range(n)])

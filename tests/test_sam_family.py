@@ -467,6 +467,52 @@ def test_esam_with_an_empty_subset_takes_a_plain_step_and_an_unreached_tensor_is
     assert unreached_only >= 1
 
 
+def test_esam_chunk_weights_weight_the_descent():
+    """With chunk weights (1, 0) the update is that of chunk 0 alone (one SWP draw per update either way;
+    chunk 1's ascent and selection change nothing with a LayerNorm model)."""
+    x, y = _data(0)
+    runs = []
+    for chunks, weights in (([(x[:4], y[:4]), (x[4:], y[4:])], [1.0, 0.0]), ([(x[:4], y[:4])], None)):
+        model = _model()
+        opt = create_optimizer_v2(model, 'esam', lr=LR, momentum=MOM, weight_decay=WD, rho=RHO, esam_beta=BETA,
+                                  esam_gamma=GAMMA)
+        train_step(model, opt, chunks, nn.functional.cross_entropy, chunk_weights=weights)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    model = _model()   # unequal chunks, no weights: n_c / N, not 1 / k
+    opt = create_optimizer_v2(model, 'esam', lr=LR, rho=RHO, esam_beta=1.0, esam_gamma=1.0)
+    train_step(model, opt, [(x[:6], y[:6]), (x[6:], y[6:])], nn.functional.cross_entropy)
+    ref = _model()
+    ref_opt = create_optimizer_v2(ref, 'esam', lr=LR, rho=RHO, esam_beta=1.0, esam_gamma=1.0)
+    train_step(ref, ref_opt, [(x[:6], y[:6]), (x[6:], y[6:])], nn.functional.cross_entropy,
+               chunk_weights=[0.75, 0.25])
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_esam_bn_update_ascent_keeps_the_ascent_statistics_only():
+    """``bn_update='ascent'``: BatchNorm's running statistics are those of the ascent pass over the whole chunk
+    at w (one train-mode forward, written here), the no-gradient pass and the descent leave them alone;
+    with 'both' the descent on the selected samples moves them again."""
+    def bn_model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+    x, y = _data(0)
+    ref = bn_model()
+    ref(x)   # train mode: one update of the running statistics
+    stats = {}
+    for bn_update in ('ascent', 'both'):
+        model = bn_model()
+        opt = create_optimizer_v2(model, 'esam-on', lr=LR, rho=RHO, esam_beta=1.0, esam_gamma=0.5)
+        train_step(model, opt, [(x, y)], nn.functional.cross_entropy, bn_update=bn_update)
+        stats[bn_update] = (model[1].running_mean.clone(), model[1].running_var.clone())
+    torch.testing.assert_close(stats['ascent'][0], ref[1].running_mean, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(stats['ascent'][1], ref[1].running_var, rtol=1e-12, atol=1e-15)
+    assert not torch.allclose(stats['both'][0], ref[1].running_mean)
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
