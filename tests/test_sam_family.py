@@ -513,6 +513,25 @@ def test_esam_bn_update_ascent_keeps_the_ascent_statistics_only():
     assert not torch.allclose(stats['both'][0], ref[1].running_mean)
 
 
+def test_esam_logs_the_means_over_its_chunks():
+    """Two chunks, beta 1 and gamma 1 (every tensor, every sample): ``ascent_loss`` is the mean of the chunks'
+    losses at w, ``loss`` the mean of their losses at w + rho g_c / ||g_c||, ``eps_norm`` rho, computed here."""
+    x, y = _data(0)
+    model = _model()
+    w = {k: v.detach().clone() for k, v in model.named_parameters()}
+    ascent, descent = [], []
+    for xc, yc in ((x[:4], y[:4]), (x[4:], y[4:])):
+        ascent.append(nn.functional.cross_entropy(functional_call(model, w, (xc,)), yc))
+        g = _grad(model, w, xc, yc)
+        at = {k: w[k] + RHO * g[k] / _norm(g) for k in w}
+        descent.append(nn.functional.cross_entropy(functional_call(model, at, (xc,)), yc))
+    opt = create_optimizer_v2(model, 'esam', lr=LR, rho=RHO, esam_beta=1.0, esam_gamma=1.0)
+    stats = train_step(model, opt, [(x[:4], y[:4]), (x[4:], y[4:])], nn.functional.cross_entropy)
+    torch.testing.assert_close(stats.ascent_loss, (ascent[0] + ascent[1]).detach() / 2, rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.loss, (descent[0] + descent[1]).detach() / 2, rtol=1e-12, atol=0)
+    assert float(stats.eps_norm) == pytest.approx(RHO, rel=1e-12) and float(stats.skipped) == 0.0
+
+
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
 def test_interval_sam_matches_the_float64_reference(mode):
