@@ -531,6 +531,23 @@ def test_esam_logs_the_means_over_its_chunks():
     torch.testing.assert_close(stats.loss, (descent[0] + descent[1]).detach() / 2, rtol=1e-12, atol=0)
     assert float(stats.eps_norm) == pytest.approx(RHO, rel=1e-12) and float(stats.skipped) == 0.0
 
+    # unequal chunks (6 + 2) log n_c / N shares; a chunk whose loss is 0 (zero gradient) is one skip
+    def loss_fn(out, target):   # labels 3.. weigh 0
+        return nn.functional.cross_entropy(out, target % 3, reduction='none').mul((target < 3).double()).mean()
+
+    z = y.clone()
+    z[:6] += 3
+    model = _model()
+    opt = create_optimizer_v2(model, 'esam', lr=LR, rho=RHO, esam_beta=1.0, esam_gamma=1.0)
+    stats = train_step(model, opt, [(x[:6], z[:6]), (x[6:], z[6:])], loss_fn)
+    want = nn.functional.cross_entropy(functional_call(model, w, (x[6:],)), y[6:]).detach() * 0.25
+    torch.testing.assert_close(stats.ascent_loss, want, rtol=1e-12, atol=0)   # 0.75 * 0 + 0.25 * L_1
+    g = _grad(model, w, x[6:], y[6:])
+    at = {k: w[k] + RHO * g[k] / _norm(g) for k in w}
+    want = nn.functional.cross_entropy(functional_call(model, at, (x[6:],)), y[6:]).detach() * 0.25
+    torch.testing.assert_close(stats.loss, want, rtol=1e-12, atol=0)
+    assert float(stats.skipped) == 1.0 and float(stats.eps_norm) == pytest.approx(RHO / 2, rel=1e-12)
+
 
 # -- interval SAM ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize('mode', MODES)
