@@ -441,7 +441,8 @@ def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
 
 
 @pytest.mark.filterwarnings('ignore:None of the inputs have requires_grad')   # torch's, in the reentrant case
-def test_reentrant_checkpointing_is_refused_on_the_first_update():
+@pytest.mark.parametrize('path', ['sequential', 'batched'])
+def test_reentrant_checkpointing_is_refused_on_the_first_update(path):
     """torch.autograd.grad does not see through reentrant activation checkpoints: the ascent would give
     the norm layers inside them no gradient (eps = 0, silently). The first update detects it and stops
     with the weights unchanged; non-reentrant checkpointing (timm's default) trains."""
@@ -449,6 +450,7 @@ def test_reentrant_checkpointing_is_refused_on_the_first_update():
     import timm
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(4, 3, 160, 160, generator=g), torch.tensor([0, 1, 2, 0])
+    chunks = [(x, y)] if path == 'sequential' else split_chunks(x, y, 2)   # batched: 2 chunks in one pass
     before = use_reentrant_ckpt()
     try:
         for reentrant in (True, False):
@@ -460,11 +462,11 @@ def test_reentrant_checkpointing_is_refused_on_the_first_update():
             weights = [p.detach().clone() for p in model.parameters()]
             if reentrant:
                 with pytest.raises(RuntimeError, match='reentrant activation checkpointing'):
-                    train_step(model, opt, [(x, y)], F.cross_entropy)
+                    train_step(model, opt, chunks, F.cross_entropy, chunk_path=path)
                 assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
                 assert find_sam(opt) not in train_step_module._ascent_reach_checked
             else:
-                stats = train_step(model, opt, [(x, y)], F.cross_entropy)
+                stats = train_step(model, opt, chunks, F.cross_entropy, chunk_path=path)
                 assert float(stats.skipped) == 0 and find_sam(opt) in train_step_module._ascent_reach_checked
     finally:
         set_reentrant_ckpt(before)
