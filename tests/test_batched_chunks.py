@@ -189,6 +189,20 @@ def test_ascent_fraction_and_chunks_per_pass():
     compare(model, 'sam-on', batches(), RTOL_MIXED, chunks_per_pass=2)
 
 
+def test_chunk_weights_over_several_passes():
+    """GSAM-ON (its kept g is the chunks' weighted mean) with chunk weights over 2 passes of 2 chunks: batched =
+    sequential, logged means included."""
+    model = make_model('mixed')
+    for chunks, weights in ((batches(n_updates=1)[0], [0.1, 0.2, 0.3, 0.4]),):
+        out = []
+        for path in ('sequential', 'batched'):
+            m = copy.deepcopy(model)
+            opt = create_optimizer_v2(m, 'gsam-on', lr=0.1, momentum=0.9, rho=0.5, gsam_alpha=0.5)
+            s = train_step(m, opt, chunks, F.cross_entropy, chunk_path=path, chunks_per_pass=2, chunk_weights=weights)
+            out.append(state_of(m, opt, [torch.stack([s.loss, s.ascent_loss, s.eps_norm, s.skipped]).double()]))
+        assert_same(out[1], out[0], RTOL_MIXED)
+
+
 def test_bf16_autocast_stays_within_tolerance():
     """bf16 autocast (LayerNorm ViT, float32 weights): both paths round differently (the batched one
     applies the per-chunk affine in float32 after the norm). Stated tolerance: after 3 updates the
@@ -211,12 +225,13 @@ def test_bf16_autocast_stays_within_tolerance():
     assert dist(bat, f32) <= 1.5 * dist(seq, f32)
 
 
-def test_fp16_grad_scaler_matches():
+@pytest.mark.parametrize('opt_name', ['sam-on', 'sam-on-fisher'])   # Fisher's T is not scale invariant
+def test_fp16_grad_scaler_matches(opt_name):
     model = make_model('mixed')
     autocast = partial(torch.autocast, device_type='cpu', dtype=torch.float16)
     scalers = [torch.amp.GradScaler('cpu', init_scale=2.0 ** 10) for _ in range(2)]
     updates = batches()
-    out = [run(model, 'sam-on', path, updates, loss_scaler=s, amp_autocast=autocast)
+    out = [run(model, opt_name, path, updates, loss_scaler=s, amp_autocast=autocast)
            for path, s in zip(('sequential', 'batched'), scalers)]
     assert_same(state_of(*out[1]), state_of(*out[0]), RTOL_MIXED)   # float64 model: the scaler only scales
     assert scalers[0].get_scale() == scalers[1].get_scale() == 2.0 ** 10

@@ -175,6 +175,13 @@ def _capture_perturbation(opt, store):
         store['eps'] = [p.detach() - b for p, b in zip(sam.perturbed, before)]
         return out
     sam.perturb = perturb
+    original_eps = sam.perturbation
+
+    def perturbation(*args, **kwargs):   # the batched path's (it writes no weight): the last chunk's eps
+        out = original_eps(*args, **kwargs)
+        store['eps'] = [e.detach().clone() for e in out[0]]
+        return out
+    sam.perturbation = perturbation
 
 
 @pytest.mark.parametrize('name', ['sam-on-layerl2', 'sam-on'])
@@ -388,9 +395,12 @@ def test_ascent_switches_off_other_gradients_and_puts_every_flag_back(device):
     assert not sam.is_perturbed
 
 
-def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation():
-    """A norm layer the forward never uses: the ascent loss does not depend on P (no error, eps = 0)."""
+@pytest.mark.parametrize('path', ['sequential', 'batched'])
+def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation(path):
+    """A norm layer the forward never uses: the ascent loss does not depend on P (no error, eps = 0);
+    batched: two chunks in one pass, each skipped."""
     x, y = data()
+    split = [(x.float(), y)] if path == 'sequential' else split_chunks(x.float(), y, len(x) // 2)
 
     class Net(nn.Module):
         def __init__(self):
@@ -403,9 +413,26 @@ def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation():
     model = Net()
     opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
     before = model.fc.weight.detach().clone()
-    stats = train_step(model, opt, [(x.float(), y)], F.cross_entropy)
-    assert float(stats.skipped) == 1.0 and float(stats.eps_norm) == 0.0
+    stats = train_step(model, opt, split, F.cross_entropy, chunk_path=path)
+    assert float(stats.skipped) == len(split) and float(stats.eps_norm) == 0.0
     assert not torch.equal(model.fc.weight, before)          # the descent step still ran
+
+    class Partly(Net):   # one norm layer used, one not: eps on the used one only, from the first update on
+        def __init__(self):
+            super().__init__()
+            self.used = nn.LayerNorm(3)
+
+        def forward(self, x):
+            return self.used(self.fc(x.flatten(1)))
+    torch.manual_seed(0)
+    model = Partly()
+    opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
+    store = {}
+    _capture_perturbation(opt, store)
+    stats = train_step(model, opt, split, F.cross_entropy, chunk_path=path)
+    eps = {id(p): e for p, e in zip(find_sam(opt).perturbed, store['eps'])}
+    assert float(stats.skipped) == 0.0 and float(stats.eps_norm) == pytest.approx(RHO, rel=1e-5)
+    assert not eps[id(model.unused.weight)].any() and eps[id(model.used.weight)].any()
 
 
 def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
@@ -472,11 +499,14 @@ def test_reentrant_checkpointing_is_refused_on_the_first_update(path):
         set_reentrant_ckpt(before)
 
 
-def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device):
+@pytest.mark.parametrize('path', ['sequential', 'batched'])
+def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device, path):
     """A norm layer frozen after the optimizer was built: eps is 0 there and the rest is perturbed as if
-    it were not in P (no 'does not require grad' error); all of P frozen: the perturbation is skipped."""
+    it were not in P (no 'does not require grad' error); all of P frozen: the perturbation is skipped.
+    Batched: two chunks in one pass."""
     x, y = data()
     x, y = x.float().to(device), y.to(device)
+    split = [(x, y)] if path == 'sequential' else split_chunks(x, y, len(x) // 2)
     model = small_net().to(device)
     opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
     sam = find_sam(opt)
@@ -484,7 +514,7 @@ def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device
     _capture_perturbation(opt, store)
     model[1].weight.requires_grad_(False)
     frozen = model[1].weight.detach().clone()
-    train_step(model, opt, [(x, y)], F.cross_entropy)
+    train_step(model, opt, split, F.cross_entropy, chunk_path=path)
     eps = {id(p): e for p, e in zip(sam.perturbed, store['eps'])}
     assert not eps[id(model[1].weight)].any() and torch.equal(model[1].weight, frozen)
     ref = small_net().to(device)     # the same model with that tensor outside P
@@ -492,14 +522,14 @@ def test_perturbed_tensors_frozen_after_the_optimizer_get_no_perturbation(device
                                   norm_params=[ref[1].bias, ref[4].weight, ref[4].bias])
     ref_store = {}
     _capture_perturbation(ref_opt, ref_store)
-    train_step(ref, ref_opt, [(x, y)], F.cross_entropy)
+    train_step(ref, ref_opt, split, F.cross_entropy, chunk_path=path)
     to_model = {id(q): p for q, p in zip(ref.parameters(), model.parameters())}
     for q, e in zip(find_sam(ref_opt).perturbed, ref_store['eps']):
         torch.testing.assert_close(eps[id(to_model[id(q)])], e)
     for p in sam.perturbed:
         p.requires_grad_(False)
-    stats = train_step(model, opt, [(x, y)], F.cross_entropy)
-    assert float(stats.skipped) == 1.0
+    stats = train_step(model, opt, split, F.cross_entropy, chunk_path=path)
+    assert float(stats.skipped) == len(split)
 
 
 def test_ddp_static_graph_is_refused_with_a_clear_error(tmp_path):
