@@ -248,8 +248,17 @@ def test_choice_and_fallback():
     assert choose_chunk_path(model, on, [16]) == ('sequential', 'one chunk per pass')
     assert choose_chunk_path(model, on, [4, 4, 8])[1] == 'the chunks differ in size'
     assert choose_chunk_path(model, create_optimizer_v2(model, 'sgd', lr=0.1), [4] * 4)[0] == 'batched'
-    path, why = choose_chunk_path(model, create_optimizer_v2(model, 'sam', lr=0.1), [4] * 4)
+    sam_all = create_optimizer_v2(model, 'sam', lr=0.1)
+    path, why = choose_chunk_path(model, sam_all, [4] * 4)
     assert path == 'sequential' and 'not affine parameters of a normalization layer' in why
+    norm_ids = {id(p) for p in sam_on_timm.norm_parameters(model)}
+    frozen = [p for p in model.parameters() if id(p) not in norm_ids]
+    for p in frozen:   # the rest frozen after the optimizer was built: SAM-all now perturbs norm layers only
+        p.requires_grad_(False)
+    assert choose_chunk_path(model, sam_all, [4] * 4)[0] == 'batched'
+    for p in frozen:
+        p.requires_grad_(True)
+    assert choose_chunk_path(model, sam_all, [4] * 4)[0] == 'sequential'   # and back
     evo = nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.EvoNorm2dB0(4), nn.Flatten(), nn.LazyLinear(3))
     path, why = choose_chunk_path(evo, create_optimizer_v2(evo, 'sgd', lr=0.1), [4] * 4)
     assert path == 'sequential' and why == 'EvoNorm2dB0 layers cannot be batched'
