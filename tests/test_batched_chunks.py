@@ -259,6 +259,9 @@ def test_choice_and_fallback():
     for p in frozen:
         p.requires_grad_(True)
     assert choose_chunk_path(model, sam_all, [4] * 4)[0] == 'sequential'   # and back
+    esam = create_optimizer_v2(model, 'esam-on', lr=0.1)
+    assert choose_chunk_path(model, esam, [4] * 4) == ('sequential', "esam selects each chunk's own samples for its "
+                                                                      "descent")
     evo = nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.EvoNorm2dB0(4), nn.Flatten(), nn.LazyLinear(3))
     path, why = choose_chunk_path(evo, create_optimizer_v2(evo, 'sgd', lr=0.1), [4] * 4)
     assert path == 'sequential' and why == 'EvoNorm2dB0 layers cannot be batched'
