@@ -429,10 +429,14 @@ def test_loss_out_of_reach_of_the_perturbed_set_skips_the_perturbation(path):
     opt = create_optimizer_v2(model, 'sam-on', lr=LR, rho=RHO)
     store = {}
     _capture_perturbation(opt, store)
-    stats = train_step(model, opt, split, F.cross_entropy, chunk_path=path)
-    eps = {id(p): e for p, e in zip(find_sam(opt).perturbed, store['eps'])}
-    assert float(stats.skipped) == 0.0 and float(stats.eps_norm) == pytest.approx(RHO, rel=1e-5)
-    assert not eps[id(model.unused.weight)].any() and eps[id(model.used.weight)].any()
+    for frozen in (None, None, model.used.bias):   # the first update (checked), a later one, part of P frozen
+        if frozen is not None:
+            frozen.requires_grad_(False)
+        stats = train_step(model, opt, split, F.cross_entropy, chunk_path=path)
+        eps = {id(p): e for p, e in zip(find_sam(opt).perturbed, store['eps'])}
+        assert float(stats.skipped) == 0.0 and float(stats.eps_norm) == pytest.approx(RHO, rel=1e-5)
+        assert not eps[id(model.unused.weight)].any() and eps[id(model.used.weight)].any()
+    assert not eps[id(model.used.bias)].any()
 
 
 def test_compiled_step_keeps_the_lean_ascent_and_matches_eager():
