@@ -346,22 +346,30 @@ def test_closure_step_is_first_step_then_second_step_and_the_float64_reference(n
     assert not opt_a.is_perturbed
 
 
-def test_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone():
-    """``step(closure)`` with a closure that only runs forward + backward (what its docstring asks; no
-    ``zero_grad`` inside): the descent uses g(w + eps) alone, never g(w) + g(w + eps) accumulated in
-    ``.grad``. Checked against the first Nesterov SGD step, w - lr (1 + mom) g', on the float64 SAM
-    gradient g' computed here by hand."""
-    lr, mom, rho = 0.5, 0.9, 0.05
+def _closure_steps(name, steps, lr, mom, rho):
+    """``steps`` calls of ``step(closure)`` on the LayerNorm problem, the closure only forward + backward (no
+    zero_grad): (model after, untouched float64 copy of it before, x, y)."""
     model, x, y = _layernorm_problem()
     ref = copy.deepcopy(model)
-    opt = create_optimizer_v2(model, 'sam', lr=lr, momentum=mom, weight_decay=0.0, rho=rho)
+    opt = create_optimizer_v2(model, name, lr=lr, momentum=mom, weight_decay=0.0, rho=rho)
 
     def closure():
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         return loss
 
-    opt.step(closure)
+    for _ in range(steps):
+        opt.step(closure)
+    return model, ref, x, y
+
+
+def test_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone():
+    """``step(closure)`` with a closure that only runs forward + backward (what its docstring asks; no
+    ``zero_grad`` inside): the descent uses g(w + eps) alone, never g(w) + g(w + eps) accumulated in
+    ``.grad``. Checked against the first Nesterov SGD step, w - lr (1 + mom) g', on the float64 SAM
+    gradient g' computed here by hand."""
+    lr, mom, rho = 0.5, 0.9, 0.05
+    model, ref, x, y = _closure_steps('sam', 1, lr, mom, rho)
     params = list(ref.parameters())
     g = torch.autograd.grad(F.cross_entropy(ref(x), y), params)
     norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
@@ -379,17 +387,7 @@ def test_msam_closure_without_zero_grad_descends_on_the_perturbed_gradient_alone
     previous step's are still in ``.grad``): the second update's descent uses g(w_1 + eps) alone, with
     eps = -rho m / ||m|| and m the first step's momentum buffer, checked against Nesterov SGD written out."""
     lr, mom, rho = 0.5, 0.9, 0.05
-    model, x, y = _layernorm_problem()
-    ref = copy.deepcopy(model)
-    opt = create_optimizer_v2(model, 'msam', lr=lr, momentum=mom, weight_decay=0.0, rho=rho)
-
-    def closure():
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    opt.step(closure)
+    model, ref, x, y = _closure_steps('msam', 2, lr, mom, rho)
     params = list(ref.parameters())
     g0 = torch.autograd.grad(F.cross_entropy(ref(x), y), params)   # no buffer yet: eps = 0
     w1 = [p.detach() - lr * (1 + mom) * g for p, g in zip(params, g0)]   # buf = g0, d = g0 + mom buf
